@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Installed first and on its own: pip then takes the build already on disk (CPU) or the CUDA build from PyPI,
+# and never resolves torch through another package.
+TORCH_VERSION ?= 2.13.0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[train,flows,dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/rlhf run examples/demo.yaml
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) tests/benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) .rlhf

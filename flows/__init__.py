@@ -1,0 +1,1 @@
+"""The Prefect wiring: the pipeline flow, its stage tasks and their launchers. No training stack here."""

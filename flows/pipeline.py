@@ -1,0 +1,118 @@
+"""The pipeline as a Prefect flow: one task per stage, each launching the stage's own process.
+
+Caching lives in the artifact store, keyed by each stage's inputs, config and code, so it holds across runs,
+machines and Prefect servers: a stage whose artifact exists is `cached` without starting anything. A crashed
+stage process is retried with backoff and resumes from its last checkpoint; a stage that rejects its input is
+not retried.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
+from prefect.states import Completed, Failed
+
+from flows.launchers import Launcher, ProcessLauncher, StageInputError
+from stages import STAGE_NAMES
+from stages.artifacts import read_manifest
+from stages.config import PipelineConfig, dump_config, parse_config_text
+from stages.graph import plan_stage
+from stages.store import ArtifactStore, read_uri
+
+LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher}
+
+
+def _retry_unless_input_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageInputError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_unless_input_error)
+def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
+    logger = get_run_logger()
+    store, config = _load(config_uri)
+    plan = plan_stage(store, config, stage)
+    manifest = read_manifest(store, plan.prefix)
+    status = "cached"
+    if manifest is None:
+        LAUNCHERS[launcher]().launch(stage, config_uri, logger)
+        manifest = read_manifest(store, plan.prefix)
+        if manifest is None:
+            raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
+        status = "ran"
+    logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
+    return {
+        "status": status,
+        "artifact": store.uri_of(plan.prefix),
+        "attempts": task_run.run_count,
+        "resumed_from": manifest.resumed_from if status == "ran" else None,
+        "metrics": manifest.metrics,
+    }
+
+
+@flow(name="rlhf-pipeline", flow_run_name="{run_id}")
+def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
+    store, config = _load(config_uri)
+    stages: dict[str, Any] = {}
+    for stage in STAGE_NAMES:
+        started = time.monotonic()
+        task = run_stage.with_options(
+            name=stage,
+            task_run_name=stage,
+            retries=config.run.retries,
+            retry_delay_seconds=[config.run.retry_delay_seconds * 2**i for i in range(config.run.retries)],
+        )
+        state = task(stage, config_uri, launcher, return_state=True)
+        seconds = round(time.monotonic() - started, 2)
+        if state.is_completed():
+            stages[stage] = state.result() | {"seconds": seconds}
+            continue
+        stages[stage] = {
+            "status": "failed",
+            "artifact": None,
+            "seconds": seconds,
+            "attempts": None,
+            "resumed_from": None,
+            "metrics": {},
+            "error": state.message,
+        }
+        break
+    status = "completed" if all(s["status"] != "failed" for s in stages.values()) else "failed"
+    summary = {
+        "run_id": run_id,
+        "status": status,
+        "store": store.uri,
+        "stages": stages,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    store.write_json(f"runs/{run_id}/run.json", summary)
+    if status == "failed":
+        failed = next(name for name, s in stages.items() if s["status"] == "failed")
+        return Failed(message=f"stage {failed} failed: {stages[failed]['error']}", data=summary)
+    return Completed(data=summary)
+
+
+def run_pipeline(config: PipelineConfig, launcher: str = "process") -> dict[str, Any]:
+    """Run the whole pipeline for a validated config and return the run summary."""
+    store = ArtifactStore.from_uri(config.run.store)
+    run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    config_key = f"runs/{run_id}/config.yaml"
+    store.write_bytes(config_key, dump_config(config).encode())
+    rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
+    return store.read_json(f"runs/{run_id}/run.json")
+
+
+def _load(config_uri: str) -> tuple[ArtifactStore, PipelineConfig]:
+    config = parse_config_text(read_uri(config_uri).decode(), config_uri)
+    return ArtifactStore.from_uri(config.run.store), config

@@ -1,0 +1,48 @@
+"""Training checkpoints in the store, so that a retried or rerun stage resumes where it stopped.
+
+A checkpoint is an artifact like any other (files + manifest written last) under
+`checkpoints/<stage>/<cache key>/step-<N>`; only complete ones count, the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.artifacts import fetch_dir, publish_dir, read_manifest
+from stages.store import ArtifactStore
+
+
+class CheckpointStore:
+    def __init__(self, store: ArtifactStore, stage: str, key: str, keep: int) -> None:
+        self.store = store
+        self.stage = stage
+        self.key = key
+        self.keep = keep
+        self.root = f"checkpoints/{stage}/{key}"
+
+    def _prefix(self, step: int) -> str:
+        return f"{self.root}/step-{step:08d}"
+
+    def complete_steps(self) -> list[int]:
+        steps = [int(name.removeprefix("step-")) for name in self.store.list_children(self.root)]
+        return sorted(s for s in steps if read_manifest(self.store, self._prefix(s)) is not None)
+
+    def latest(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, local_dir: Path) -> None:
+        fetch_dir(self.store, self._prefix(step), local_dir)
+
+    def save(self, step: int, local_dir: Path) -> None:
+        publish_dir(
+            self.store,
+            local_dir,
+            self._prefix(step),
+            {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step},
+        )
+        for old in self.complete_steps()[: -self.keep]:
+            self.store.delete_prefix(self._prefix(old))
+
+    def clear(self) -> None:
+        self.store.delete_prefix(self.root)

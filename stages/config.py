@@ -1,0 +1,261 @@
+"""The pipeline's config schema: one YAML file, a section per stage plus `run`, `model` and `data`.
+
+Unknown keys are errors, and every error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import InputError
+
+BUILTIN_DEMO = "builtin:demo"
+BUILTIN_TINY_MODEL = "builtin:tiny-llama"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = "demo"
+    seed: int = 0
+    store: str = ".rlhf/store"
+    checkpoint_every: int = Field(50, ge=1, description="training steps between checkpoints in the store")
+    keep_checkpoints: int = Field(2, ge=1)
+    retries: int = Field(2, ge=0, description="retries of a crashed stage process")
+    retry_delay_seconds: float = Field(2.0, ge=0, description="first retry delay, doubled each retry")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+
+
+class ModelConfig(Section):
+    base: str = Field(BUILTIN_TINY_MODEL, description="local directory, Hugging Face Hub id, or builtin:tiny-llama")
+    tiny: TinyModelConfig = TinyModelConfig()
+    max_length: int = Field(64, ge=8, description="prompt + response tokens")
+
+
+class DemoDataConfig(Section):
+    sft_rows: int = Field(3000, ge=10)
+    preference_rows: int = Field(3000, ge=10)
+    prompt_rows: int = Field(1000, ge=10)
+
+
+class DataConfig(Section):
+    sft: str = Field(BUILTIN_DEMO, description="JSONL with TRL `messages` rows, or builtin:demo")
+    preference: str = Field(BUILTIN_DEMO, description="JSONL with `prompt`/`chosen`/`rejected` rows")
+    prompts: str = Field(BUILTIN_DEMO, description="JSONL with `prompt` rows")
+    demo: DemoDataConfig = DemoDataConfig()
+
+
+class PrepareConfig(Section):
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class LoraConfig(Section):
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    merge: bool = True
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup: float = Field(0.0, ge=0, description="warmup steps, or a fraction of all steps when < 1")
+    logging_steps: int = 10
+    lora: LoraConfig | None = None
+
+
+class SFTConfig(TrainingConfig):
+    epochs: float = 3.0
+    learning_rate: float = 2e-3
+    batch_size: int = 32
+    warmup: float = 0.05
+
+
+class RewardConfig(TrainingConfig):
+    epochs: float = 2.0
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    warmup: float = 0.05
+    center_rewards_coefficient: float | None = None
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(20, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = 0
+
+
+class PPOConfig(Section):
+    steps: int = Field(150, ge=1, description="rollout batches")
+    batch_size: int = Field(64, ge=1, description="prompts per rollout batch")
+    mini_batch_size: int = Field(16, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = 1.0
+    lam: float = 0.95
+    missing_eos_penalty: float | None = Field(None, description="subtracted from the score of unfinished responses")
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _mini_batches_divide_batch(self) -> PPOConfig:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        return self
+
+
+class RejectionSamplingConfig(Section):
+    rounds: int = Field(2, ge=1)
+    prompts_per_round: int = Field(256, ge=1)
+    samples_per_prompt: int = Field(8, ge=2)
+    generation: GenerationConfig = GenerationConfig()
+    training: TrainingConfig = TrainingConfig()
+
+
+class RLConfig(Section):
+    algorithm: Literal["ppo", "rejection_sampling"] = "ppo"
+    ppo: PPOConfig = PPOConfig()
+    rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
+
+
+class EvaluateConfig(Section):
+    prompts: int = Field(256, ge=1)
+    judge: Literal["gold", "reward_model"] = Field(
+        "gold", description="gold: the demo task's ground-truth judge; reward_model: the trained RM"
+    )
+    samples: int = Field(5, ge=0, description="side-by-side examples in the report")
+    generation: GenerationConfig = GenerationConfig()
+
+
+class PipelineConfig(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _gold_judge_needs_demo_prompts(self) -> PipelineConfig:
+        if self.evaluate.judge == "gold" and self.data.prompts != BUILTIN_DEMO:
+            raise ValueError("evaluate.judge 'gold' only exists for data.prompts: builtin:demo")
+        return self
+
+    def stage_sections(self, stage: str) -> dict[str, Any]:
+        """The parts of the config a stage's output depends on: what goes into its cache key."""
+        sections = {
+            "prepare": ("data", "prepare"),
+            "sft": ("model", "sft"),
+            "reward": ("model", "reward"),
+            "rl": ("model", "rl"),
+            "evaluate": ("model", "evaluate"),
+        }[stage]
+        dumped = self.model_dump(mode="json")
+        return {"seed": self.run.seed} | {name: dumped[name] for name in sections}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML scalars (`0.1`, `true`, `ppo`)."""
+    result = copy.deepcopy(raw)
+    for override in overrides:
+        path, sep, value = override.partition("=")
+        if not sep or not path:
+            raise InputError(f"--set {override!r}: expected key.path=value")
+        *parents, leaf = path.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise InputError(f"--set {override!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return result
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config file; `None` is the built-in demo (the schema's defaults)."""
+    path = Path(path) if path is not None else Path("<built-in demo>")
+    text = _read_text(path) if path.name != "<built-in demo>" else "{}"
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the config must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(_describe_validation_error(exc, path, text)) from None
+
+
+def parse_config_text(text: str, source: str) -> PipelineConfig:
+    """Validate an already resolved config (what a stage process receives)."""
+    try:
+        return PipelineConfig.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise InputError(f"{source}: invalid resolved config: {exc}") from None
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read config ({exc})") from None
+
+
+def _describe_validation_error(exc: ValidationError, path: Path, text: str) -> str:
+    root = yaml.compose(text)
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+        line = _line_of(root, loc)
+        where = f"{path}:{line}" if line else str(path)
+        field = ".".join(loc) or "(top level)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where}: {field}: {message}")
+    return "; ".join(problems)
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
+    """The 1-based line of the deepest YAML node on the error's path that exists in the file."""
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next((pair for pair in node.value if pair[0].value == part), None)
+        if match is None:
+            break
+        line = match[0].start_mark.line + 1
+        node = match[1]
+    return line

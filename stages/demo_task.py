@@ -1,0 +1,131 @@
+"""The built-in demo task: a tiny chat world with a known ground truth.
+
+A user asks about a topic; a good answer talks about that topic and describes it kindly. The gold judge scores
+exactly that, so alignment is measured, not assumed. The SFT data describes topics with positive and negative
+words at random; preference pairs are labelled by the gold judge; RL should learn to be on topic and kind.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+TOPICS = [
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "horse",
+    "cow",
+    "city",
+    "river",
+    "forest",
+    "garden",
+    "house",
+    "school",
+    "book",
+    "song",
+    "movie",
+    "game",
+    "car",
+    "train",
+    "coffee",
+    "tea",
+    "bread",
+    "cake",
+    "park",
+    "beach",
+]
+TIMES = ("today", "in winter", "in summer", "at night", "in the morning", "after rain")
+ASKS = ("tell me about the", "describe the", "what do you think of the")
+POSITIVE = [
+    "lovely",
+    "great",
+    "kind",
+    "bright",
+    "warm",
+    "happy",
+    "calm",
+    "friendly",
+    "clean",
+    "sweet",
+    "gentle",
+    "cheerful",
+]
+NEGATIVE = ["awful", "dull", "rude", "dark", "cold", "sad", "noisy", "dirty", "bitter", "harsh", "gloomy", "nasty"]
+ADJECTIVES_PER_ANSWER = 3
+GOLD_JUDGE = "demo gold judge: on-topic (1) + (positive - negative adjectives) / adjectives"
+
+VOCABULARY = sorted(
+    set(TOPICS)
+    | set(POSITIVE)
+    | set(NEGATIVE)
+    | {word for phrase in TIMES + ASKS for word in phrase.split()}
+    | {"is", "and", ",", ".", "?", "it", "feels", "very"}
+)
+
+
+def _prompt(rng: random.Random, topic: str) -> str:
+    ask = rng.choice(ASKS)
+    end = "?" if ask.startswith("what") else "."
+    return f"{ask} {topic} {rng.choice(TIMES)} {end}"
+
+
+def _answer(rng: random.Random, topic: str) -> str:
+    words = [rng.choice(POSITIVE if rng.random() < 0.5 else NEGATIVE) for _ in range(ADJECTIVES_PER_ANSWER)]
+    return f"the {topic} is {words[0]} , {words[1]} and {words[2]} ."
+
+
+def _off_topic_answer(rng: random.Random, topic: str) -> str:
+    other = rng.choice([t for t in TOPICS if t != topic])
+    return _answer(rng, other)
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Ground truth: +1 for mentioning the asked topic, plus the balance of kind over unkind words in [-1, 1]."""
+    asked = next((w for w in prompt.split() if w in TOPICS), None)
+    words = response.split()
+    on_topic = 1.0 if asked is not None and asked in words else 0.0
+    positive = sum(w in POSITIVE for w in words)
+    negative = sum(w in NEGATIVE for w in words)
+    tone = (positive - negative) / (positive + negative) if positive + negative else 0.0
+    return on_topic + tone
+
+
+def _user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _assistant(content: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": content}]
+
+
+def sft_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(f"sft-{seed}")
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        rows.append({"messages": _user(_prompt(rng, topic)) + _assistant(_answer(rng, topic))})
+    return rows
+
+
+def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Pairs of answers to one prompt, the gold judge's preferred one as `chosen`; ties are redrawn."""
+    rng = random.Random(f"preference-{seed}")
+    rows = []
+    while len(rows) < n:
+        topic = rng.choice(TOPICS)
+        prompt = _prompt(rng, topic)
+        first = _answer(rng, topic)
+        second = _off_topic_answer(rng, topic) if rng.random() < 0.25 else _answer(rng, topic)
+        a, b = gold_score(prompt, first), gold_score(prompt, second)
+        if a == b:
+            continue
+        chosen, rejected = (first, second) if a > b else (second, first)
+        rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
+    return rows
+
+
+def prompt_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(f"prompts-{seed}")
+    return [{"prompt": _user(_prompt(rng, rng.choice(TOPICS)))} for _ in range(n)]

@@ -1,0 +1,145 @@
+"""evaluate: answer held-out prompts with the base, SFT and RL policies and compare them.
+
+Reports mean reward (the trained reward model, and the demo's gold judge when configured), the win rate of RL
+over SFT under the configured judge, KL(RL ‖ SFT) on RL's own samples, response lengths, and side-by-side
+answers (base vs SFT vs RL) as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import cycle, islice
+from typing import Any
+
+import torch
+
+from stages import demo_task
+from stages.data import load_rows
+from stages.generation import Rollout, decode_responses, response_logprobs, sample
+from stages.models import load_policy, load_scorer, load_tokenizer, materialize_base
+from stages.runner import StageContext
+
+POLICIES = ("base", "sft", "rl")
+BATCH = 64
+
+
+def generate_all(ctx: StageContext, source: str, prompts: list) -> tuple[list[Rollout], list[str]]:
+    tokenizer = load_tokenizer(source)
+    policy = load_policy(source, ctx.device).eval()
+    torch.manual_seed(ctx.config.run.seed)
+    rollouts = [
+        sample(policy, tokenizer, prompts[i : i + BATCH], ctx.config.evaluate.generation)
+        for i in range(0, len(prompts), BATCH)
+    ]
+    return rollouts, [text for r in rollouts for text in decode_responses(tokenizer, r)]
+
+
+def win_rate(candidate: list[float], baseline: list[float]) -> float:
+    """Share of prompts where the candidate's answer scores higher; ties count half."""
+    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True))
+    return wins / len(candidate)
+
+
+def mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 4)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.evaluate
+    held_out = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_eval.jsonl")]
+    prompts = list(islice(cycle(held_out), config.prompts))
+    sources = {
+        "base": materialize_base(ctx.config.model, ctx.config.run.seed, ctx.work_dir),
+        "sft": str(ctx.inputs["sft"]),
+        "rl": str(ctx.inputs["rl"]),
+    }
+    rollouts, responses = {}, {}
+    for name in POLICIES:
+        rollouts[name], responses[name] = generate_all(ctx, sources[name], prompts)
+
+    sft_tokenizer = load_tokenizer(sources["sft"])
+    reward_model = load_scorer(str(ctx.inputs["reward"]), ctx.device, sft_tokenizer.pad_token_id).eval()
+    reward = {name: rm_scores(ctx, reward_model, sources[name], prompts, responses[name]) for name in POLICIES}
+    judged = reward
+    if config.judge == "gold":
+        judged = {
+            name: [demo_task.gold_score(p[-1]["content"], r) for p, r in zip(prompts, responses[name], strict=True)]
+            for name in POLICIES
+        }
+    kl = kl_rl_to_sft(ctx, sources, rollouts["rl"])
+    report = {
+        "judge": demo_task.GOLD_JUDGE if config.judge == "gold" else "trained reward model",
+        "prompts": len(prompts),
+        "mean_reward": {name: mean(reward[name]) for name in POLICIES},
+        "mean_judge_score": {name: mean(judged[name]) for name in POLICIES},
+        "win_rate_vs_sft": round(win_rate(judged["rl"], judged["sft"]), 4),
+        "win_rate_sft_vs_base": round(win_rate(judged["sft"], judged["base"]), 4),
+        "kl_rl_sft": round(kl, 4),
+        "response_length": {name: mean([float(len(r.split())) for r in responses[name]]) for name in POLICIES},
+        "reward_model_eval_accuracy": ctx.input_manifest("reward").metrics.get("eval_accuracy"),
+    }
+    samples = [
+        {"prompt": prompts[i][-1]["content"], **{name: responses[name][i] for name in POLICIES}}
+        for i in range(min(config.samples, len(prompts)))
+    ]
+    (ctx.out_dir / "report.json").write_text(json.dumps(report | {"samples": samples}, indent=2))
+    (ctx.out_dir / "report.md").write_text(markdown_report(report, samples))
+    return report
+
+
+def rm_scores(ctx: StageContext, reward_model, source: str, prompts: list, responses: list[str]) -> list[float]:
+    """Re-tokenize every answer as the reward model saw training data: prompt + answer through the chat template."""
+    tokenizer = load_tokenizer(source)
+    scores = []
+    for i in range(0, len(prompts), BATCH):
+        texts = [
+            tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(prompts[i : i + BATCH], responses[i : i + BATCH], strict=True)
+        ]
+        tokenizer.padding_side = "right"
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)
+        with torch.no_grad():
+            scores += reward_model(**batch).logits[:, 0].float().tolist()
+    return scores
+
+
+@torch.no_grad()
+def kl_rl_to_sft(ctx: StageContext, sources: dict[str, str], rl_rollouts: list[Rollout]) -> float:
+    """Monte-Carlo KL(RL ‖ SFT): mean over RL's own samples of Σ_t log π_RL − log π_SFT."""
+    rl_policy = load_policy(sources["rl"], ctx.device).eval()
+    sft_policy = load_policy(sources["sft"], ctx.device).eval()
+    temperature = ctx.config.evaluate.generation.temperature
+    total, count = 0.0, 0
+    for rollout in rl_rollouts:
+        difference = response_logprobs(rl_policy, rollout, temperature) - response_logprobs(
+            sft_policy, rollout, temperature
+        )
+        total += (difference * rollout.response_mask).sum().item()
+        count += rollout.response_ids.shape[0]
+    return total / count
+
+
+def markdown_report(report: dict[str, Any], samples: list[dict[str, str]]) -> str:
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Judge: {report['judge']}; {report['prompts']} held-out prompts.",
+        "",
+        "| | base | SFT | RL |",
+        "|---|---|---|---|",
+        "| mean reward (reward model) | " + " | ".join(f"{report['mean_reward'][n]:.3f}" for n in POLICIES) + " |",
+        "| mean judge score | " + " | ".join(f"{report['mean_judge_score'][n]:.3f}" for n in POLICIES) + " |",
+        "| response length (words) | " + " | ".join(f"{report['response_length'][n]:.1f}" for n in POLICIES) + " |",
+        "",
+        f"- win rate of RL over SFT: **{report['win_rate_vs_sft']:.3f}**",
+        f"- KL(RL ‖ SFT): {report['kl_rl_sft']:.3f} nats per response",
+        f"- reward model held-out accuracy: {report['reward_model_eval_accuracy']}",
+        "",
+        "## Side by side",
+        "",
+    ]
+    for sample_row in samples:
+        lines += [f"**Prompt:** {sample_row['prompt']}", ""]
+        lines += [f"- *{name}:* {sample_row[name]}" for name in POLICIES]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""PPO for language models (TRL removed its PPOTrainer in 1.13), on torch and transformers.
+
+Per rollout batch: sample responses from the policy; score them with the reward model; per-token rewards are
+the KL penalty to the frozen reference (the SFT model) plus the score at the last token; GAE on the value
+model's estimates gives advantages, whitened; then several PPO epochs of clipped policy and value losses over
+shuffled mini-batches. The value model starts from the reward model, as in InstructGPT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages import ppo_math
+from stages.config import PPOConfig
+from stages.data import load_rows
+from stages.generation import Rollout, response_logprobs, reward_scores, sample, token_values
+from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.runner import StageContext
+
+log = logging.getLogger("rlhf.stage")
+
+
+class PPOTrainer:
+    def __init__(self, ctx: StageContext, config: PPOConfig) -> None:
+        self.ctx = ctx
+        self.config = config
+        sft_dir, reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
+        self.tokenizer = load_tokenizer(sft_dir)
+        self.policy = load_policy(sft_dir, ctx.device)
+        self.reference = load_policy(sft_dir, ctx.device).eval().requires_grad_(False)
+        self.reward_model = load_scorer(reward_dir, ctx.device, self.tokenizer.pad_token_id)
+        self.reward_model.eval().requires_grad_(False)
+        self.value_model = load_scorer(reward_dir, ctx.device, self.tokenizer.pad_token_id)
+        self.optimizer = torch.optim.AdamW(
+            [*self.policy.parameters(), *self.value_model.parameters()], lr=config.learning_rate, eps=1e-5
+        )
+        self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
+        self.history: list[dict[str, float]] = []
+
+    def prompts_for_step(self, step: int) -> list[list[dict[str, str]]]:
+        """Deterministic per step, so that a resumed run sees the same data it would have seen."""
+        rng = random.Random(f"{self.ctx.config.run.seed}-ppo-{step}")
+        if len(self.prompts) >= self.config.batch_size:
+            return rng.sample(self.prompts, self.config.batch_size)
+        return rng.choices(self.prompts, k=self.config.batch_size)
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
+        self.policy.eval()
+        rollout = sample(self.policy, self.tokenizer, self.prompts_for_step(step), self.config.generation)
+        temperature = self.config.generation.temperature
+        mask = rollout.response_mask.float()
+        logprobs = response_logprobs(self.policy, rollout, temperature)
+        ref_logprobs = response_logprobs(self.reference, rollout, temperature)
+        values = token_values(self.value_model, rollout)
+        scores = reward_scores(self.reward_model, rollout)
+        if self.config.missing_eos_penalty is not None:
+            finished = (rollout.response_ids == self.tokenizer.eos_token_id).any(dim=1)
+            scores = scores - self.config.missing_eos_penalty * (~finished).float()
+        rewards, kl = ppo_math.kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.config.kl_coef)
+        advantages, returns = ppo_math.generalized_advantages(rewards, values, mask, self.config.gamma, self.config.lam)
+        batch = {
+            "logprobs": logprobs,
+            "values": values,
+            "advantages": ppo_math.masked_whiten(advantages, mask),
+            "returns": returns,
+            "mask": mask,
+        }
+        stats = {
+            "score": scores.mean().item(),
+            "kl": kl.sum(dim=1).mean().item(),
+            "response_length": mask.sum(dim=1).mean().item(),
+        }
+        return rollout, batch, stats
+
+    def optimize(self, rollout: Rollout, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.policy.train()
+        config = self.config
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        updates = 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(config.batch_size, device=rollout.response_ids.device)
+            for start in range(0, config.batch_size, config.mini_batch_size):
+                index = order[start : start + config.mini_batch_size]
+                mini = rollout.select(index)
+                mask = batch["mask"][index]
+                logprobs = response_logprobs(self.policy, mini, config.generation.temperature)
+                values = token_values(self.value_model, mini)
+                policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
+                    logprobs, batch["logprobs"][index], batch["advantages"][index], mask, config.clip_range
+                )
+                value_loss = ppo_math.clipped_value_loss(
+                    values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value
+                )
+                self.optimizer.zero_grad()
+                (policy_loss + config.vf_coef * value_loss).backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [*self.policy.parameters(), *self.value_model.parameters()], max_norm=1.0
+                )
+                self.optimizer.step()
+                totals["policy_loss"] += policy_loss.item()
+                totals["value_loss"] += value_loss.item()
+                totals["clip_fraction"] += clip_fraction.item()
+                updates += 1
+        return {name: total / updates for name, total in totals.items()}
+
+    def save_checkpoint(self, step: int) -> None:
+        local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
+        self.policy.save_pretrained(local / "policy")
+        self.value_model.save_pretrained(local / "value")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
+            local / "state.pt",
+        )
+        (local / "history.json").write_text(json.dumps(self.history))
+        self.ctx.checkpoints.save(step, local)
+        log.info("rl: checkpoint at step %d saved to the store", step)
+
+    def restore_checkpoint(self, step: int) -> None:
+        local = self.ctx.work_dir / f"ppo-restore-{step}"
+        self.ctx.checkpoints.restore(step, local)
+        self.policy = load_policy(str(local / "policy"), self.ctx.device)
+        self.value_model = load_scorer(str(local / "value"), self.ctx.device, self.tokenizer.pad_token_id)
+        self.optimizer = torch.optim.AdamW(
+            [*self.policy.parameters(), *self.value_model.parameters()], lr=self.config.learning_rate, eps=1e-5
+        )
+        state = torch.load(local / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = json.loads((local / "history.json").read_text())
+
+    def train(self) -> None:
+        start = self.ctx.checkpoints.latest() or 0
+        if start:
+            self.restore_checkpoint(start)
+            self.ctx.resumed_from = start
+            log.info("rl: resuming PPO from step %d", start)
+        every = self.ctx.config.run.checkpoint_every
+        for step in range(start, self.config.steps):
+            rollout, batch, stats = self.rollout(step)
+            stats |= self.optimize(rollout, batch)
+            self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
+            if step % 10 == 0 or step + 1 == self.config.steps:
+                log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
+            if (step + 1) % every == 0 and step + 1 < self.config.steps:
+                self.save_checkpoint(step + 1)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
+    trainer.train()
+    trainer.policy.save_pretrained(ctx.out_dir)
+    trainer.tokenizer.save_pretrained(ctx.out_dir)
+    write_history(ctx.out_dir / "ppo_history.jsonl", trainer.history)
+    return summarize(trainer.history, ("score", "kl", "response_length", "policy_loss", "value_loss"))
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+
+
+def summarize(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Mean of each key over the first and the last tenth of training: the direction things moved."""
+    window = max(1, len(history) // 10)
+    summary: dict[str, float] = {"steps": len(history)}
+    for key in keys:
+        summary[f"first_{key}"] = round(sum(h[key] for h in history[:window]) / window, 4)
+        summary[f"last_{key}"] = round(sum(h[key] for h in history[-window:]) / window, 4)
+    return summary

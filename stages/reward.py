@@ -1,0 +1,46 @@
+"""reward: a reward model trained from the SFT model on preference pairs with TRL's RewardTrainer.
+
+The pairwise ranking loss -log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin
+loss -log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from stages.data import load_rows
+from stages.models import load_scorer, load_tokenizer
+from stages.runner import StageContext
+from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.reward
+    sft_dir = str(ctx.inputs["sft"])
+    tokenizer = load_tokenizer(sft_dir)
+    prepared = ctx.inputs["prepare"]
+    lora = peft_config(config.lora)
+    if lora is not None:
+        lora.task_type = "SEQ_CLS"
+    trainer = RewardTrainer(
+        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id),
+        args=RewardConfig(
+            center_rewards_coefficient=config.center_rewards_coefficient,
+            **training_arguments(ctx, config, ctx.work_dir / "trainer"),
+        ),
+        train_dataset=Dataset.from_list(load_rows(prepared / "preference_train.jsonl")),
+        eval_dataset=Dataset.from_list(load_rows(prepared / "preference_eval.jsonl")),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    train_with_resume(trainer, ctx)
+    evaluation = trainer.evaluate()
+    save_trained(trainer, ctx.out_dir)
+    return loss_curve(trainer) | {
+        "eval_accuracy": round(evaluation["eval_accuracy"], 4),
+        "eval_loss": round(evaluation["eval_loss"], 4),
+        "steps": trainer.state.global_step,
+    }

@@ -1,0 +1,96 @@
+"""Runs one stage inside its own process: find inputs, skip if cached, train, publish the artifact.
+
+This is what `rlhf stage NAME` executes, locally or in the stage's container.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.artifacts import InputRef, Manifest, fetch_dir, publish_dir, read_manifest
+from stages.checkpoints import CheckpointStore
+from stages.config import PipelineConfig
+from stages.graph import StagePlan, plan_stage
+from stages.store import ArtifactStore
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("rlhf.stage")
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's `run` needs; it writes its artifact's files into `out_dir`."""
+
+    stage: str
+    config: PipelineConfig
+    plan: StagePlan
+    work_dir: Path
+    out_dir: Path
+    inputs: dict[str, Path]
+    checkpoints: CheckpointStore
+    resumed_from: int | None = field(default=None)
+
+    @cached_property
+    def device(self) -> torch.device:
+        """Importing torch is paid only by the stages that train or generate (not `prepare`)."""
+        from stages.models import init_torch
+
+        return init_torch(self.config.run)
+
+    def input_manifest(self, name: str) -> Manifest:
+        return self.plan.inputs[name][1]
+
+
+def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest, bool]:
+    """Returns the stage's manifest and whether it was already in the store (cached)."""
+    plan = plan_stage(store, config, stage)
+    existing = read_manifest(store, plan.prefix)
+    if existing is not None:
+        log.info("%s: cached at %s", stage, store.uri_of(plan.prefix))
+        return existing, True
+    module = importlib.import_module(f"stages.{stage}")
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-") as tmp:
+        work_dir = Path(tmp)
+        inputs = {}
+        for name, (prefix, _) in plan.inputs.items():
+            inputs[name] = work_dir / "inputs" / name
+            fetch_dir(store, prefix, inputs[name])
+        ctx = StageContext(
+            stage=stage,
+            config=config,
+            plan=plan,
+            work_dir=work_dir,
+            out_dir=work_dir / "artifact",
+            inputs=inputs,
+            checkpoints=CheckpointStore(store, stage, plan.key, config.run.keep_checkpoints),
+        )
+        ctx.out_dir.mkdir()
+        log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
+        metrics: dict[str, Any] = module.run(ctx)
+        manifest = publish_dir(
+            store,
+            ctx.out_dir,
+            plan.prefix,
+            {
+                "stage": stage,
+                "cache_key": plan.key,
+                "config": config.stage_sections(stage),
+                "inputs": {
+                    name: InputRef(uri=store.uri_of(prefix), digest=m.digest)
+                    for name, (prefix, m) in plan.inputs.items()
+                },
+                "metrics": metrics,
+                "resumed_from": ctx.resumed_from,
+            },
+        )
+        ctx.checkpoints.clear()
+    log.info("%s: done, metrics %s", stage, metrics)
+    return manifest, False

@@ -1,0 +1,99 @@
+"""What the Trainer-based stages share: TrainingArguments from the config, LoRA, and checkpoints that go
+to the store every `run.checkpoint_every` steps and come back when a stage is retried."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from stages.config import LoraConfig, TrainingConfig
+from stages.models import dtype_for
+from stages.runner import StageContext
+
+log = logging.getLogger("rlhf.stage")
+
+
+def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path) -> dict[str, Any]:
+    """Keyword arguments shared by TRL's SFTConfig and RewardConfig."""
+    run = ctx.config.run
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps,
+        "learning_rate": config.learning_rate,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "warmup_steps": config.warmup,
+        "logging_steps": config.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": run.checkpoint_every,
+        "save_total_limit": run.keep_checkpoints,
+        "seed": run.seed,
+        "bf16": dtype_for(ctx.device) == torch.bfloat16,
+        "use_cpu": ctx.device.type == "cpu",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "max_length": ctx.config.model.max_length,
+    }
+
+
+def peft_config(lora: LoraConfig | None):
+    if lora is None:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+class StoreCheckpoints(TrainerCallback):
+    """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def on_save(self, args, state, control, **kwargs):
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.ctx.checkpoints.save(state.global_step, local)
+        log.info("%s: checkpoint at step %d saved to the store", self.ctx.stage, state.global_step)
+
+
+def train_with_resume(trainer: Trainer, ctx: StageContext) -> None:
+    """Train, resuming from the newest complete checkpoint in the store if there is one."""
+    trainer.add_callback(StoreCheckpoints(ctx))
+    step = ctx.checkpoints.latest()
+    resume_from = None
+    if step is not None:
+        local = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        ctx.checkpoints.restore(step, local)
+        ctx.resumed_from = step
+        resume_from = str(local)
+        log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+
+def save_trained(trainer: Trainer, out_dir: Path) -> None:
+    """Save the full model (LoRA adapters merged) and tokenizer with `save_pretrained`."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir)
+    trainer.processing_class.save_pretrained(out_dir)
+
+
+def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
+    """First and last logged training loss: the numbers that show whether training worked."""
+    losses = [entry[key] for entry in trainer.state.log_history if key in entry]
+    if not losses:
+        return {}
+    return {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}

@@ -1,0 +1,201 @@
+"""Measures, side by side in one run (not part of `make test`):
+
+(a) orchestration overhead: the whole `rlhf run` of a config (Prefect in ephemeral mode, one process per stage,
+    artifacts and checkpoints in a local store) against the same stages' training code called one after the
+    other in one plain Python process with no Prefect, no store and no subprocesses;
+(b) checkpoint transfer: upload and download of checkpoint-shaped files through the ArtifactStore (manifest,
+    sha256, TransferManager) against raw boto3 `upload_file`/`download_file` of the same files to the same S3
+    server (moto on 127.0.0.1), each in its own process so that its peak memory (max RSS) is its own.
+
+Usage: python tests/benchmarks/bench_pipeline.py [--config CONFIG] [--set key=value ...] [--skip-pipeline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+CHECKPOINT_FILES = {
+    "model.safetensors": 256 << 20,
+    "optimizer.pt": 128 << 20,
+    "scheduler.pt": 1 << 10,
+    "trainer_state.json": 4 << 10,
+}
+
+
+def in_process(config_path: str | None, overrides: list[str], work: Path) -> tuple[float, dict]:
+    """Every stage's `run` in this process; inputs are the previous stages' output directories."""
+    from stages import STAGE_NAMES
+    from stages.artifacts import Manifest
+    from stages.checkpoints import CheckpointStore
+    from stages.config import load_config
+    from stages.graph import STAGE_INPUTS, StagePlan
+    from stages.runner import StageContext
+    from stages.store import LocalStore
+
+    # Checkpoints every 10^9 steps: none are written, this side never touches a store.
+    config = load_config(config_path, [*overrides, "run.checkpoint_every=1000000000"])
+    started = time.monotonic()
+    outputs: dict[str, Path] = {}
+    metrics: dict[str, dict] = {}
+    timings = {}
+    for stage in STAGE_NAMES:
+        stage_started = time.monotonic()
+        manifests = {
+            name: ("", Manifest(stage=name, cache_key="", code_version="", config={}, files=[], metrics=metrics[name]))
+            for name in STAGE_INPUTS[stage]
+        }
+        ctx = StageContext(
+            stage=stage,
+            config=config,
+            plan=StagePlan(stage, "in-process", manifests),
+            work_dir=work / stage,
+            out_dir=work / stage / "artifact",
+            inputs={name: outputs[name] for name in STAGE_INPUTS[stage]},
+            checkpoints=CheckpointStore(LocalStore(work / "never-used"), stage, "in-process", 1),
+        )
+        ctx.out_dir.mkdir(parents=True)
+        metrics[stage] = importlib.import_module(f"stages.{stage}").run(ctx)
+        outputs[stage] = ctx.out_dir
+        timings[stage] = round(time.monotonic() - stage_started, 1)
+    return time.monotonic() - started, {"stages": timings, "metrics": metrics}
+
+
+def orchestrated(config_path: str | None, overrides: list[str], store: Path) -> tuple[float, dict]:
+    command = [
+        str(Path(sys.executable).parent / "rlhf"),
+        "run",
+        *([config_path] if config_path else []),
+        "--store",
+        str(store),
+        "--json",
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"
+    }
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"rlhf run failed:\n{result.stderr[-4000:]}")
+    return elapsed, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def transfer(mode: str, bucket: str, source: Path, target: Path) -> dict:
+    """One side of (b), in a fresh process: upload then download, with this process's peak RSS."""
+    import boto3
+
+    from stages.artifacts import fetch_dir, publish_dir
+    from stages.store import S3Store
+
+    client = boto3.client("s3")
+    started = time.monotonic()
+    if mode == "store":
+        store = S3Store(f"s3://{bucket}/store")
+        publish_dir(store, source, "checkpoint", {"stage": "bench", "cache_key": "k", "config": {}})
+        uploaded = time.monotonic()
+        fetch_dir(store, "checkpoint", target)
+    else:
+        for path in sorted(source.iterdir()):
+            client.upload_file(str(path), bucket, f"raw/{path.name}")
+        uploaded = time.monotonic()
+        for path in sorted(source.iterdir()):
+            client.download_file(bucket, f"raw/{path.name}", str(target / path.name))
+    done = time.monotonic()
+    return {
+        "upload_s": round(uploaded - started, 2),
+        "download_s": round(done - uploaded, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def transfer_benchmark(work: Path) -> dict:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        source = work / "checkpoint"
+        source.mkdir()
+        for name, size in CHECKPOINT_FILES.items():
+            with (source / name).open("wb") as handle:
+                for _ in range(0, size, 1 << 20):
+                    handle.write(os.urandom(min(size, 1 << 20)))
+        results = {}
+        for mode in ("boto3", "store"):
+            target = work / f"back-{mode}"
+            target.mkdir()
+            output = subprocess.run(
+                [sys.executable, __file__, "--transfer", mode, str(source), str(target)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=os.environ.copy(),
+            )
+            results[mode] = json.loads(output.stdout.strip().splitlines()[-1])
+        total = sum(CHECKPOINT_FILES.values()) / (1 << 20)
+        results["megabytes"] = round(total, 1)
+        for direction in ("upload_s", "download_s"):
+            results[f"{direction[:-2]}_ratio_raw_over_store"] = round(
+                results["boto3"][direction] / results["store"][direction], 3
+            )
+        return results
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--transfer", nargs=3, metavar=("MODE", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.transfer:
+        mode, source, target = args.transfer
+        print(json.dumps(transfer(mode, "bench", Path(source), Path(target))))
+        return
+
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+        work = Path(tmp)
+        report["transfer"] = transfer_benchmark(work)
+        print(json.dumps({"transfer": report["transfer"]}, indent=2), flush=True)
+        if not args.skip_pipeline:
+            bare_s, bare = in_process(args.config, args.overrides, work / "bare")
+            orchestrated_s, summary = orchestrated(args.config, args.overrides, work / "store")
+            report["pipeline"] = {
+                "in_process_s": round(bare_s, 1),
+                "orchestrated_s": round(orchestrated_s, 1),
+                "overhead_ratio": round(orchestrated_s / bare_s, 3),
+                "in_process_stage_s": bare["stages"],
+                "orchestrated_stage_s": {name: s["seconds"] for name, s in summary["stages"].items()},
+                "orchestrated_metrics": {name: s["metrics"] for name, s in summary["stages"].items()},
+                "in_process_metrics": bare["metrics"],
+            }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Bad config or input: exit code 2, a message naming the file, the line and the field, no traceback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import PipelineConfig, load_config
+from stages.errors import InputError
+from tests.conftest import REPO, rlhf
+
+
+def test_demo_yaml_is_the_builtin_demo():
+    assert load_config(REPO / "examples" / "demo.yaml") == load_config(None) == PipelineConfig()
+
+
+def test_set_overrides_any_field_by_dotted_path():
+    config = load_config(None, ["rl.algorithm=rejection_sampling", "rl.ppo.kl_coef=0.2", "run.store=s3://b/p"])
+    assert config.rl.algorithm == "rejection_sampling"
+    assert config.rl.ppo.kl_coef == 0.2
+    assert config.run.store == "s3://b/p"
+
+
+def test_unknown_key_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  seed: 1\nsft:\n  epochs: 1\n  learnin_rate: 0.1\n")
+    with pytest.raises(InputError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}:5: sft.learnin_rate: unknown key"
+
+
+def test_wrong_type_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rl:\n  algorithm: ppo\n  ppo:\n    batch_size: many\n")
+    with pytest.raises(InputError, match=r"bad.yaml:4: rl.ppo.batch_size: Input should be a valid integer"):
+        load_config(path)
+
+
+def test_invalid_choice_and_cross_field_rules(tmp_path):
+    with pytest.raises(InputError, match="rl.algorithm: Input should be 'ppo' or 'rejection_sampling'"):
+        load_config(None, ["rl.algorithm=reinforce"])
+    with pytest.raises(InputError, match="multiple of mini_batch_size"):
+        load_config(None, ["rl.ppo.batch_size=10", "rl.ppo.mini_batch_size=4"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  seed: 1\n sft: [\n")
+    with pytest.raises(InputError, match=r"broken.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_cli_bad_config_exits_2_fast_without_traceback(tmp_path):
+    config = _write(tmp_path / "c.yaml", yaml.safe_dump({"sft": {"learning_rate": "fast"}}))
+    started = time.monotonic()
+    result = rlhf("run", str(config), "--store", str(tmp_path / "store"), timeout=60)
+    assert result.returncode == 2
+    assert "c.yaml:2: sft.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_bad_data_line_exits_2(tmp_path):
+    data = _write(
+        tmp_path / "sft.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant" "content": "x"}]}\n',
+    )
+    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.sft={data}", timeout=60)
+    assert result.returncode == 2
+    assert f"{data}:2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"messages": []}', "field 'messages': expected a non-empty list of messages"),
+        ('{"messages": [{"role": "human", "content": "x"}]}', "field 'messages'[0].role: 'human' is not one of"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "the last message must be from the assistant"),
+        ('{"text": "x"}', "missing field 'messages'"),
+    ],
+)
+def test_cli_bad_rows_name_line_and_field(tmp_path, row, message):
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    data = _write(tmp_path / "sft.jsonl", f"{good}\n{good}\n{row}\n")
+    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.sft={data}", timeout=60)
+    assert result.returncode == 2
+    assert f"{data}:3: " in result.stderr and message in result.stderr
+
+
+def test_cli_validate_accepts_good_inputs(tmp_path):
+    rows = _write(
+        tmp_path / "prefs.jsonl",
+        '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],'
+        ' "rejected": [{"role": "assistant", "content": "bad"}], "margin": 1.5}\n',
+    )
+    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.preference={rows}", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "data.preference" in result.stdout and "(1 preference rows)" in result.stdout
+
+
+def test_cli_empty_data_file_and_missing_model(tmp_path):
+    empty = _write(tmp_path / "empty.jsonl", "")
+    result = rlhf(
+        "validate",
+        str(REPO / "examples" / "demo.yaml"),
+        "--set",
+        f"data.prompts={empty}",
+        "--set",
+        "evaluate.judge=reward_model",
+        timeout=60,
+    )
+    assert result.returncode == 2 and "empty.jsonl: no rows" in result.stderr
+    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"model.base={tmp_path}/nope", timeout=60)
+    assert result.returncode == 2 and "model.base" in result.stderr and "config.json" in result.stderr
+
+
+def test_cli_stage_with_missing_config_exits_2(tmp_path):
+    result = rlhf("stage", "sft", "--config", str(tmp_path / "missing.yaml"), timeout=60)
+    assert result.returncode == 2
+    assert "missing.yaml: cannot read config" in result.stderr
+    assert "Traceback" not in result.stderr

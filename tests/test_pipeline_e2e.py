@@ -1,0 +1,143 @@
+"""The whole pipeline through `rlhf run`, against moto's S3 server and one Prefect server for the session:
+a full run, a rerun that is all cache hits, a change of RL algorithm that reruns only `rl` and `evaluate`,
+and an `rl` stage process SIGKILLed mid-run that the same run retries and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from stages import STAGE_NAMES
+from stages.artifacts import read_manifest
+from stages.store import S3Store
+from tests.conftest import RLHF, rlhf, tiny_args
+
+pytestmark = pytest.mark.e2e
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.stdout.strip(), result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint) -> str:
+    name = "e2e-pipeline"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, bucket) -> dict:
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args())
+    assert result.returncode == 0, result.stderr[-5000:]
+    return summary_of(result)
+
+
+def test_full_run_trains_every_stage_into_s3(first_run, bucket):
+    assert first_run["status"] == "completed"
+    assert list(first_run["stages"]) == list(STAGE_NAMES)
+    store = S3Store(f"s3://{bucket}/runs")
+    for name, stage in first_run["stages"].items():
+        assert stage["status"] == "ran" and stage["attempts"] == 1 and stage["resumed_from"] is None
+        assert stage["artifact"].startswith(f"s3://{bucket}/runs/artifacts/{name}/")
+        manifest = read_manifest(store, store.key_of(stage["artifact"]))
+        assert manifest is not None and manifest.stage == name and manifest.files
+    metrics = {name: stage["metrics"] for name, stage in first_run["stages"].items()}
+    assert metrics["prepare"]["sft"]["train"] > 300
+    assert metrics["sft"]["last_loss"] < metrics["sft"]["first_loss"] * 0.6
+    assert metrics["reward"]["eval_accuracy"] >= 0.75
+    assert metrics["rl"]["last_score"] > metrics["rl"]["first_score"]
+    report = metrics["evaluate"]
+    assert report["mean_reward"]["rl"] > report["mean_reward"]["sft"]
+    assert report["judge"].startswith("demo gold judge")
+    assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
+    assert report["reward_model_eval_accuracy"] == metrics["reward"]["eval_accuracy"]
+
+
+def test_evaluate_artifact_holds_the_report(first_run, bucket, tmp_path):
+    store = S3Store(f"s3://{bucket}/runs")
+    prefix = store.key_of(first_run["stages"]["evaluate"]["artifact"])
+    report = json.loads(store.read_bytes(f"{prefix}/report.json"))
+    assert report["win_rate_vs_sft"] == first_run["stages"]["evaluate"]["metrics"]["win_rate_vs_sft"]
+    assert len(report["samples"]) == 5 and {"prompt", "base", "sft", "rl"} <= set(report["samples"][0])
+    assert "win rate of RL over SFT" in store.read_bytes(f"{prefix}/report.md").decode()
+
+
+def test_rerun_with_nothing_changed_is_all_cached(first_run, bucket):
+    started = time.monotonic()
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args())
+    elapsed = time.monotonic() - started
+    summary = summary_of(result)
+    assert summary["status"] == "completed"
+    assert {name: s["status"] for name, s in summary["stages"].items()} == dict.fromkeys(STAGE_NAMES, "cached")
+    for name in STAGE_NAMES:
+        assert summary["stages"][name]["artifact"] == first_run["stages"][name]["artifact"]
+    assert elapsed < 60
+
+
+def test_switching_rl_algorithm_reruns_only_rl_and_evaluate(first_run, bucket):
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args("rl.algorithm=rejection_sampling"))
+    summary = summary_of(result)
+    assert summary["status"] == "completed", result.stderr[-3000:]
+    statuses = {name: s["status"] for name, s in summary["stages"].items()}
+    assert statuses == {"prepare": "cached", "sft": "cached", "reward": "cached", "rl": "ran", "evaluate": "ran"}
+    rl = summary["stages"]["rl"]["metrics"]
+    assert rl["algorithm"] == "rejection_sampling" and rl["steps"] == 2
+    assert rl["last_best_score"] >= rl["last_score"]  # the best of N is never below the mean
+
+
+def _stage_pid(stage: str, marker: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if "stage" in text and stage in text and any(marker in a for a in text):
+            return int(entry.name)
+    return None
+
+
+def test_killed_rl_process_is_retried_and_resumes(first_run, bucket):
+    """SIGKILL the `rl` stage process after its first checkpoint; the same run retries it and it resumes."""
+    store = S3Store(f"s3://{bucket}/runs")
+    overrides = tiny_args("rl.ppo.steps=60", "run.checkpoint_every=5")
+    process = subprocess.Popen(
+        [RLHF, "run", "--store", f"s3://{bucket}/runs", "--json", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        pid = _stage_pid("rl", f"s3://{bucket}/runs/runs/")
+        keys = store.list_children("checkpoints/rl")
+        if pid and any(store.list_children(f"checkpoints/rl/{key}") for key in keys):
+            steps = [s for key in keys for s in store.list_children(f"checkpoints/rl/{key}")]
+            if any(store.exists(f"checkpoints/rl/{key}/{s}/manifest.json") for key in keys for s in steps):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.1)
+    stdout, stderr = process.communicate(timeout=600)
+    assert killed is not None, "never saw the rl stage with a checkpoint"
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed", stderr[-3000:]
+    rl = summary["stages"]["rl"]
+    assert rl["status"] == "ran"
+    assert rl["attempts"] >= 2
+    assert rl["resumed_from"] is not None and rl["resumed_from"] > 0
+    assert rl["metrics"]["steps"] == 60  # the resumed run still trained every step once
+    assert "killed by SIGKILL" in stderr
+    assert summary["stages"]["evaluate"]["status"] == "ran"
+    assert store.list_children(f"checkpoints/rl/{store.key_of(rl['artifact']).rsplit('/', 1)[1]}") == []

@@ -1,0 +1,86 @@
+"""Stage internals that the end-to-end numbers rest on: prompt masking in SFT, the demo's gold judge,
+the built-in model and tokenizer, generation masks."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from stages import demo_task
+from stages.config import GenerationConfig, ModelConfig
+from stages.data import sft_as_prompt_completion
+from stages.generation import decode_responses, sample
+from stages.models import load_policy, load_tokenizer
+from stages.tiny_model import save_tiny_llama
+
+
+def _tiny(tmp_path):
+    save_tiny_llama(ModelConfig(tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2}), 0, tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+def test_sft_computes_loss_on_assistant_tokens_only(tmp_path):
+    source = _tiny(tmp_path)
+    tokenizer = load_tokenizer(source)
+    row = {
+        "messages": [
+            {"role": "user", "content": "describe the cat today ."},
+            {"role": "assistant", "content": "the cat is kind , warm and calm ."},
+        ]
+    }
+    trainer = SFTTrainer(
+        model=load_policy(source, torch.device("cpu")),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"), completion_only_loss=True, report_to="none", use_cpu=True, max_length=64
+        ),
+        train_dataset=Dataset.from_list([sft_as_prompt_completion(row)]),
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0]
+    trained = labels[labels != -100].tolist()
+    assert tokenizer.decode(trained) == "the cat is kind , warm and calm . <|end|>"
+    prompt_length = len(tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=True))
+    assert (labels[:prompt_length] == -100).all()
+
+
+def test_gold_judge_rewards_on_topic_kind_answers():
+    prompt = "describe the cat today ."
+    assert demo_task.gold_score(prompt, "the cat is kind , warm and calm .") == 2.0
+    assert demo_task.gold_score(prompt, "the cat is rude , cold and sad .") == 0.0
+    assert demo_task.gold_score(prompt, "the dog is kind , warm and calm .") == 1.0
+    assert demo_task.gold_score(prompt, "the cat is kind , cold and calm .") == 1.0 + 1 / 3
+
+
+def test_demo_preferences_agree_with_the_gold_judge():
+    for row in demo_task.preference_rows(200, seed=3):
+        prompt = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert demo_task.gold_score(prompt, chosen) > demo_task.gold_score(prompt, rejected)
+
+
+def test_builtin_model_is_deterministic_and_round_trips_text(tmp_path):
+    config = ModelConfig(tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    save_tiny_llama(config, 7, tmp_path / "a")
+    save_tiny_llama(config, 7, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    tokenizer = load_tokenizer(str(tmp_path / "a"))
+    text = "the cat is kind , warm and calm ."
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_sampled_responses_are_masked_after_end_of_turn(tmp_path):
+    source = _tiny(tmp_path)
+    tokenizer = load_tokenizer(source)
+    policy = load_policy(source, torch.device("cpu"))
+    torch.manual_seed(0)
+    prompts = [[{"role": "user", "content": "describe the cat today ."}]] * 6
+    rollout = sample(policy, tokenizer, prompts, GenerationConfig(max_new_tokens=8))
+    assert rollout.response_ids.shape == rollout.response_mask.shape == (6, rollout.response_ids.shape[1])
+    assert (rollout.prompt_mask[:, -1] == 1).all()  # left padding: every prompt ends at the same column
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
+        eos = (ids == tokenizer.eos_token_id).nonzero()
+        if len(eos):
+            assert mask[: eos[0] + 1].all() and not mask[eos[0] + 1 :].any()
+    assert len(decode_responses(tokenizer, rollout)) == 6
