@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -91,12 +92,18 @@ def read_manifest(store: ArtifactStore, prefix: str) -> Manifest | None:
 
 
 def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fields: dict[str, Any]) -> Manifest:
-    """Upload every file of `local_dir`, then the manifest: the artifact exists only once that lands."""
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = [
-        FileEntry(path=p.relative_to(local_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p)) for p in files
-    ]
-    store.upload_files({f"{prefix}/{e.path}": local_dir / e.path for e in entries})
+    """Upload every file of `local_dir`, then the manifest: the artifact exists only once that lands.
+
+    Files are hashed while they upload (hashlib releases the GIL), so the digests cost no extra time.
+    """
+    paths = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    paths = [p for p in paths if p != MANIFEST]
+    with ThreadPoolExecutor(max_workers=1) as uploader:
+        upload = uploader.submit(store.upload_files, {f"{prefix}/{p}": local_dir / p for p in paths})
+        entries = [
+            FileEntry(path=p, size=(local_dir / p).stat().st_size, sha256=sha256_file(local_dir / p)) for p in paths
+        ]
+        upload.result()
     manifest = Manifest(files=entries, code_version=code_version(), **manifest_fields)
     store.write_json(f"{prefix}/{MANIFEST}", manifest.model_dump(mode="json"))
     return manifest

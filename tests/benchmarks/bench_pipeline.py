@@ -5,7 +5,8 @@
     other in one plain Python process with no Prefect, no store and no subprocesses;
 (b) checkpoint transfer: upload and download of checkpoint-shaped files through the ArtifactStore (manifest,
     sha256, TransferManager) against raw boto3 `upload_file`/`download_file` of the same files to the same S3
-    server (moto on 127.0.0.1), each in its own process so that its peak memory (max RSS) is its own.
+    server (moto on 127.0.0.1), each in its own process so that its peak memory (max RSS, and the peak of
+    Python allocations from tracemalloc) is its own.
 
 Usage: python tests/benchmarks/bench_pipeline.py [--config CONFIG] [--set key=value ...] [--skip-pipeline]
 """
@@ -15,17 +16,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+REPEATS = 3
 CHECKPOINT_FILES = {
     "model.safetensors": 256 << 20,
     "optimizer.pt": 128 << 20,
@@ -101,6 +106,8 @@ def transfer(mode: str, bucket: str, source: Path, target: Path) -> dict:
     from stages.store import S3Store
 
     client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    tracemalloc.start()
     started = time.monotonic()
     if mode == "store":
         store = S3Store(f"s3://{bucket}/store")
@@ -118,51 +125,55 @@ def transfer(mode: str, bucket: str, source: Path, target: Path) -> dict:
         "upload_s": round(uploaded - started, 2),
         "download_s": round(done - uploaded, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_python_heap_mb": round(tracemalloc.get_traced_memory()[1] / (1 << 20), 1),
     }
 
 
-def transfer_benchmark(work: Path) -> dict:
-    import boto3
+def _transfer_once(mode: str, source: Path, target: Path) -> dict:
+    """One side, in its own process against its own fresh moto server."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
+    env = os.environ | {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
-        boto3.client("s3").create_bucket(Bucket="bench")
-        source = work / "checkpoint"
-        source.mkdir()
-        for name, size in CHECKPOINT_FILES.items():
-            with (source / name).open("wb") as handle:
-                for _ in range(0, size, 1 << 20):
-                    handle.write(os.urandom(min(size, 1 << 20)))
-        results = {}
-        for mode in ("boto3", "store"):
-            target = work / f"back-{mode}"
-            target.mkdir()
-            output = subprocess.run(
-                [sys.executable, __file__, "--transfer", mode, str(source), str(target)],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=os.environ.copy(),
-            )
-            results[mode] = json.loads(output.stdout.strip().splitlines()[-1])
-        total = sum(CHECKPOINT_FILES.values()) / (1 << 20)
-        results["megabytes"] = round(total, 1)
-        for direction in ("upload_s", "download_s"):
-            results[f"{direction[:-2]}_ratio_raw_over_store"] = round(
-                results["boto3"][direction] / results["store"][direction], 3
-            )
-        return results
+        target.mkdir()
+        output = subprocess.run(
+            [sys.executable, __file__, "--transfer", mode, str(source), str(target)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        return json.loads(output.stdout.strip().splitlines()[-1])
     finally:
         server.stop()
+
+
+def transfer_benchmark(work: Path) -> dict:
+    """Medians over REPEATS runs of each side, each run with a fresh process and moto server."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    source = work / "checkpoint"
+    source.mkdir()
+    for name, size in CHECKPOINT_FILES.items():
+        with (source / name).open("wb") as handle:
+            for _ in range(0, size, 1 << 20):
+                handle.write(os.urandom(min(size, 1 << 20)))
+    results: dict = {"megabytes": round(sum(CHECKPOINT_FILES.values()) / (1 << 20), 1), "repeats": REPEATS}
+    for mode in ("boto3", "store"):
+        runs = [_transfer_once(mode, source, work / f"back-{mode}-{i}") for i in range(REPEATS)]
+        results[mode] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    for direction in ("upload_s", "download_s"):
+        results[f"{direction[:-2]}_ratio_raw_over_store"] = round(
+            results["boto3"][direction] / results["store"][direction], 3
+        )
+    return results
 
 
 def main() -> None:
