@@ -58,6 +58,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _validate(*overrides: str):
+    """`rlhf validate` of the demo config with some fields overridden."""
+    return rlhf(
+        "validate", str(REPO / "examples" / "demo.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=60
+    )
+
+
 def test_cli_bad_config_exits_2_fast_without_traceback(tmp_path):
     config = _write(tmp_path / "c.yaml", yaml.safe_dump({"sft": {"learning_rate": "fast"}}))
     started = time.monotonic()
@@ -75,7 +82,7 @@ def test_cli_bad_data_line_exits_2(tmp_path):
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant" "content": "x"}]}\n',
     )
-    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.sft={data}", timeout=60)
+    result = _validate(f"data.sft={data}")
     assert result.returncode == 2
     assert f"{data}:2: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
@@ -93,7 +100,7 @@ def test_cli_bad_data_line_exits_2(tmp_path):
 def test_cli_bad_rows_name_line_and_field(tmp_path, row, message):
     good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
     data = _write(tmp_path / "sft.jsonl", f"{good}\n{good}\n{row}\n")
-    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.sft={data}", timeout=60)
+    result = _validate(f"data.sft={data}")
     assert result.returncode == 2
     assert f"{data}:3: " in result.stderr and message in result.stderr
 
@@ -104,24 +111,16 @@ def test_cli_validate_accepts_good_inputs(tmp_path):
         '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],'
         ' "rejected": [{"role": "assistant", "content": "bad"}], "margin": 1.5}\n',
     )
-    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"data.preference={rows}", timeout=60)
+    result = _validate(f"data.preference={rows}")
     assert result.returncode == 0, result.stderr
     assert "data.preference" in result.stdout and "(1 preference rows)" in result.stdout
 
 
 def test_cli_empty_data_file_and_missing_model(tmp_path):
     empty = _write(tmp_path / "empty.jsonl", "")
-    result = rlhf(
-        "validate",
-        str(REPO / "examples" / "demo.yaml"),
-        "--set",
-        f"data.prompts={empty}",
-        "--set",
-        "evaluate.judge=reward_model",
-        timeout=60,
-    )
+    result = _validate(f"data.prompts={empty}", "evaluate.judge=reward_model")
     assert result.returncode == 2 and "empty.jsonl: no rows" in result.stderr
-    result = rlhf("validate", str(REPO / "examples" / "demo.yaml"), "--set", f"model.base={tmp_path}/nope", timeout=60)
+    result = _validate(f"model.base={tmp_path}/nope")
     assert result.returncode == 2 and "model.base" in result.stderr and "config.json" in result.stderr
 
 
