@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(stage)
     stage.set_defaults(handler=_stage)
 
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="COMMAND")
+    convert = data.add_parser("convert", help="print a dataset's rows in TRL's conversational format as JSONL")
+    convert.add_argument("path", help="a .json/.jsonl/.parquet file or a Hugging Face Hub dataset id")
+    convert.add_argument("--format", required=True, help="dolly, alpaca, oasst, shp, hh-rlhf, messages, ...")
+    convert.add_argument("--kind", required=True, choices=("sft", "preference", "prompt"))
+    convert.add_argument("--split", default="train", help="the Hub dataset's split")
+    convert.set_defaults(handler=_convert)
+
     validate = commands.add_parser("validate", help="check a config and every input it names")
     validate.add_argument("config")
     _add_common(validate)
@@ -105,6 +113,14 @@ def _read_config_text(location: str) -> str:
         return read_uri(location).decode()
     except Exception as exc:
         raise InputError(f"{location}: cannot read config ({exc})") from None
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from stages.formats import convert
+
+    for row in convert(args.path, args.format, args.kind, args.split):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

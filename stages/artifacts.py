@@ -42,6 +42,7 @@ class Manifest(BaseModel):
     inputs: dict[str, InputRef] = {}
     files: list[FileEntry]
     metrics: dict[str, Any] = {}
+    licenses: list[str] = Field([], description="licences of all data this artifact was trained on")
     resumed_from: int | None = None
     step: int | None = Field(None, description="for checkpoints: the training step it holds")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())

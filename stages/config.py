@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import InputError
 
@@ -49,17 +49,49 @@ class DemoDataConfig(Section):
     sft_rows: int = Field(3000, ge=10)
     preference_rows: int = Field(3000, ge=10)
     prompt_rows: int = Field(1000, ge=10)
+    rated_rows: int = Field(2000, ge=10)
+
+
+class DataSource(Section):
+    path: str = Field(description="a .json/.jsonl/.parquet file, a Hugging Face Hub dataset id, or builtin:demo")
+    format: str | None = Field(
+        None,
+        description="dolly, alpaca, oasst, shp, hh-rlhf, messages, preference or prompt; default: the "
+        "kind's own TRL format (messages, preference, prompt)",
+    )
+    split: str = Field("train", description="the Hub dataset's split")
+    weight: float = Field(1.0, gt=0, description="share of the rows kept: 0.5 a random half, 2 every row twice")
+    license: str | None = Field(None, description="the licence of your own data (seed datasets know theirs)")
+    commercial_use: bool = Field(True, description="whether your own data may be used commercially")
+
+
+def _one_source(value: Any) -> Any:
+    """`data.sft: path.jsonl` is short for a list of one source."""
+    return [{"path": value}] if isinstance(value, str) else value
+
+
+SourceList = Annotated[list[DataSource], BeforeValidator(_one_source), Field(min_length=1)]
 
 
 class DataConfig(Section):
-    sft: str = Field(BUILTIN_DEMO, description="JSONL with TRL `messages` rows, or builtin:demo")
-    preference: str = Field(BUILTIN_DEMO, description="JSONL with `prompt`/`chosen`/`rejected` rows")
-    prompts: str = Field(BUILTIN_DEMO, description="JSONL with `prompt` rows")
+    sft: SourceList = [DataSource(path=BUILTIN_DEMO)]
+    preference: SourceList = [DataSource(path=BUILTIN_DEMO)]
+    prompts: SourceList = [DataSource(path=BUILTIN_DEMO)]
+    rated: Annotated[list[DataSource], BeforeValidator(_one_source)] = Field(
+        [], description="responses scored per aspect by several raters, for the multi-aspect reward model"
+    )
+    stage_split: dict[Literal["sft", "reward", "rl"], float] | None = Field(
+        None, description="DeepSpeed-Chat style: each source's rows divided between the stages in these proportions"
+    )
+    allow_noncommercial: bool = Field(False, description="allow data whose licence forbids commercial use")
     demo: DemoDataConfig = DemoDataConfig()
 
 
 class PrepareConfig(Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="drop rated items whose raters agree less (mean share of agreeing rater pairs)"
+    )
 
 
 class LoraConfig(Section):
@@ -89,6 +121,12 @@ class SFTConfig(TrainingConfig):
 
 
 class RewardConfig(TrainingConfig):
+    kind: Literal["pairwise", "multi_aspect"] = Field(
+        "pairwise", description="pairwise ranking on preference pairs, or one regression head per rated aspect"
+    )
+    aspects: dict[str, float] = Field(
+        {"relevance": 1.0, "helpfulness": 1.0}, description="multi_aspect: the aspects and their weights in the reward"
+    )
     epochs: float = 2.0
     learning_rate: float = 5e-4
     batch_size: int = 32
@@ -132,10 +170,40 @@ class RejectionSamplingConfig(Section):
     training: TrainingConfig = TrainingConfig()
 
 
+class DPOConfig(TrainingConfig):
+    """TRL's DPOTrainer on the preference pairs, straight from the SFT model (no reward model involved)."""
+
+    epochs: float = 1.0
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the SFT model")
+    loss_type: str = Field("sigmoid", description="TRL's DPO loss: sigmoid, ipo, hinge, ...")
+
+
+class GroupRLConfig(TrainingConfig):
+    """GRPO and RLOO (TRL trainers): several sampled answers per prompt, rewarded by the trained reward model."""
+
+    max_steps: int = 60
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    num_generations: int = Field(8, ge=2, description="answers sampled per prompt; batch_size must be a multiple")
+    beta: float = Field(0.05, ge=0, description="KL coefficient to the SFT reference")
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _generations_divide_batch(self) -> GroupRLConfig:
+        if self.batch_size % self.num_generations:
+            raise ValueError("batch_size must be a multiple of num_generations")
+        return self
+
+
 class RLConfig(Section):
-    algorithm: Literal["ppo", "rejection_sampling"] = "ppo"
+    algorithm: Literal["ppo", "rejection_sampling", "dpo", "grpo", "rloo"] = "ppo"
     ppo: PPOConfig = PPOConfig()
     rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
+    dpo: DPOConfig = DPOConfig()
+    grpo: GroupRLConfig = GroupRLConfig()
+    rloo: GroupRLConfig = GroupRLConfig()
 
 
 class EvaluateConfig(Section):
@@ -158,8 +226,14 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
+    def _multi_aspect_needs_rated_data(self) -> PipelineConfig:
+        if self.reward.kind == "multi_aspect" and not self.data.rated:
+            raise ValueError("reward.kind 'multi_aspect' needs rated data in data.rated")
+        return self
+
+    @model_validator(mode="after")
     def _gold_judge_needs_demo_prompts(self) -> PipelineConfig:
-        if self.evaluate.judge == "gold" and self.data.prompts != BUILTIN_DEMO:
+        if self.evaluate.judge == "gold" and any(s.path != BUILTIN_DEMO for s in self.data.prompts):
             raise ValueError("evaluate.judge 'gold' only exists for data.prompts: builtin:demo")
         return self
 

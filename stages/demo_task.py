@@ -129,3 +129,29 @@ def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
 def prompt_rows(n: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(f"prompts-{seed}")
     return [{"prompt": _user(_prompt(rng, rng.choice(TOPICS)))} for _ in range(n)]
+
+
+RATED_ASPECTS = ("relevance", "helpfulness")
+
+
+def rated_rows(n: int, seed: int, raters: int = 3) -> list[dict[str, Any]]:
+    """Answers scored 1-5 per aspect by noisy raters: relevance (on topic) and helpfulness (kind words).
+
+    Each rater gives the true score with probability 0.7 and a random one otherwise, so items differ in how
+    much their raters agree.
+    """
+    rng = random.Random(f"rated-{seed}")
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        prompt = _prompt(rng, topic)
+        answer = _off_topic_answer(rng, topic) if rng.random() < 0.3 else _answer(rng, topic)
+        score = gold_score(prompt, answer)
+        on_topic = score >= 0.5
+        truth = {"relevance": 5 if on_topic else 1, "helpfulness": round(3 + 2 * (score - on_topic))}
+        ratings = {
+            aspect: [truth[aspect] if rng.random() < 0.7 else rng.randint(1, 5) for _ in range(raters)]
+            for aspect in RATED_ASPECTS
+        }
+        rows.append({"prompt": _user(prompt), "response": _assistant(answer), "ratings": ratings})
+    return rows

@@ -15,7 +15,7 @@ import torch
 
 from stages import demo_task
 from stages.data import load_rows
-from stages.generation import Rollout, decode_responses, response_logprobs, sample
+from stages.generation import Rollout, conversation_scores, decode_responses, response_logprobs, sample
 from stages.models import load_policy, load_scorer, load_tokenizer, materialize_base
 from stages.runner import StageContext
 
@@ -59,7 +59,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     sft_tokenizer = load_tokenizer(sources["sft"])
     reward_model = load_scorer(str(ctx.inputs["reward"]), ctx.device, sft_tokenizer.pad_token_id).eval()
-    reward = {name: rm_scores(ctx, reward_model, sources[name], prompts, responses[name]) for name in POLICIES}
+    reward = {
+        name: conversation_scores(
+            reward_model,
+            load_tokenizer(sources[name]),
+            [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses[name], strict=True)],
+        )
+        for name in POLICIES
+    }
     judged = reward
     if config.judge == "gold":
         judged = {
@@ -85,22 +92,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     (ctx.out_dir / "report.json").write_text(json.dumps(report | {"samples": samples}, indent=2))
     (ctx.out_dir / "report.md").write_text(markdown_report(report, samples))
     return report
-
-
-def rm_scores(ctx: StageContext, reward_model, source: str, prompts: list, responses: list[str]) -> list[float]:
-    """Re-tokenize every answer as the reward model saw training data: prompt + answer through the chat template."""
-    tokenizer = load_tokenizer(source)
-    scores = []
-    for i in range(0, len(prompts), BATCH):
-        texts = [
-            tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-            for p, r in zip(prompts[i : i + BATCH], responses[i : i + BATCH], strict=True)
-        ]
-        tokenizer.padding_side = "right"
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)
-        with torch.no_grad():
-            scores += reward_model(**batch).logits[:, 0].float().tolist()
-    return scores
 
 
 @torch.no_grad()

@@ -118,3 +118,17 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> li
         tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
         for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
     ]
+
+
+@torch.no_grad()
+def conversation_scores(
+    reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]
+) -> list[float]:
+    """The reward model's score of whole conversations, tokenized through the chat template as in training."""
+    tokenizer.padding_side = "right"
+    scores: list[float] = []
+    for start in range(0, len(conversations), 64):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + 64]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(reward_model.device)
+        scores += reward_model(**batch).logits[:, 0].float().tolist()
+    return scores

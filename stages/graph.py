@@ -19,6 +19,14 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "rl": ("prepare", "sft", "reward"),
     "evaluate": ("prepare", "sft", "reward", "rl"),
 }
+# Algorithms that learn from preferences directly: their policy does not depend on the reward model.
+REWARD_FREE = ("dpo",)
+
+
+def stage_inputs(config: PipelineConfig, stage: str) -> tuple[str, ...]:
+    if stage == "rl" and config.rl.algorithm in REWARD_FREE:
+        return ("prepare", "sft")
+    return STAGE_INPUTS[stage]
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class StagePlan:
 def plan_stage(store: ArtifactStore, config: PipelineConfig, stage: str) -> StagePlan:
     """The stage's cache key and its complete inputs; fails if an upstream artifact is missing."""
     inputs: dict[str, tuple[str, Manifest]] = {}
-    for upstream in STAGE_INPUTS[stage]:
+    for upstream in stage_inputs(config, stage):
         plan = plan_stage(store, config, upstream)
         manifest = read_manifest(store, plan.prefix)
         if manifest is None:

@@ -1,7 +1,9 @@
-"""reward: a reward model trained from the SFT model on preference pairs with TRL's RewardTrainer.
+"""reward: a reward model trained from the SFT model.
 
-The pairwise ranking loss -log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin
-loss -log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
+`reward.kind: pairwise` (default): TRL's RewardTrainer on preference pairs, with the pairwise ranking loss
+-log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin loss
+-log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
+`reward.kind: multi_aspect`: one regression head per rated aspect, see `stages.multi_aspect`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from stages.training import loss_curve, peft_config, save_trained, train_with_re
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
+    if ctx.config.reward.kind == "multi_aspect":
+        from stages import multi_aspect
+
+        return multi_aspect.run(ctx)
     config = ctx.config.reward
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)

@@ -37,6 +37,7 @@ class StageContext:
     inputs: dict[str, Path]
     checkpoints: CheckpointStore
     resumed_from: int | None = field(default=None)
+    licenses: set[str] = field(default_factory=set)
 
     @cached_property
     def device(self) -> torch.device:
@@ -72,6 +73,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
             inputs=inputs,
             checkpoints=CheckpointStore(store, stage, plan.key, config.run.keep_checkpoints),
         )
+        ctx.licenses = {license for _, m in plan.inputs.values() for license in m.licenses}
         ctx.out_dir.mkdir()
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
         metrics: dict[str, Any] = module.run(ctx)
@@ -89,6 +91,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
                 },
                 "metrics": metrics,
                 "resumed_from": ctx.resumed_from,
+                "licenses": sorted(ctx.licenses),
             },
         )
         ctx.checkpoints.clear()

@@ -5,21 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.config import BUILTIN_DEMO, BUILTIN_TINY_MODEL, PipelineConfig
-from stages.data import read_jsonl
 from stages.errors import InputError
+from stages.sources import CONFIG_FIELD, check_licenses, load_kind
 from stages.store import ArtifactStore
 
 
 def validate_inputs(config: PipelineConfig) -> list[str]:
     """Raise InputError on the first bad input; return one line per checked input."""
+    licenses = check_licenses(config)
     checked = []
-    for field, kind in (("sft", "sft"), ("preference", "preference"), ("prompts", "prompt")):
-        source = getattr(config.data, field)
-        if source == BUILTIN_DEMO:
-            checked.append(f"data.{field}: built-in demo data")
-            continue
-        rows = read_jsonl(Path(source), kind)
-        checked.append(f"data.{field}: {source} ({len(rows)} {kind} rows)")
+    for kind, field in CONFIG_FIELD.items():
+        for index, source in enumerate(getattr(config.data, field)):
+            if source.path == BUILTIN_DEMO:
+                checked.append(f"data.{field}[{index}]: built-in demo data")
+                continue
+            one = config.model_copy(deep=True)
+            setattr(one.data, field, [source])
+            rows = load_kind(one, kind)
+            checked.append(f"data.{field}[{index}]: {source.path} ({len(rows)} {kind} rows, {licenses[source.path]})")
     checked.append(f"model.base: {_check_model(config.model.base)}")
     store = ArtifactStore.from_uri(config.run.store)
     checked.append(f"run.store: {store.uri}")

@@ -40,7 +40,9 @@ def test_wrong_type_names_file_line_and_field(tmp_path):
 
 
 def test_invalid_choice_and_cross_field_rules(tmp_path):
-    with pytest.raises(InputError, match="rl.algorithm: Input should be 'ppo' or 'rejection_sampling'"):
+    with pytest.raises(
+        InputError, match="rl.algorithm: Input should be 'ppo', 'rejection_sampling', 'dpo', 'grpo' or 'rloo'"
+    ):
         load_config(None, ["rl.algorithm=reinforce"])
     with pytest.raises(InputError, match="multiple of mini_batch_size"):
         load_config(None, ["rl.ppo.batch_size=10", "rl.ppo.mini_batch_size=4"])
@@ -92,7 +94,7 @@ def test_cli_bad_data_line_exits_2(tmp_path):
     ("row", "message"),
     [
         ('{"messages": []}', "field 'messages': expected a non-empty list of messages"),
-        ('{"messages": [{"role": "human", "content": "x"}]}', "field 'messages'[0].role: 'human' is not one of"),
+        ('{"messages": [{"role": "human", "content": "x"}]}', "field 'messages': [0].role: 'human' is not one of"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "the last message must be from the assistant"),
         ('{"text": "x"}', "missing field 'messages'"),
     ],
@@ -113,7 +115,7 @@ def test_cli_validate_accepts_good_inputs(tmp_path):
     )
     result = _validate(f"data.preference={rows}")
     assert result.returncode == 0, result.stderr
-    assert "data.preference" in result.stdout and "(1 preference rows)" in result.stdout
+    assert "data.preference" in result.stdout and "(1 preference rows, unspecified)" in result.stdout
 
 
 def test_cli_empty_data_file_and_missing_model(tmp_path):
@@ -129,3 +131,13 @@ def test_cli_stage_with_missing_config_exits_2(tmp_path):
     assert result.returncode == 2
     assert "missing.yaml: cannot read config" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["hh-rlhf", "shp", "oasst", "dolly", "alpaca"])
+def test_seed_dataset_examples_are_valid_and_licence_clean(name):
+    from stages.sources import check_licenses
+
+    config = load_config(REPO / "examples" / f"{name}.yaml")
+    licenses = check_licenses(config)
+    assert licenses and all(license for license in licenses.values())
+    assert config.evaluate.judge == "reward_model"

@@ -1,0 +1,40 @@
+"""DPO with TRL's DPOTrainer: the SFT model learns from the preference pairs directly; the frozen SFT model is
+the reference. The reward model then serves evaluation only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from stages.data import load_rows
+from stages.models import load_policy, load_tokenizer
+from stages.runner import StageContext
+from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.rl.dpo
+    sft_dir = str(ctx.inputs["sft"])
+    prepared = ctx.inputs["prepare"]
+    trainer = DPOTrainer(
+        model=load_policy(sft_dir, ctx.device),
+        args=DPOConfig(
+            beta=config.beta,
+            loss_type=[config.loss_type],
+            **training_arguments(ctx, config, ctx.work_dir / "trainer"),
+        ),
+        train_dataset=Dataset.from_list(load_rows(prepared / "preference_train.jsonl")),
+        eval_dataset=Dataset.from_list(load_rows(prepared / "preference_eval.jsonl")),
+        processing_class=load_tokenizer(sft_dir),
+        peft_config=peft_config(config.lora),
+    )
+    train_with_resume(trainer, ctx)
+    evaluation = trainer.evaluate()
+    save_trained(trainer, ctx.out_dir)
+    return loss_curve(trainer) | {
+        "eval_reward_accuracy": round(evaluation["eval_rewards/accuracies"], 4),
+        "eval_loss": round(evaluation["eval_loss"], 4),
+        "steps": trainer.state.global_step,
+    }

@@ -1,0 +1,106 @@
+"""Reading raw rows from JSON, JSONL or Parquet files, or from the Hugging Face Hub, each with its location.
+
+Every row keeps where it came from (`file:line` for JSONL, `file: row N` otherwise), so that a problem found
+while converting it names the file, the line or row, and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.errors import InputError
+
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str
+    row: dict[str, Any]
+
+    def error(self, field: str, problem: str) -> InputError:
+        return InputError(f"{self.where}: field {field!r}: {problem}")
+
+    def get(self, field: str, kind: type | tuple[type, ...] = str, default: Any = MISSING) -> Any:
+        """The field's value, checked against `kind`; a missing field is an error unless a default is given."""
+        value = self.row.get(field)
+        if value is None:
+            if default is not MISSING:
+                return default
+            raise InputError(f"{self.where}: missing field {field!r}")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join(k.__name__ for k in kinds)
+            raise self.error(field, f"expected {expected}, got {type(value).__name__}")
+        return value
+
+
+def read_records(source: str, split: str = "train") -> list[Record]:
+    """Rows of a local .json/.jsonl/.parquet file, or of a Hub dataset id (needs network)."""
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix in (".json", ".jsonl", ".parquet"):
+        records = list(_read_file(path))
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise InputError(f"{source}: no rows (the file is empty)")
+    return records
+
+
+def _read_file(path: Path) -> Iterator[Record]:
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read data file ({exc})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        for index, row in enumerate(rows):
+            yield _record(f"{path}: row {index}", row)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        yield _record(f"{path}:{number}", row)
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield _record(f"{path}: row {index}", row)
+
+
+def _read_hub(dataset_id: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # offline, unknown id, no such split
+        raise InputError(f"{dataset_id}: neither a local file nor a loadable Hub dataset ({exc})") from None
+    return [_record(f"{dataset_id}[{split}]: row {index}", row) for index, row in enumerate(rows)]
+
+
+def _record(where: str, row: Any) -> Record:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    return Record(where, row)

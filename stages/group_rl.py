@@ -1,0 +1,45 @@
+"""GRPO and RLOO with TRL's trainers: for each prompt several answers are sampled and compared with each
+other (group-normalised, or leave-one-out baselines), rewarded by the trained reward model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from stages.data import load_rows
+from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.runner import StageContext
+from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+
+TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    algorithm = ctx.config.rl.algorithm
+    config = getattr(ctx.config.rl, algorithm)
+    trainer_class, config_class = TRAINERS[algorithm]
+    sft_dir = str(ctx.inputs["sft"])
+    tokenizer = load_tokenizer(sft_dir)
+    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
+    arguments.pop("max_length")
+    trainer = trainer_class(
+        model=load_policy(sft_dir, ctx.device),
+        reward_funcs=load_scorer(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id),
+        reward_processing_classes=load_tokenizer(str(ctx.inputs["reward"])),
+        args=config_class(
+            num_generations=config.num_generations,
+            beta=config.beta,
+            max_completion_length=config.generation.max_new_tokens,
+            temperature=config.generation.temperature,
+            top_k=config.generation.top_k,
+            **arguments,
+        ),
+        train_dataset=Dataset.from_list(load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")),
+        processing_class=tokenizer,
+        peft_config=peft_config(config.lora),
+    )
+    train_with_resume(trainer, ctx)
+    save_trained(trainer, ctx.out_dir)
+    return loss_curve(trainer, "reward") | {"steps": trainer.state.global_step}
