@@ -16,7 +16,7 @@ from trl import RewardConfig, RewardTrainer
 from stages.data import load_rows
 from stages.models import load_scorer, load_tokenizer
 from stages.runner import StageContext
-from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+from stages.training import peft_config, train_evaluate_save, training_arguments
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -42,11 +42,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=lora,
     )
-    train_with_resume(trainer, ctx)
-    evaluation = trainer.evaluate()
-    save_trained(trainer, ctx.out_dir)
-    return loss_curve(trainer) | {
-        "eval_accuracy": round(evaluation["eval_accuracy"], 4),
-        "eval_loss": round(evaluation["eval_loss"], 4),
-        "steps": trainer.state.global_step,
-    }
+    return train_evaluate_save(trainer, ctx, {"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"})

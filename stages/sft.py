@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from stages.data import load_rows, sft_as_prompt_completion
 from stages.models import load_policy, load_tokenizer, materialize_base
 from stages.runner import StageContext
-from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+from stages.training import peft_config, train_evaluate_save, training_arguments
 
 
 def sft_dataset(path) -> Dataset:
@@ -34,10 +34,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=peft_config(config.lora),
     )
-    train_with_resume(trainer, ctx)
-    evaluation = trainer.evaluate()
-    save_trained(trainer, ctx.out_dir)
-    return loss_curve(trainer) | {
-        "eval_loss": round(evaluation["eval_loss"], 4),
-        "steps": trainer.state.global_step,
-    }
+    return train_evaluate_save(trainer, ctx, {"eval_loss": "eval_loss"})

@@ -97,3 +97,15 @@ def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
     if not losses:
         return {}
     return {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
+
+
+def train_evaluate_save(trainer: Trainer, ctx: StageContext, reported: dict[str, str]) -> dict[str, float]:
+    """Train (resuming if a checkpoint exists), evaluate on the held-out set and save the model.
+
+    Returns the loss curve, the step count and the evaluation metrics named in `reported` ({name: key}).
+    """
+    train_with_resume(trainer, ctx)
+    evaluation = trainer.evaluate()
+    save_trained(trainer, ctx.out_dir)
+    held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
+    return loss_curve(trainer) | held_out | {"steps": trainer.state.global_step}

@@ -8,7 +8,8 @@
     server (moto on 127.0.0.1), each in its own process so that its peak memory (max RSS, and the peak of
     Python allocations from tracemalloc) is its own.
 
-Usage: python tests/benchmarks/bench_pipeline.py [--config CONFIG] [--set key=value ...] [--skip-pipeline]
+Usage: python tests/benchmarks/bench_pipeline.py [--config CONFIG] [--set key=value ...] [--repeats N]
+       [--skip-pipeline]
 """
 
 from __future__ import annotations
@@ -176,11 +177,32 @@ def transfer_benchmark(work: Path) -> dict:
     return results
 
 
+def pipeline_benchmark(config: str | None, overrides: list[str], repeats: int, work: Path) -> dict:
+    """Both sides `repeats` times, interleaved, so that drift of the machine hits both alike; medians."""
+    bare_runs, orchestrated_runs = [], []
+    for i in range(repeats):
+        bare_runs.append(in_process(config, overrides, work / f"bare-{i}"))
+        orchestrated_runs.append(orchestrated(config, overrides, work / f"store-{i}"))
+    bare_s = statistics.median(seconds for seconds, _ in bare_runs)
+    orchestrated_s = statistics.median(seconds for seconds, _ in orchestrated_runs)
+    return {
+        "repeats": repeats,
+        "in_process_s": [round(seconds, 1) for seconds, _ in bare_runs],
+        "orchestrated_s": [round(seconds, 1) for seconds, _ in orchestrated_runs],
+        "overhead_ratio_of_medians": round(orchestrated_s / bare_s, 3),
+        "in_process_stage_s": [bare["stages"] for _, bare in bare_runs],
+        "orchestrated_stage_s": [{n: s["seconds"] for n, s in o["stages"].items()} for _, o in orchestrated_runs],
+        "orchestrated_metrics": {name: s["metrics"] for name, s in orchestrated_runs[0][1]["stages"].items()},
+        "in_process_metrics": bare_runs[0][1]["metrics"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side of (a), interleaved")
     parser.add_argument("--transfer", nargs=3, metavar=("MODE", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.transfer:
@@ -194,17 +216,7 @@ def main() -> None:
         report["transfer"] = transfer_benchmark(work)
         print(json.dumps({"transfer": report["transfer"]}, indent=2), flush=True)
         if not args.skip_pipeline:
-            bare_s, bare = in_process(args.config, args.overrides, work / "bare")
-            orchestrated_s, summary = orchestrated(args.config, args.overrides, work / "store")
-            report["pipeline"] = {
-                "in_process_s": round(bare_s, 1),
-                "orchestrated_s": round(orchestrated_s, 1),
-                "overhead_ratio": round(orchestrated_s / bare_s, 3),
-                "in_process_stage_s": bare["stages"],
-                "orchestrated_stage_s": {name: s["seconds"] for name, s in summary["stages"].items()},
-                "orchestrated_metrics": {name: s["metrics"] for name, s in summary["stages"].items()},
-                "in_process_metrics": bare["metrics"],
-            }
+            report["pipeline"] = pipeline_benchmark(args.config, args.overrides, args.repeats, work)
     print(json.dumps(report, indent=2))
 
 
