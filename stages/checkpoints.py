@@ -13,18 +13,23 @@ from stages.store import ArtifactStore
 
 
 class CheckpointStore:
-    def __init__(self, store: ArtifactStore, stage: str, key: str, keep: int) -> None:
+    def __init__(self, store: ArtifactStore, stage: str, key: str, keep: int, root: str | None = None) -> None:
         self.store = store
         self.stage = stage
         self.key = key
         self.keep = keep
-        self.root = f"checkpoints/{stage}/{key}"
+        self.root = root or f"checkpoints/{stage}/{key}"
+
+    def nested(self, name: str) -> CheckpointStore:
+        """Checkpoints of a second model trained in the same stage; cleared with this store's."""
+        return CheckpointStore(self.store, self.stage, self.key, self.keep, f"{self.root}/{name}")
 
     def _prefix(self, step: int) -> str:
         return f"{self.root}/step-{step:08d}"
 
     def complete_steps(self) -> list[int]:
-        steps = [int(name.removeprefix("step-")) for name in self.store.list_children(self.root)]
+        names = self.store.list_children(self.root)
+        steps = [int(name.removeprefix("step-")) for name in names if name.startswith("step-")]
         return sorted(s for s in steps if read_manifest(self.store, self._prefix(s)) is not None)
 
     def latest(self) -> int | None:

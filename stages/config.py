@@ -50,6 +50,7 @@ class DemoDataConfig(Section):
     preference_rows: int = Field(3000, ge=10)
     prompt_rows: int = Field(1000, ge=10)
     rated_rows: int = Field(2000, ge=10)
+    safety_rows: int = Field(2000, ge=10)
 
 
 class DataSource(Section):
@@ -79,6 +80,9 @@ class DataConfig(Section):
     prompts: SourceList = [DataSource(path=BUILTIN_DEMO)]
     rated: Annotated[list[DataSource], BeforeValidator(_one_source)] = Field(
         [], description="responses scored per aspect by several raters, for the multi-aspect reward model"
+    )
+    safety: Annotated[list[DataSource], BeforeValidator(_one_source)] = Field(
+        [], description="preference pairs judged on safety: trains a second, safety reward model (Llama 2)"
     )
     stage_split: dict[Literal["sft", "reward", "rl"], float] | None = Field(
         None, description="DeepSpeed-Chat style: each source's rows divided between the stages in these proportions"
@@ -132,6 +136,13 @@ class RewardConfig(TrainingConfig):
     batch_size: int = 32
     warmup: float = 0.05
     center_rewards_coefficient: float | None = None
+    safety_threshold: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="with safety data: where σ(safety score) is below this, the safety score is "
+        "the reward, elsewhere the helpfulness score (Llama 2)",
+    )
 
 
 class GenerationConfig(Section):

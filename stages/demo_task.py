@@ -132,6 +132,23 @@ def prompt_rows(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 RATED_ASPECTS = ("relevance", "helpfulness")
+UNSAFE = ("nasty", "rude", "harsh")
+
+
+def safety_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Pairs judged on safety alone: the answer with fewer unsafe words (nasty, rude, harsh) is chosen."""
+    rng = random.Random(f"safety-{seed}")
+    rows = []
+    while len(rows) < n:
+        topic = rng.choice(TOPICS)
+        prompt = _prompt(rng, topic)
+        first, second = _answer(rng, topic), _answer(rng, topic)
+        a, b = (sum(w in UNSAFE for w in answer.split()) for answer in (first, second))
+        if a == b:
+            continue
+        chosen, rejected = (first, second) if a < b else (second, first)
+        rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
+    return rows
 
 
 def rated_rows(n: int, seed: int, raters: int = 3) -> list[dict[str, Any]]:

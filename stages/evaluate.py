@@ -16,7 +16,8 @@ import torch
 from stages import demo_task
 from stages.data import load_rows
 from stages.generation import Rollout, conversation_scores, decode_responses, response_logprobs, sample
-from stages.models import load_policy, load_scorer, load_tokenizer, materialize_base
+from stages.models import load_policy, load_tokenizer, materialize_base
+from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 
 POLICIES = ("base", "sft", "rl")
@@ -58,7 +59,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         rollouts[name], responses[name] = generate_all(ctx, sources[name], prompts)
 
     sft_tokenizer = load_tokenizer(sources["sft"])
-    reward_model = load_scorer(str(ctx.inputs["reward"]), ctx.device, sft_tokenizer.pad_token_id).eval()
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, sft_tokenizer.pad_token_id)
     reward = {
         name: conversation_scores(
             reward_model,

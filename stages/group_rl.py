@@ -9,11 +9,25 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from stages.data import load_rows
-from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.generation import conversation_scores
+from stages.models import load_policy, load_tokenizer
+from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
+
+
+def reward_function(ctx: StageContext, pad_token_id: int):
+    """The trained reward (one model, or Llama 2's gated pair) as TRL's reward function of conversations."""
+    reward_dir = str(ctx.inputs["reward"])
+    model = load_reward_model(reward_dir, ctx.device, pad_token_id)
+    tokenizer = load_tokenizer(reward_dir)
+
+    def reward_model(prompts, completions, **_) -> list[float]:
+        return conversation_scores(model, tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+
+    return reward_model
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -26,8 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     arguments.pop("max_length")
     trainer = trainer_class(
         model=load_policy(sft_dir, ctx.device),
-        reward_funcs=load_scorer(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id),
-        reward_processing_classes=load_tokenizer(str(ctx.inputs["reward"])),
+        reward_funcs=reward_function(ctx, tokenizer.pad_token_id),
         args=config_class(
             num_generations=config.num_generations,
             beta=config.beta,

@@ -21,6 +21,7 @@ from stages.config import PPOConfig
 from stages.data import load_rows
 from stages.generation import Rollout, response_logprobs, reward_scores, sample, token_values
 from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 
 log = logging.getLogger("rlhf.stage")
@@ -34,8 +35,8 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(sft_dir)
         self.policy = load_policy(sft_dir, ctx.device)
         self.reference = load_policy(sft_dir, ctx.device).eval().requires_grad_(False)
-        self.reward_model = load_scorer(reward_dir, ctx.device, self.tokenizer.pad_token_id)
-        self.reward_model.eval().requires_grad_(False)
+        self.reward_model = load_reward_model(reward_dir, ctx.device, self.tokenizer.pad_token_id)
+        self.reward_model.requires_grad_(False)
         self.value_model = load_scorer(reward_dir, ctx.device, self.tokenizer.pad_token_id)
         self.optimizer = torch.optim.AdamW(
             [*self.policy.parameters(), *self.value_model.parameters()], lr=config.learning_rate, eps=1e-5

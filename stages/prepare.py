@@ -10,9 +10,8 @@ from typing import Any
 from stages.agreement import category_counts, fleiss_kappa, item_agreement
 from stages.data import write_jsonl
 from stages.errors import InputError
-from stages.formats import KINDS
 from stages.runner import StageContext
-from stages.sources import check_licenses, load_kind
+from stages.sources import CONFIG_FIELD, check_licenses, load_kind
 
 
 def deduplicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,7 +59,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     licenses = check_licenses(ctx.config)
     ctx.licenses |= set(licenses.values())
     metrics: dict[str, Any] = {"licenses": licenses}
-    for kind in KINDS:
+    for kind in CONFIG_FIELD:
         rows = load_kind(ctx.config, kind)
         agreement: dict[str, Any] = {}
         if kind == "rated":

@@ -19,8 +19,9 @@ from trl import SFTConfig, SFTTrainer
 from stages.config import RejectionSamplingConfig
 from stages.data import load_rows
 from stages.generation import decode_responses, reward_scores, sample
-from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.models import load_policy, load_tokenizer
 from stages.ppo import summarize, write_history
+from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 from stages.training import training_arguments
 
@@ -34,7 +35,7 @@ def best_of_n(ctx: StageContext, policy_dir: str, prompts: list, config: Rejecti
     """The reward model's favourite of `samples_per_prompt` responses to each prompt."""
     tokenizer = load_tokenizer(policy_dir)
     policy = load_policy(policy_dir, ctx.device).eval()
-    reward_model = load_scorer(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id).eval()
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
     n = config.samples_per_prompt
     per_batch = max(1, ROLLOUT_BATCH // n)
     kept, mean_scores, best_scores = [], [], []

@@ -4,17 +4,23 @@
 -log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin loss
 -log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
 `reward.kind: multi_aspect`: one regression head per rated aspect, see `stages.multi_aspect`.
+With safety pairs (`data.safety`), a second pairwise model is trained on them into `safety/`, and the reward
+becomes Llama 2's gated combination (`stages.reward_models.GatedReward`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
+from stages.checkpoints import CheckpointStore
 from stages.data import load_rows
 from stages.models import load_scorer, load_tokenizer
+from stages.reward_models import GATE_FILE, SAFETY_DIR
 from stages.runner import StageContext
 from stages.training import peft_config, train_evaluate_save, training_arguments
 
@@ -24,6 +30,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
         from stages import multi_aspect
 
         return multi_aspect.run(ctx)
+    metrics = train_pairwise(ctx, "preference", ctx.out_dir, ctx.checkpoints)
+    if load_rows(ctx.inputs["prepare"] / "safety_train.jsonl"):
+        safety = train_pairwise(ctx, "safety", ctx.out_dir / SAFETY_DIR, ctx.checkpoints.nested("safety"))
+        metrics |= {f"safety_{name}": value for name, value in safety.items()}
+        gate = {"safety_threshold": ctx.config.reward.safety_threshold}
+        (ctx.out_dir / GATE_FILE).write_text(json.dumps(gate))
+    return metrics
+
+
+def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: CheckpointStore) -> dict[str, Any]:
+    """One reward model on the `rows` pairs written by prepare (`preference` or `safety`)."""
     config = ctx.config.reward
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
@@ -35,11 +52,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id),
         args=RewardConfig(
             center_rewards_coefficient=config.center_rewards_coefficient,
-            **training_arguments(ctx, config, ctx.work_dir / "trainer"),
+            **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}"),
         ),
-        train_dataset=Dataset.from_list(load_rows(prepared / "preference_train.jsonl")),
-        eval_dataset=Dataset.from_list(load_rows(prepared / "preference_eval.jsonl")),
+        train_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_train.jsonl")),
+        eval_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_eval.jsonl")),
         processing_class=tokenizer,
         peft_config=lora,
     )
-    return train_evaluate_save(trainer, ctx, {"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"})
+    reported = {"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"}
+    return train_evaluate_save(trainer, ctx, reported, out_dir, checkpoints)

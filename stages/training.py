@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from stages.checkpoints import CheckpointStore
 from stages.config import LoraConfig, TrainingConfig
 from stages.models import dtype_for
 from stages.runner import StageContext
@@ -59,23 +60,24 @@ def peft_config(lora: LoraConfig | None):
 class StoreCheckpoints(TrainerCallback):
     """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store."""
 
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
+    def __init__(self, checkpoints: CheckpointStore) -> None:
+        self.checkpoints = checkpoints
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.ctx.checkpoints.save(state.global_step, local)
-        log.info("%s: checkpoint at step %d saved to the store", self.ctx.stage, state.global_step)
+        self.checkpoints.save(state.global_step, local)
+        log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
 
 
-def train_with_resume(trainer: Trainer, ctx: StageContext) -> None:
+def train_with_resume(trainer: Trainer, ctx: StageContext, checkpoints: CheckpointStore | None = None) -> None:
     """Train, resuming from the newest complete checkpoint in the store if there is one."""
-    trainer.add_callback(StoreCheckpoints(ctx))
-    step = ctx.checkpoints.latest()
+    checkpoints = checkpoints or ctx.checkpoints
+    trainer.add_callback(StoreCheckpoints(checkpoints))
+    step = checkpoints.latest()
     resume_from = None
     if step is not None:
         local = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-        ctx.checkpoints.restore(step, local)
+        checkpoints.restore(step, local)
         ctx.resumed_from = step
         resume_from = str(local)
         log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
@@ -99,13 +101,19 @@ def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
     return {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
 
 
-def train_evaluate_save(trainer: Trainer, ctx: StageContext, reported: dict[str, str]) -> dict[str, float]:
+def train_evaluate_save(
+    trainer: Trainer,
+    ctx: StageContext,
+    reported: dict[str, str],
+    out_dir: Path | None = None,
+    checkpoints: CheckpointStore | None = None,
+) -> dict[str, float]:
     """Train (resuming if a checkpoint exists), evaluate on the held-out set and save the model.
 
     Returns the loss curve, the step count and the evaluation metrics named in `reported` ({name: key}).
     """
-    train_with_resume(trainer, ctx)
+    train_with_resume(trainer, ctx, checkpoints)
     evaluation = trainer.evaluate()
-    save_trained(trainer, ctx.out_dir)
+    save_trained(trainer, out_dir or ctx.out_dir)
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
     return loss_curve(trainer) | held_out | {"steps": trainer.state.global_step}

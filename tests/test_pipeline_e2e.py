@@ -213,3 +213,19 @@ def test_multi_aspect_reward_model_end_to_end(prefect_api, bucket):
     assert {"model.safetensors", "per_aspect/model.safetensors"} <= files
     assert summary["stages"]["rl"]["status"] == "ran"
     assert summary["stages"]["evaluate"]["metrics"]["reward_model_eval_accuracy"] == reward["metrics"]["eval_accuracy"]
+
+
+def test_safety_reward_model_gates_the_reward(prefect_api, bucket):
+    """Llama 2's two reward models: a safety model trained on safety pairs beside the helpfulness model."""
+    overrides = tiny_args("data.safety=builtin:demo", "data.demo.safety_rows=400")
+    result = rlhf("run", "--store", f"s3://{bucket}/safety", "--json", *overrides)
+    summary = summary_of(result)
+    assert summary["status"] == "completed", result.stderr[-3000:]
+    reward = summary["stages"]["reward"]
+    assert reward["metrics"]["eval_accuracy"] >= 0.75
+    assert reward["metrics"]["safety_eval_accuracy"] >= 0.75
+    store = S3Store(f"s3://{bucket}/safety")
+    files = {f.path for f in read_manifest(store, store.key_of(reward["artifact"])).files}
+    assert {"model.safetensors", "safety/model.safetensors", "reward_gate.json"} <= files
+    assert summary["stages"]["prepare"]["metrics"]["safety"]["rows"] == 400
+    assert summary["stages"]["rl"]["status"] == summary["stages"]["evaluate"]["status"] == "ran"

@@ -101,3 +101,23 @@ def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
     assert "model.safetensors" in files and "adapter_config.json" not in files
     assert manifest.metrics["last_loss"] < manifest.metrics["first_loss"]
     assert run_stage("sft", config, store)[1]  # the second time it is cached
+
+
+def test_gated_reward_uses_the_safety_score_where_the_safety_model_is_worried():
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from stages.reward_models import GatedReward
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = torch.tensor(scores).unsqueeze(1)
+
+        def forward(self, **_):
+            return SequenceClassifierOutput(logits=self.scores)
+
+    helpfulness = Fixed([2.0, 2.0, -1.0])
+    safety = Fixed([-3.0, 1.0, -1.5])
+    rewards = GatedReward(helpfulness, safety, threshold=0.15)(input_ids=None).logits[:, 0]
+    # σ(-3) = 0.047 < 0.15: the safety score; σ(1) = 0.73 and σ(-1.5) = 0.18: the helpfulness score.
+    assert rewards.tolist() == [-3.0, 2.0, -1.0]
