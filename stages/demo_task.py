@@ -8,6 +8,7 @@ words at random; preference pairs are labelled by the gold judge; RL should lear
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 TOPICS = [
@@ -109,21 +110,33 @@ def sft_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Pairs of answers to one prompt, the gold judge's preferred one as `chosen`; ties are redrawn."""
-    rng = random.Random(f"preference-{seed}")
+def _pairs(
+    rng: random.Random,
+    n: int,
+    second_answer: Callable[[random.Random, str], str],
+    score: Callable[[str, str], float],
+) -> list[dict[str, Any]]:
+    """Pairs of answers to one prompt, the higher-scoring one as `chosen`; ties are redrawn."""
     rows = []
     while len(rows) < n:
         topic = rng.choice(TOPICS)
         prompt = _prompt(rng, topic)
-        first = _answer(rng, topic)
-        second = _off_topic_answer(rng, topic) if rng.random() < 0.25 else _answer(rng, topic)
-        a, b = gold_score(prompt, first), gold_score(prompt, second)
+        first, second = _answer(rng, topic), second_answer(rng, topic)
+        a, b = score(prompt, first), score(prompt, second)
         if a == b:
             continue
         chosen, rejected = (first, second) if a > b else (second, first)
         rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
     return rows
+
+
+def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Pairs labelled by the gold judge; a quarter of the second answers talk about another topic."""
+
+    def second_answer(rng: random.Random, topic: str) -> str:
+        return _off_topic_answer(rng, topic) if rng.random() < 0.25 else _answer(rng, topic)
+
+    return _pairs(random.Random(f"preference-{seed}"), n, second_answer, gold_score)
 
 
 def prompt_rows(n: int, seed: int) -> list[dict[str, Any]]:
@@ -137,18 +150,11 @@ UNSAFE = ("nasty", "rude", "harsh")
 
 def safety_rows(n: int, seed: int) -> list[dict[str, Any]]:
     """Pairs judged on safety alone: the answer with fewer unsafe words (nasty, rude, harsh) is chosen."""
-    rng = random.Random(f"safety-{seed}")
-    rows = []
-    while len(rows) < n:
-        topic = rng.choice(TOPICS)
-        prompt = _prompt(rng, topic)
-        first, second = _answer(rng, topic), _answer(rng, topic)
-        a, b = (sum(w in UNSAFE for w in answer.split()) for answer in (first, second))
-        if a == b:
-            continue
-        chosen, rejected = (first, second) if a < b else (second, first)
-        rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
-    return rows
+
+    def safety(prompt: str, answer: str) -> float:
+        return -sum(word in UNSAFE for word in answer.split())
+
+    return _pairs(random.Random(f"safety-{seed}"), n, _answer, safety)
 
 
 def rated_rows(n: int, seed: int, raters: int = 3) -> list[dict[str, Any]]:

@@ -72,8 +72,8 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
             out_dir=work_dir / "artifact",
             inputs=inputs,
             checkpoints=CheckpointStore(store, stage, plan.key, config.run.keep_checkpoints),
+            licenses={license for _, m in plan.inputs.values() for license in m.licenses},
         )
-        ctx.licenses = {license for _, m in plan.inputs.values() for license in m.licenses}
         ctx.out_dir.mkdir()
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
         metrics: dict[str, Any] = module.run(ctx)
