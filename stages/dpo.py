@@ -9,9 +9,10 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from stages.data import load_rows
+from stages.lora import AdapterBase, adapter_config, quantization_config
 from stages.models import load_policy, load_tokenizer
 from stages.runner import StageContext
-from stages.training import peft_config, train_evaluate_save, training_arguments
+from stages.training import train_evaluate_save, training_arguments
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -19,7 +20,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     sft_dir = str(ctx.inputs["sft"])
     prepared = ctx.inputs["prepare"]
     trainer = DPOTrainer(
-        model=load_policy(sft_dir, ctx.device),
+        model=load_policy(sft_dir, ctx.device, quantization_config(config.lora, ctx.device, "rl.dpo")),
         args=DPOConfig(
             beta=config.beta,
             loss_type=[config.loss_type],
@@ -28,8 +29,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         train_dataset=Dataset.from_list(load_rows(prepared / "preference_train.jsonl")),
         eval_dataset=Dataset.from_list(load_rows(prepared / "preference_eval.jsonl")),
         processing_class=load_tokenizer(sft_dir),
-        peft_config=peft_config(config.lora),
+        peft_config=adapter_config(config.lora),
     )
-    return train_evaluate_save(
-        trainer, ctx, {"eval_reward_accuracy": "eval_rewards/accuracies", "eval_loss": "eval_loss"}
-    )
+    reported = {"eval_reward_accuracy": "eval_rewards/accuracies", "eval_loss": "eval_loss"}
+    return train_evaluate_save(trainer, ctx, config, AdapterBase(sft_dir, "artifact:sft"), reported)

@@ -1,8 +1,8 @@
 """evaluate: answer held-out prompts with the base, SFT and RL policies and compare them.
 
-Reports mean reward (the trained reward model, and the demo's gold judge when configured), the win rate of RL
-over SFT under the configured judge, KL(RL ‖ SFT) on RL's own samples, response lengths, and side-by-side
-answers (base vs SFT vs RL) as JSON and Markdown.
+Reports mean reward (the trained reward model, and an independent judge when configured: the demo's gold judge
+or VADER's sentiment), the win rate of RL over SFT under the configured judge, KL(RL ‖ SFT) on RL's own samples,
+response lengths, and side-by-side answers (base vs SFT vs RL) as JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -33,6 +33,23 @@ def generate_all(ctx: StageContext, source: str, prompts: list) -> tuple[list[Ro
         for i in range(0, len(prompts), BATCH)
     ]
     return rollouts, [text for r in rollouts for text in decode_responses(tokenizer, r)]
+
+
+JUDGES = {
+    "gold": demo_task.GOLD_JUDGE,
+    "reward_model": "trained reward model",
+    "vader": "VADER sentiment (compound score of the response, vaderSentiment 3.3)",
+}
+
+
+def judge(name: str, prompts: list, responses: list[str]) -> list[float]:
+    """Scores from a judge that RL never optimised: the demo's gold judge, or VADER's sentiment."""
+    if name == "gold":
+        return [demo_task.gold_score(p[-1]["content"], r) for p, r in zip(prompts, responses, strict=True)]
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(response)["compound"] for response in responses]
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> float:
@@ -68,15 +85,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
         for name in POLICIES
     }
-    judged = reward
-    if config.judge == "gold":
-        judged = {
-            name: [demo_task.gold_score(p[-1]["content"], r) for p, r in zip(prompts, responses[name], strict=True)]
-            for name in POLICIES
-        }
+    judged = (
+        reward
+        if config.judge == "reward_model"
+        else {name: judge(config.judge, prompts, responses[name]) for name in POLICIES}
+    )
     kl = kl_rl_to_sft(ctx, sources, rollouts["rl"])
     report = {
-        "judge": demo_task.GOLD_JUDGE if config.judge == "gold" else "trained reward model",
+        "judge": JUDGES[config.judge],
         "prompts": len(prompts),
         "mean_reward": {name: mean(reward[name]) for name in POLICIES},
         "mean_judge_score": {name: mean(judged[name]) for name in POLICIES},

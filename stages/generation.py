@@ -93,6 +93,8 @@ def response_logprobs(policy: PreTrainedModel, rollout: Rollout, temperature: fl
 
 def token_values(value_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """The value head applied to the state before each response token, (B, R)."""
+    if hasattr(value_model, "get_base_model"):  # peft: the LoRA layers live inside the wrapped model
+        value_model = value_model.get_base_model()
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids

@@ -10,10 +10,11 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from stages.data import load_rows
 from stages.generation import conversation_scores
+from stages.lora import AdapterBase, adapter_config, quantization_config
 from stages.models import load_policy, load_tokenizer
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
-from stages.training import loss_curve, peft_config, save_trained, train_with_resume, training_arguments
+from stages.training import loss_curve, save_trained, train_with_resume, training_arguments
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 
@@ -39,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
     arguments.pop("max_length")
     trainer = trainer_class(
-        model=load_policy(sft_dir, ctx.device),
+        model=load_policy(sft_dir, ctx.device, quantization_config(config.lora, ctx.device, f"rl.{algorithm}")),
         reward_funcs=reward_function(ctx, tokenizer.pad_token_id),
         args=config_class(
             num_generations=config.num_generations,
@@ -51,8 +52,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ),
         train_dataset=Dataset.from_list(load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")),
         processing_class=tokenizer,
-        peft_config=peft_config(config.lora),
+        peft_config=adapter_config(config.lora),
     )
     train_with_resume(trainer, ctx)
-    save_trained(trainer, ctx.out_dir)
+    save_trained(trainer, config, AdapterBase(sft_dir, "artifact:sft"), ctx.out_dir)
     return loss_curve(trainer, "reward") | {"steps": trainer.state.global_step}

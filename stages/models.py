@@ -1,10 +1,12 @@
-"""Loading models and tokenizers from a local directory, a Hub id or the built-in tiny Llama.
+"""Loading models and tokenizers from a local directory, a Hub id, a GGUF file or the built-in tiny Llama.
 
 On CUDA: bf16 where the card supports it, SDPA attention, the model on the stage's GPU. Elsewhere: fp32 on CPU.
+A directory that holds a kept LoRA adapter loads as its base with the adapter merged in (`stages.lora`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from transformers import (
 
 from stages.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from stages.errors import InputError
+from stages.lora import adapter_base_of
 
 # Used when a base model's tokenizer brings no chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -47,16 +50,40 @@ def dtype_for(device: torch.device) -> torch.dtype:
 
 
 def materialize_base(config: ModelConfig, seed: int, work_dir: Path) -> str:
-    """Where `from_pretrained` finds the base model: the built-in one is written to `work_dir` first."""
+    """Where `from_pretrained` finds the base model. The built-in one is written to `work_dir` first; a GGUF
+    file is dequantized and saved there again as an ordinary checkpoint, so every later load is the usual one."""
+    out = work_dir / "base-model"
+    if out.exists():
+        return str(out)
     if config.base == BUILTIN_TINY_MODEL:
         from stages.tiny_model import save_tiny_llama
 
-        out = work_dir / "base-model"
         save_tiny_llama(config, seed, out)
         return str(out)
     if config.base.startswith("builtin:"):
         raise InputError(f"model.base: unknown built-in model {config.base!r} (known: {BUILTIN_TINY_MODEL})")
+    if config.base.endswith(".gguf"):
+        save_from_gguf(Path(config.base), out)
+        return str(out)
     return config.base
+
+
+def save_from_gguf(path: Path, out: Path) -> None:
+    """transformers dequantizes GGUF weights on load but will not save a model marked as GGUF-quantized:
+    the weights go into a model rebuilt from the same config without that mark."""
+    if not path.is_file():
+        raise InputError(f"model.base: GGUF file {path} not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model.base: cannot read GGUF file {path} ({exc})") from None
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
@@ -71,15 +98,39 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_policy(source: str, device: torch.device) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype_for(device), attn_implementation="sdpa")
-    return model.to(device)
+def load_policy(source: str, device: torch.device, quantization=None) -> PreTrainedModel:
+    """A causal LM; `quantization` (bitsandbytes, from `stages.lora.quantization_config`) for a QLoRA base."""
+    base = adapter_base_of(source)
+    if base is not None:
+        return merged_adapter(load_policy(base, device, quantization), source)
+    return place(AutoModelForCausalLM, source, device, quantization)
 
 
-def load_scorer(source: str, device: torch.device, pad_token_id: int) -> PreTrainedModel:
+def load_scorer(source: str, device: torch.device, pad_token_id: int, quantization=None) -> PreTrainedModel:
     """A sequence model with one scalar head: the reward model, and the PPO value model initialised from it."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=dtype_for(device), attn_implementation="sdpa"
-    )
+    base = adapter_base_of(source)
+    if base is not None:
+        return merged_adapter(load_scorer(base, device, pad_token_id, quantization), source, "SEQ_CLS")
+    model = place(AutoModelForSequenceClassification, source, device, quantization, num_labels=1)
     model.config.pad_token_id = pad_token_id
-    return model.to(device)
+    return model
+
+
+def place(model_class, source: str, device: torch.device, quantization, **kwargs) -> PreTrainedModel:
+    kwargs |= {"dtype": dtype_for(device), "attn_implementation": "sdpa"}
+    if quantization is not None:
+        return model_class.from_pretrained(
+            source, quantization_config=quantization, device_map={"": device.index or 0}, **kwargs
+        )
+    return model_class.from_pretrained(source, **kwargs).to(device)
+
+
+def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """The adapter merged into its base. A policy's (causal LM) adapter also loads into a scorer built from
+    that policy, where it adapts the same transformer layers and the score head stays as the scorer has it."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if config.task_type != task_type:
+        config.task_type = None
+    return PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()

@@ -3,7 +3,7 @@ trained on the raters' mean scores (standardized per aspect), then folded into o
 
 The heads are linear, so the weighted sum is itself one linear head: the artifact is an ordinary one-score
 reward model that PPO, rejection sampling, GRPO/RLOO and evaluation use unchanged; the per-aspect model is
-kept beside it in `per_aspect/`.
+kept beside it in `per_aspect/`. With LoRA the adapter is always merged, since folding changes the head.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from stages.data import load_rows
 from stages.errors import InputError
 from stages.generation import conversation_scores
+from stages.lora import with_adapter
 from stages.models import dtype_for, load_tokenizer
 from stages.runner import StageContext
 from stages.training import loss_curve, train_with_resume, training_arguments
@@ -69,6 +70,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         sft_dir, num_labels=len(aspects), problem_type="regression", dtype=dtype_for(ctx.device)
     ).to(ctx.device)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if config.lora is not None:
+        model = with_adapter(model, config.lora, "SEQ_CLS")
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
     max_length = arguments.pop("max_length")
     stats = standardization(train_rows, aspects)
@@ -86,6 +89,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         aspect: round(float(np.corrcoef(prediction.predictions[:, i], prediction.label_ids[:, i])[0, 1]), 4)
         for i, aspect in enumerate(aspects)
     }
+    if config.lora is not None:
+        model = model.merge_and_unload()
     model.save_pretrained(ctx.out_dir / "per_aspect")
     fold_heads(model, [config.aspects[a] for a in aspects])
     model.save_pretrained(ctx.out_dir)

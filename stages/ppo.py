@@ -4,6 +4,8 @@ Per rollout batch: sample responses from the policy; score them with the reward 
 the KL penalty to the frozen reference (the SFT model) plus the score at the last token; GAE on the value
 model's estimates gives advantages, whitened; then several PPO epochs of clipped policy and value losses over
 shuffled mini-batches. The value model starts from the reward model, as in InstructGPT.
+With `rl.ppo.lora`, the policy and the value model train LoRA adapters, and the reference is the policy with
+its adapter disabled: no second copy of the policy's weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from stages import ppo_math
 from stages.config import PPOConfig
 from stages.data import load_rows
 from stages.generation import Rollout, response_logprobs, reward_scores, sample, token_values
+from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
 from stages.models import load_policy, load_scorer, load_tokenizer
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
@@ -31,18 +34,44 @@ class PPOTrainer:
     def __init__(self, ctx: StageContext, config: PPOConfig) -> None:
         self.ctx = ctx
         self.config = config
-        sft_dir, reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
-        self.tokenizer = load_tokenizer(sft_dir)
-        self.policy = load_policy(sft_dir, ctx.device)
-        self.reference = load_policy(sft_dir, ctx.device).eval().requires_grad_(False)
-        self.reward_model = load_reward_model(reward_dir, ctx.device, self.tokenizer.pad_token_id)
+        self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
+        self.tokenizer = load_tokenizer(self.sft_dir)
+        self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
+        self.build_trainable()
+        self.reference = None
+        if config.lora is None:
+            self.reference = load_policy(self.sft_dir, ctx.device).eval().requires_grad_(False)
+        self.reward_model = load_reward_model(self.reward_dir, ctx.device, self.tokenizer.pad_token_id)
         self.reward_model.requires_grad_(False)
-        self.value_model = load_scorer(reward_dir, ctx.device, self.tokenizer.pad_token_id)
-        self.optimizer = torch.optim.AdamW(
-            [*self.policy.parameters(), *self.value_model.parameters()], lr=config.learning_rate, eps=1e-5
-        )
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
         self.history: list[dict[str, float]] = []
+
+    def build_trainable(self, checkpoint: Path | None = None) -> None:
+        """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's."""
+        device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
+        if lora is None:
+            policy_dir = str(checkpoint / "policy") if checkpoint else self.sft_dir
+            value_dir = str(checkpoint / "value") if checkpoint else self.reward_dir
+            self.policy = load_policy(policy_dir, device)
+            self.value_model = load_scorer(value_dir, device, pad)
+        else:
+            policy = load_policy(self.sft_dir, device, self.quantization)
+            value = load_scorer(self.reward_dir, device, pad, self.quantization)
+            if checkpoint:
+                self.policy = resume_adapter(policy, checkpoint / "policy")
+                self.value_model = resume_adapter(value, checkpoint / "value")
+            else:
+                self.policy, self.value_model = with_adapter(policy, lora), with_adapter(value, lora, "SEQ_CLS")
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for model in (self.policy, self.value_model) for p in model.parameters() if p.requires_grad]
+
+    def reference_logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logprobs(self.reference, rollout, temperature)
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, rollout, temperature)
 
     def prompts_for_step(self, step: int) -> list[list[dict[str, str]]]:
         """Deterministic per step, so that a resumed run sees the same data it would have seen."""
@@ -58,7 +87,7 @@ class PPOTrainer:
         temperature = self.config.generation.temperature
         mask = rollout.response_mask.float()
         logprobs = response_logprobs(self.policy, rollout, temperature)
-        ref_logprobs = response_logprobs(self.reference, rollout, temperature)
+        ref_logprobs = self.reference_logprobs(rollout, temperature)
         values = token_values(self.value_model, rollout)
         scores = reward_scores(self.reward_model, rollout)
         if self.config.missing_eos_penalty is not None:
@@ -101,9 +130,7 @@ class PPOTrainer:
                 )
                 self.optimizer.zero_grad()
                 (policy_loss + config.vf_coef * value_loss).backward()
-                torch.nn.utils.clip_grad_norm_(
-                    [*self.policy.parameters(), *self.value_model.parameters()], max_norm=1.0
-                )
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
                 self.optimizer.step()
                 totals["policy_loss"] += policy_loss.item()
                 totals["value_loss"] += value_loss.item()
@@ -126,11 +153,7 @@ class PPOTrainer:
     def restore_checkpoint(self, step: int) -> None:
         local = self.ctx.work_dir / f"ppo-restore-{step}"
         self.ctx.checkpoints.restore(step, local)
-        self.policy = load_policy(str(local / "policy"), self.ctx.device)
-        self.value_model = load_scorer(str(local / "value"), self.ctx.device, self.tokenizer.pad_token_id)
-        self.optimizer = torch.optim.AdamW(
-            [*self.policy.parameters(), *self.value_model.parameters()], lr=self.config.learning_rate, eps=1e-5
-        )
+        self.build_trainable(local)
         state = torch.load(local / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -156,8 +179,8 @@ class PPOTrainer:
 def run(ctx: StageContext) -> dict[str, Any]:
     trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
     trainer.train()
-    trainer.policy.save_pretrained(ctx.out_dir)
-    trainer.tokenizer.save_pretrained(ctx.out_dir)
+    base = AdapterBase(trainer.sft_dir, "artifact:sft")
+    save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
     write_history(ctx.out_dir / "ppo_history.jsonl", trainer.history)
     return summarize(trainer.history, ("score", "kl", "response_length", "policy_loss", "value_loss"))
 

@@ -2,6 +2,8 @@
 score them with the reward model, keep the best per prompt and fine-tune the policy on those.
 
 Each finished round is a checkpoint in the store; a retried stage resumes after the last finished round.
+With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
+just that adapter.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
 from stages.config import RejectionSamplingConfig
 from stages.data import load_rows
 from stages.generation import decode_responses, reward_scores, sample
-from stages.models import load_policy, load_tokenizer
+from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
+from stages.models import load_policy, load_tokenizer, merged_adapter
 from stages.ppo import summarize, write_history
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
@@ -31,10 +35,26 @@ log = logging.getLogger("rlhf.stage")
 ROLLOUT_BATCH = 64
 
 
-def best_of_n(ctx: StageContext, policy_dir: str, prompts: list, config: RejectionSamplingConfig) -> tuple[list, dict]:
+def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool) -> PreTrainedModel:
+    """The policy after the round saved in `round_dir` (before the first round: the SFT model). Without LoRA
+    a round saves the whole model; with LoRA, the adapter that goes on the SFT model."""
+    lora = ctx.config.rl.rejection_sampling.training.lora
+    sft_dir = str(ctx.inputs["sft"])
+    if lora is None:
+        return load_policy(str(round_dir or sft_dir), ctx.device)
+    field = "rl.rejection_sampling.training"
+    model = load_policy(sft_dir, ctx.device, quantization_config(lora, ctx.device, field) if trainable else None)
+    if round_dir is None:
+        return with_adapter(model, lora) if trainable else model
+    return resume_adapter(model, round_dir) if trainable else merged_adapter(model, str(round_dir))
+
+
+def best_of_n(
+    ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig
+) -> tuple[list, dict]:
     """The reward model's favourite of `samples_per_prompt` responses to each prompt."""
-    tokenizer = load_tokenizer(policy_dir)
-    policy = load_policy(policy_dir, ctx.device).eval()
+    tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
+    policy = load_round_policy(ctx, round_dir, trainable=False).eval()
     reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
     n = config.samples_per_prompt
     per_batch = max(1, ROLLOUT_BATCH // n)
@@ -53,44 +73,54 @@ def best_of_n(ctx: StageContext, policy_dir: str, prompts: list, config: Rejecti
     return kept, stats
 
 
-def fine_tune(ctx: StageContext, policy_dir: str, rows: list, out_dir: Path, round_index: int) -> None:
+def fine_tune(ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int) -> None:
     config = ctx.config.rl.rejection_sampling.training
     arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
     arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index}
     trainer = SFTTrainer(
-        model=load_policy(policy_dir, ctx.device),
+        model=load_round_policy(ctx, round_dir, trainable=True),
         args=SFTConfig(completion_only_loss=True, **arguments),
         train_dataset=Dataset.from_list(rows),
-        processing_class=load_tokenizer(policy_dir),
+        processing_class=load_tokenizer(str(ctx.inputs["sft"])),
     )
     trainer.train()
     trainer.save_model(str(out_dir))
     trainer.processing_class.save_pretrained(out_dir)
 
 
+def save_final(ctx: StageContext, round_dir: Path) -> None:
+    lora = ctx.config.rl.rejection_sampling.training.lora
+    if lora is None:
+        shutil.copytree(round_dir, ctx.out_dir, dirs_exist_ok=True)
+        return
+    sft_dir = str(ctx.inputs["sft"])
+    policy = load_round_policy(ctx, round_dir, trainable=True)
+    save_model(policy, load_tokenizer(sft_dir), ctx.out_dir, lora, AdapterBase(sft_dir, "artifact:sft"))
+    shutil.copy(round_dir / "rounds.jsonl", ctx.out_dir)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
-    policy_dir = str(ctx.inputs["sft"])
+    round_dir: Path | None = None
     history: list[dict[str, float]] = []
     start = ctx.checkpoints.latest() or 0
     if start:
-        restored = ctx.work_dir / f"round-{start}"
-        ctx.checkpoints.restore(start, restored)
-        policy_dir = str(restored)
-        history = load_rows(restored / "rounds.jsonl")
+        round_dir = ctx.work_dir / f"round-{start}"
+        ctx.checkpoints.restore(start, round_dir)
+        history = load_rows(round_dir / "rounds.jsonl")
         ctx.resumed_from = start
         log.info("rl: resuming rejection sampling after round %d", start)
     for round_index in range(start, config.rounds):
         rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
         chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-        kept, stats = best_of_n(ctx, policy_dir, chosen, config)
+        kept, stats = best_of_n(ctx, round_dir, chosen, config)
         out = ctx.work_dir / f"round-{round_index + 1}"
-        fine_tune(ctx, policy_dir, kept, out, round_index)
+        fine_tune(ctx, round_dir, kept, out, round_index)
         history.append({"round": round_index + 1, **stats})
         write_history(out / "rounds.jsonl", history)
         log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
         ctx.checkpoints.save(round_index + 1, out)
-        policy_dir = str(out)
-    shutil.copytree(policy_dir, ctx.out_dir, dirs_exist_ok=True)
+        round_dir = out
+    save_final(ctx, round_dir)
     return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}

@@ -19,10 +19,11 @@ from trl import RewardConfig, RewardTrainer
 
 from stages.checkpoints import CheckpointStore
 from stages.data import load_rows
+from stages.lora import AdapterBase, adapter_config, quantization_config
 from stages.models import load_scorer, load_tokenizer
 from stages.reward_models import GATE_FILE, SAFETY_DIR
 from stages.runner import StageContext
-from stages.training import peft_config, train_evaluate_save, training_arguments
+from stages.training import train_evaluate_save, training_arguments
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -45,11 +46,9 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
     prepared = ctx.inputs["prepare"]
-    lora = peft_config(config.lora)
-    if lora is not None:
-        lora.task_type = "SEQ_CLS"
+    quantization = quantization_config(config.lora, ctx.device, "reward")
     trainer = RewardTrainer(
-        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id),
+        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, quantization),
         args=RewardConfig(
             center_rewards_coefficient=config.center_rewards_coefficient,
             **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}"),
@@ -57,7 +56,8 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
         train_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_train.jsonl")),
         eval_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_eval.jsonl")),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=adapter_config(config.lora, "SEQ_CLS"),
     )
     reported = {"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"}
-    return train_evaluate_save(trainer, ctx, reported, out_dir, checkpoints)
+    base = AdapterBase(sft_dir, "artifact:sft")
+    return train_evaluate_save(trainer, ctx, config, base, reported, out_dir, checkpoints)

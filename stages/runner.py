@@ -17,6 +17,7 @@ from stages.artifacts import InputRef, Manifest, fetch_dir, publish_dir, read_ma
 from stages.checkpoints import CheckpointStore
 from stages.config import PipelineConfig
 from stages.graph import StagePlan, plan_stage
+from stages.lora import link_adapter_bases
 from stages.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -50,6 +51,12 @@ class StageContext:
         return self.plan.inputs[name][1]
 
 
+def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
+    from stages.models import materialize_base
+
+    return materialize_base(config.model, config.run.seed, work_dir)
+
+
 def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest, bool]:
     """Returns the stage's manifest and whether it was already in the store (cached)."""
     plan = plan_stage(store, config, stage)
@@ -64,6 +71,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         for name, (prefix, _) in plan.inputs.items():
             inputs[name] = work_dir / "inputs" / name
             fetch_dir(store, prefix, inputs[name])
+        link_adapter_bases(inputs, lambda: base_model_dir(config, work_dir))
         ctx = StageContext(
             stage=stage,
             config=config,

@@ -11,7 +11,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from stages.checkpoints import CheckpointStore
-from stages.config import LoraConfig, TrainingConfig
+from stages.config import TrainingConfig
+from stages.lora import AdapterBase, save_model
 from stages.models import dtype_for
 from stages.runner import StageContext
 
@@ -43,20 +44,6 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
     }
 
 
-def peft_config(lora: LoraConfig | None):
-    if lora is None:
-        return None
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
 class StoreCheckpoints(TrainerCallback):
     """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store."""
 
@@ -84,13 +71,9 @@ def train_with_resume(trainer: Trainer, ctx: StageContext, checkpoints: Checkpoi
     trainer.train(resume_from_checkpoint=resume_from)
 
 
-def save_trained(trainer: Trainer, out_dir: Path) -> None:
-    """Save the full model (LoRA adapters merged) and tokenizer with `save_pretrained`."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir)
-    trainer.processing_class.save_pretrained(out_dir)
+def save_trained(trainer: Trainer, config: TrainingConfig, base: AdapterBase, out_dir: Path) -> None:
+    """The trained model and tokenizer: full, LoRA merged, or the adapter kept (`config.lora.merge`)."""
+    save_model(trainer.model, trainer.processing_class, out_dir, config.lora, base)
 
 
 def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
@@ -104,6 +87,8 @@ def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
 def train_evaluate_save(
     trainer: Trainer,
     ctx: StageContext,
+    config: TrainingConfig,
+    base: AdapterBase,
     reported: dict[str, str],
     out_dir: Path | None = None,
     checkpoints: CheckpointStore | None = None,
@@ -114,6 +99,6 @@ def train_evaluate_save(
     """
     train_with_resume(trainer, ctx, checkpoints)
     evaluation = trainer.evaluate()
-    save_trained(trainer, out_dir or ctx.out_dir)
+    save_trained(trainer, config, base, out_dir or ctx.out_dir)
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
     return loss_curve(trainer) | held_out | {"steps": trainer.state.global_step}

@@ -34,9 +34,13 @@ def _check_model(base: str) -> str:
         return "built-in tiny Llama"
     if base.startswith("builtin:"):
         raise InputError(f"model.base: unknown built-in model {base!r} (known: {BUILTIN_TINY_MODEL})")
-    path = Path(base)
+    path = Path(base).expanduser()
+    if base.endswith(".gguf"):
+        if not path.is_file():
+            raise InputError(f"model.base: {base}: GGUF file not found (`make assets` fetches the example's)")
+        return f"GGUF file {base} (dequantized by the stages)"
     if path.exists() or base.startswith((".", "/", "~")):
-        if not (path.expanduser() / "config.json").is_file():
+        if not (path / "config.json").is_file():
             raise InputError(f"model.base: {base}: no config.json there (expected a save_pretrained directory)")
         return f"local model {base}"
     return f"Hugging Face Hub id {base} (downloaded by the stages)"

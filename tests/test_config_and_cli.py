@@ -133,7 +133,7 @@ def test_cli_stage_with_missing_config_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["hh-rlhf", "shp", "oasst", "dolly", "alpaca"])
+@pytest.mark.parametrize("name", ["hh-rlhf", "shp", "oasst", "oasst-qlora", "dolly", "alpaca"])
 def test_seed_dataset_examples_are_valid_and_licence_clean(name):
     from stages.sources import check_licenses
 

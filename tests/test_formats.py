@@ -119,6 +119,51 @@ def test_hh_rlhf_transcripts_become_multi_turn_messages():
     assert "Human:" not in _contents(rows + sft) and "Assistant:" not in _contents(rows + sft)
 
 
+def test_imdb_reviews_become_continuations_and_sentiment_pairs():
+    """The CSV of the 50k-review set: markup gone, a quoted review spanning two lines, a too-short review left out."""
+    sft = convert(str(FIXTURES / "imdb.csv"), "imdb", "sft")
+    assert len(sft) == 4
+    assert sft[0]["messages"] == [
+        {
+            "role": "user",
+            "content": "Continue this movie review: A wonderful little production. The filming technique is",
+        },
+        {
+            "role": "assistant",
+            "content": "very unassuming, very old-time BBC fashion and gives a comforting sense of realism.",
+        },
+    ]
+    assert sft[2]["messages"][1]["content"].endswith("with a story that spans two lines of this")
+    pairs = convert(str(FIXTURES / "imdb.csv"), "imdb", "preference")
+    # positives (rows 1, 3) against negatives (rows 2, 5); the opening alternates between the two reviews
+    assert len(pairs) == 2
+    assert pairs[0]["prompt"][0]["content"].endswith("A wonderful little production. The filming technique is")
+    assert pairs[0]["rejected"][0]["content"].startswith("thinks there's a zombie")
+    assert pairs[1]["prompt"][0]["content"].endswith("This movie made it into one of my")
+    assert pairs[1]["chosen"][0]["content"].startswith("is a visually stunning film")
+    assert [p["prompt"] for p in convert(str(FIXTURES / "imdb.csv"), "imdb", "prompt")] == [
+        row["messages"][:1] for row in sft
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            'review,sentiment\n"Great film, loved every minute of it and more, truly.",neutral\n',
+            r"x.csv:2: field 'sentiment': 'neutral' is outside",
+        ),
+        ('review,sentiment\n"One, two",positive,extra\n', r"x.csv:2: expected 2 columns"),
+        ("text\nno label here at all in this row of the file ok\n", r"x.csv:2: missing field 'label'"),
+    ],
+)
+def test_broken_imdb_csv_names_line_and_field(tmp_path, content, message):
+    path = tmp_path / "x.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        convert(str(path), "imdb", "preference")
+
+
 def test_parquet_files_are_read_row_by_row(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

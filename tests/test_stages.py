@@ -86,23 +86,6 @@ def test_sampled_responses_are_masked_after_end_of_turn(tmp_path):
     assert len(decode_responses(tokenizer, rollout)) == 6
 
 
-def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
-    from stages.config import load_config
-    from stages.runner import run_stage
-    from stages.store import LocalStore
-    from tests.conftest import TINY
-
-    store = LocalStore(tmp_path / "store")
-    config = load_config(None, [*TINY, f"run.store={store.uri}", "sft.lora.r=8", "sft.learning_rate=1e-2"])
-    run_stage("prepare", config, store)
-    manifest, cached = run_stage("sft", config, store)
-    assert not cached
-    files = {entry.path for entry in manifest.files}
-    assert "model.safetensors" in files and "adapter_config.json" not in files
-    assert manifest.metrics["last_loss"] < manifest.metrics["first_loss"]
-    assert run_stage("sft", config, store)[1]  # the second time it is cached
-
-
 def test_gated_reward_uses_the_safety_score_where_the_safety_model_is_worried():
     from transformers.modeling_outputs import SequenceClassifierOutput
 

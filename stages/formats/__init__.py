@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from stages.errors import InputError
-from stages.formats import conversational, hh_rlhf, instructions, oasst, shp
+from stages.formats import conversational, hh_rlhf, imdb, instructions, oasst, shp
 from stages.formats.records import Record, read_records
 
 Kind = Literal["sft", "preference", "prompt", "rated"]
@@ -50,6 +50,12 @@ FORMATS: dict[str, Format] = {
             commercial_use=False,
         ),
         Format("hh-rlhf", {"sft": hh_rlhf.sft, "preference": hh_rlhf.preference, "prompt": hh_rlhf.prompt}, "MIT"),
+        Format(
+            "imdb",
+            {"sft": imdb.sft, "preference": imdb.preference, "prompt": imdb.prompt},
+            "IMDB Large Movie Review Dataset (Maas et al., 2011): research use",
+            commercial_use=False,
+        ),
     )
 }
 

@@ -1,11 +1,12 @@
-"""Reading raw rows from JSON, JSONL or Parquet files, or from the Hugging Face Hub, each with its location.
+"""Reading raw rows from JSON, JSONL, CSV or Parquet files, or from the Hugging Face Hub, each with its location.
 
-Every row keeps where it came from (`file:line` for JSONL, `file: row N` otherwise), so that a problem found
-while converting it names the file, the line or row, and the field.
+Every row keeps where it came from (`file:line` for JSONL and CSV, `file: row N` otherwise), so that a problem
+found while converting it names the file, the line or row, and the field.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,9 +41,9 @@ class Record:
 
 
 def read_records(source: str, split: str = "train") -> list[Record]:
-    """Rows of a local .json/.jsonl/.parquet file, or of a Hub dataset id (needs network)."""
+    """Rows of a local .json/.jsonl/.csv/.parquet file, or of a Hub dataset id (needs network)."""
     path = Path(source).expanduser()
-    if path.exists() or path.suffix in (".json", ".jsonl", ".parquet"):
+    if path.exists() or path.suffix in (".json", ".jsonl", ".csv", ".parquet"):
         records = list(_read_file(path))
     else:
         records = _read_hub(source, split)
@@ -56,6 +57,9 @@ def _read_file(path: Path) -> Iterator[Record]:
         raise InputError(f"{path}: data file not found")
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
+        return
+    if path.suffix == ".csv":
+        yield from _read_csv(path)
         return
     try:
         text = path.read_text()
@@ -77,6 +81,22 @@ def _read_file(path: Path) -> Iterator[Record]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         yield _record(f"{path}:{number}", row)
+
+
+def _read_csv(path: Path) -> Iterator[Record]:
+    """A header line, then one row per record (quoted fields may span lines: the location is the row's first)."""
+    try:
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            columns = len(reader.fieldnames or [])
+            start = reader.line_num + 1
+            for row in reader:
+                if None in row or None in row.values():
+                    raise InputError(f"{path}:{start}: expected {columns} columns")
+                yield Record(f"{path}:{start}", row)
+                start = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
