@@ -63,6 +63,7 @@ def quantization_config(lora: LoraConfig | None, device: torch.device, field: st
             f"{field}.lora.quantize: QLoRA needs a CUDA GPU and the bitsandbytes package (pip install "
             f"'rlhf-pipeline[qlora]'); this stage runs on {device.type}. Remove `quantize` for plain LoRA."
         )
+    import torch
     from transformers import BitsAndBytesConfig
 
     if lora.quantize == "8bit":
@@ -71,14 +72,8 @@ def quantization_config(lora: LoraConfig | None, device: torch.device, field: st
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=cuda_dtype(),
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
     )
-
-
-def cuda_dtype() -> torch.dtype:
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def with_adapter(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = "CAUSAL_LM") -> PreTrainedModel:
@@ -114,19 +109,23 @@ def save_model(
         if not lora.merge:
             log.info("keeping the LoRA adapter (base %s)", base.ref)
         elif lora.quantize is not None:
-            adapter_dir = out_dir.parent / f"{out_dir.name}-adapter"
-            model.save_pretrained(adapter_dir)
-            from peft import PeftModel
-
-            trained = model.get_base_model()
-            unquantized = type(trained).from_pretrained(
-                base.path, num_labels=trained.config.num_labels, dtype=cuda_dtype()
-            )
-            model = PeftModel.from_pretrained(unquantized, str(adapter_dir)).merge_and_unload()
+            model = merged_unquantized(model, out_dir.parent / f"{out_dir.name}-adapter", base.path)
         else:
             model = model.merge_and_unload()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def merged_unquantized(model: PreTrainedModel, adapter_dir: Path, base_path: str) -> PreTrainedModel:
+    """The trained adapter merged into its base loaded again without quantization (a kept adapter base too)."""
+    from stages.models import load_policy, load_scorer, merged_adapter
+
+    model.save_pretrained(adapter_dir)
+    config = model.get_base_model().config
+    device = next(model.parameters()).device
+    if model.peft_config["default"].task_type == "SEQ_CLS":
+        return merged_adapter(load_scorer(base_path, device, config.pad_token_id), str(adapter_dir), "SEQ_CLS")
+    return merged_adapter(load_policy(base_path, device), str(adapter_dir))
 
 
 def adapter_base_of(model_dir: str | Path) -> str | None:

@@ -119,6 +119,35 @@ def test_qlora_without_a_gpu_is_an_input_error(tmp_path, overrides, field):
         _run(store, *overrides, stages=("prepare", "sft", "reward"))
 
 
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_CLS"])
+def test_qlora_merge_goes_into_the_unquantized_base(tmp_path, task_type):
+    """What a QLoRA stage saves with `merge: true`: the adapter merged into the base reloaded without
+    quantization, equal to merging in place (here on CPU, where the trained base is not quantized)."""
+    from stages.config import LoraConfig, ModelConfig
+    from stages.lora import AdapterBase, save_model, with_adapter
+    from stages.models import load_scorer
+    from stages.tiny_model import save_tiny_llama
+
+    base = tmp_path / "base"
+    save_tiny_llama(ModelConfig(tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2}), 0, base)
+    tokenizer = load_tokenizer(str(base))
+    load = load_policy if task_type == "CAUSAL_LM" else lambda p, d: load_scorer(p, d, tokenizer.pad_token_id)
+    model = with_adapter(load(str(base), CPU), LoraConfig(r=4), task_type)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    saved = AdapterBase(str(base), "model:base")
+    save_model(model, tokenizer, tmp_path / "qlora", LoraConfig(r=4, quantize="4bit"), saved)
+    save_model(model, tokenizer, tmp_path / "plain", LoraConfig(r=4), saved)
+    batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
+    with torch.no_grad():
+        expected = load(str(tmp_path / "plain"), CPU)(**batch).logits
+        actual = load(str(tmp_path / "qlora"), CPU)(**batch).logits
+    assert not (tmp_path / "qlora" / "adapter_config.json").exists()
+    torch.testing.assert_close(actual, expected)
+
+
 def test_multi_aspect_reward_refuses_a_kept_adapter():
     with pytest.raises(InputError, match="multi_aspect' folds its heads into one"):
         load_config(None, ["reward.kind=multi_aspect", "data.rated=builtin:demo", "reward.lora.merge=false"])
