@@ -14,7 +14,7 @@ from stages.lora import AdapterBase, adapter_config, quantization_config
 from stages.models import load_policy, load_tokenizer
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
-from stages.training import loss_curve, save_trained, train_with_resume, training_arguments
+from stages.training import save_trained, train_with_resume, training_arguments, training_summary
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 
@@ -56,4 +56,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     train_with_resume(trainer, ctx)
     save_trained(trainer, config, AdapterBase(sft_dir, "artifact:sft"), ctx.out_dir)
-    return loss_curve(trainer, "reward") | {"steps": trainer.state.global_step}
+    return training_summary(trainer, "reward")

@@ -21,7 +21,7 @@ from stages.generation import conversation_scores
 from stages.lora import with_adapter
 from stages.models import dtype_for, load_tokenizer
 from stages.runner import StageContext
-from stages.training import loss_curve, train_with_resume, training_arguments
+from stages.training import train_with_resume, training_arguments, training_summary
 
 
 def standardization(rows: list[dict[str, Any]], aspects: list[str]) -> dict[str, tuple[float, float]]:
@@ -95,14 +95,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     fold_heads(model, [config.aspects[a] for a in aspects])
     model.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)
-    return loss_curve(trainer) | {
+    return training_summary(trainer) | {
         "kind": "multi_aspect",
         "aspect_weights": config.aspects,
         "aspect_mean_std": {a: [round(m, 4), round(sd, 4)] for a, (m, sd) in stats.items()},
         "aspect_correlation": correlation,
         "eval_loss": round(prediction.metrics["test_loss"], 4),
         "eval_accuracy": pairwise_accuracy(model.eval(), tokenizer, load_rows(prepared / "preference_eval.jsonl")),
-        "steps": trainer.state.global_step,
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ class PPOTrainer:
             "mask": mask,
         }
         stats = {
+            "tokens": rollout.input_ids.numel(),
             "score": scores.mean().item(),
             "kl": kl.sum(dim=1).mean().item(),
             "response_length": mask.sum(dim=1).mean().item(),
@@ -167,8 +169,9 @@ class PPOTrainer:
             log.info("rl: resuming PPO from step %d", start)
         every = self.ctx.config.run.checkpoint_every
         for step in range(start, self.config.steps):
+            started = time.perf_counter()
             rollout, batch, stats = self.rollout(step)
-            stats |= self.optimize(rollout, batch)
+            stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
             self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
             if step % 10 == 0 or step + 1 == self.config.steps:
                 log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
@@ -182,7 +185,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base = AdapterBase(trainer.sft_dir, "artifact:sft")
     save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
     write_history(ctx.out_dir / "ppo_history.jsonl", trainer.history)
-    return summarize(trainer.history, ("score", "kl", "response_length", "policy_loss", "value_loss"))
+    throughput = {
+        "train_tokens": sum(h["tokens"] for h in trainer.history),
+        "train_seconds": round(sum(h["seconds"] for h in trainer.history), 2),
+    }
+    return summarize(trainer.history, ("score", "kl", "response_length", "policy_loss", "value_loss")) | throughput
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

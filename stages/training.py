@@ -39,6 +39,7 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
         "bf16": dtype_for(ctx.device) == torch.bfloat16,
         "use_cpu": ctx.device.type == "cpu",
         "report_to": "none",
+        "include_num_input_tokens_seen": "all",
         "disable_tqdm": True,
         "max_length": ctx.config.model.max_length,
     }
@@ -76,12 +77,18 @@ def save_trained(trainer: Trainer, config: TrainingConfig, base: AdapterBase, ou
     save_model(trainer.model, trainer.processing_class, out_dir, config.lora, base)
 
 
-def loss_curve(trainer: Trainer, key: str = "loss") -> dict[str, float]:
-    """First and last logged training loss: the numbers that show whether training worked."""
-    losses = [entry[key] for entry in trainer.state.log_history if key in entry]
-    if not losses:
-        return {}
-    return {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
+def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
+    """First and last logged training loss (the numbers that show whether training worked), the step count,
+    and the tokens trained on (padding included: what the FLOPs were spent on) with the training time."""
+    history = trainer.state.log_history
+    losses = [entry[key] for entry in history if key in entry]
+    runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
+    summary = {"steps": trainer.state.global_step, "train_tokens": int(trainer.state.num_input_tokens_seen)}
+    if runtime is not None:
+        summary["train_seconds"] = round(runtime, 2)
+    if losses:
+        summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
+    return summary
 
 
 def train_evaluate_save(
@@ -101,4 +108,4 @@ def train_evaluate_save(
     evaluation = trainer.evaluate()
     save_trained(trainer, config, base, out_dir or ctx.out_dir)
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
-    return loss_curve(trainer) | held_out | {"steps": trainer.state.global_step}
+    return training_summary(trainer) | held_out

@@ -1,0 +1,161 @@
+"""GPU figures per stage, for a machine with a CUDA GPU (not part of `make test`).
+
+Runs the demo pipeline's stages (`stages.runner.run_stage`, a local store, no Prefect: the GPU machine needs only
+the training stack) on a randomly initialised Llama of about 0.5 B parameters in bf16, with GPT-2's BPE
+tokenizer from `make assets`, and reports per training stage the tokens trained on per second and the MFU
+(model FLOPs utilisation) against the card's dense bf16 peak, naming the card. `--qlora` trains the same stages
+again with 4-bit QLoRA adapters (needs bitsandbytes).
+
+FLOPs counted (N = all parameters, T = tokens including padding, as the stages report them):
+- sft, reward: 6·N·T (forward and backward);
+- rl (PPO): per rollout token, generation, the policy's and the reference's log-probs, the value and the reward
+  model's scores (5 forwards, 2·N each) plus `ppo_epochs` forward+backward passes of policy and value model
+  (2 · 6·N each): N·T·(10 + 12·ppo_epochs).
+
+Usage: python tests/benchmarks/bench_gpu.py [--hidden 1024 --layers 24 --heads 16 --intermediate 4096]
+       [--device cuda] [--qlora] [--out DIR]     (CPU dry run: --hidden 64 --layers 2 --heads 4
+       --intermediate 128 --device cpu --small)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# Dense bf16 peak of the cards this project is measured on (no sparsity), by name as CUDA reports it.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+GPU_SETTINGS = [
+    "sft.epochs=1",
+    "sft.batch_size=64",
+    "reward.epochs=1",
+    "reward.batch_size=64",
+    "rl.ppo.steps=8",
+    "rl.ppo.batch_size=256",
+    "rl.ppo.mini_batch_size=64",
+    "rl.ppo.generation.max_new_tokens=32",
+    "evaluate.prompts=256",
+    "evaluate.generation.max_new_tokens=32",
+    "model.max_length=96",
+]
+SMALL_SETTINGS = [
+    "data.demo.sft_rows=200",
+    "data.demo.preference_rows=200",
+    "data.demo.prompt_rows=100",
+    "sft.max_steps=5",
+    "sft.batch_size=8",
+    "reward.max_steps=5",
+    "reward.batch_size=8",
+    "rl.ppo.steps=2",
+    "rl.ppo.batch_size=8",
+    "rl.ppo.mini_batch_size=4",
+    "evaluate.prompts=8",
+]
+QLORA_SETTINGS = [
+    "sft.lora.quantize=4bit",
+    "reward.lora.quantize=4bit",
+    "rl.ppo.lora.quantize=4bit",
+    "sft.learning_rate=2e-4",
+    "reward.learning_rate=1e-4",
+]
+
+
+def build_model(args: argparse.Namespace, out: Path) -> int:
+    """A random Llama with GPT-2's tokenizer, saved as an ordinary checkpoint; returns its parameter count."""
+    import torch
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(REPO / ".assets" / "gpt2-tokenizer")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_flops(stage: str, metrics: dict, parameters: int, ppo_epochs: int) -> float | None:
+    tokens = metrics.get("train_tokens")
+    if not tokens:
+        return None
+    if stage == "rl":
+        return parameters * tokens * (10 + 12 * ppo_epochs)
+    return 6 * parameters * tokens
+
+
+def run_pipeline(overrides: list[str], work: Path, parameters: int, peak: float | None) -> list[dict]:
+    from stages import STAGE_NAMES
+    from stages.config import load_config
+    from stages.runner import run_stage
+    from stages.store import LocalStore
+
+    config = load_config(None, [*overrides, f"run.store={work / 'store'}"])
+    store = LocalStore(work / "store")
+    rows = []
+    for stage in STAGE_NAMES:
+        started = time.monotonic()
+        manifest, _ = run_stage(stage, config, store)
+        row = {"stage": stage, "seconds": round(time.monotonic() - started, 1)}
+        metrics = manifest.metrics
+        flops = stage_flops(stage, metrics, parameters, config.rl.ppo.ppo_epochs)
+        if flops and metrics.get("train_seconds"):
+            row["train_tokens"] = metrics["train_tokens"]
+            row["train_seconds"] = metrics["train_seconds"]
+            row["tokens_per_second"] = round(metrics["train_tokens"] / metrics["train_seconds"])
+            achieved = flops / metrics["train_seconds"]
+            row["tflops"] = round(achieved / 1e12, 1)
+            row["mfu"] = round(achieved / peak, 4) if peak else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="a few steps of each stage (a dry run)")
+    parser.add_argument("--qlora", action="store_true", help="also train with 4-bit QLoRA adapters")
+    parser.add_argument("--out", type=Path, help="folder for results.json")
+    args = parser.parse_args()
+
+    import torch
+
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        parameters = build_model(args, work / "base")
+        print(f"{card}: random Llama, {parameters / 1e9:.3f} B parameters, peak bf16 {peak}", flush=True)
+        overrides = [f"model.base={work / 'base'}", f"run.device={args.device}", "evaluate.judge=reward_model"]
+        overrides += SMALL_SETTINGS if args.small else GPU_SETTINGS
+        results = {"card": card, "parameters": parameters}
+        results["full"] = run_pipeline(overrides, work / "full", parameters, peak)
+        if args.qlora:
+            results["qlora"] = run_pipeline([*overrides, *QLORA_SETTINGS], work / "qlora", parameters, peak)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
