@@ -78,18 +78,23 @@ def quantization_config(lora: LoraConfig | None, device: torch.device, field: st
 
 def with_adapter(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = "CAUSAL_LM") -> PreTrainedModel:
     """A fresh trainable adapter on a frozen base (prepared for k-bit training when the base is quantized)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if getattr(model, "is_quantized", False):
-        model = prepare_model_for_kbit_training(model)
-    return get_peft_model(model, adapter_config(lora, task_type))
+    return get_peft_model(prepared_for_training(model), adapter_config(lora, task_type))
 
 
 def resume_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
-    """An adapter saved by a checkpoint, trainable again, on the same base."""
+    """An adapter saved by a checkpoint, trainable again, on the same (equally prepared) base."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    return PeftModel.from_pretrained(prepared_for_training(model), str(adapter_dir), is_trainable=True)
+
+
+def prepared_for_training(model: PreTrainedModel) -> PreTrainedModel:
+    """A quantized base gets peft's k-bit preparation before an adapter trains on it; others are unchanged."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model) if getattr(model, "is_quantized", False) else model
 
 
 def save_model(

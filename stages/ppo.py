@@ -38,14 +38,18 @@ class PPOTrainer:
         self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
         self.tokenizer = load_tokenizer(self.sft_dir)
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
-        self.build_trainable()
+        self.history: list[dict[str, float]] = []
+        self.start = ctx.checkpoints.latest() or 0
+        if self.start:
+            self.restore_checkpoint(self.start)
+        else:
+            self.build_trainable()
         self.reference = None
         if config.lora is None:
             self.reference = load_policy(self.sft_dir, ctx.device).eval().requires_grad_(False)
         self.reward_model = load_reward_model(self.reward_dir, ctx.device, self.tokenizer.pad_token_id)
         self.reward_model.requires_grad_(False)
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
-        self.history: list[dict[str, float]] = []
 
     def build_trainable(self, checkpoint: Path | None = None) -> None:
         """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's."""
@@ -162,13 +166,11 @@ class PPOTrainer:
         self.history = json.loads((local / "history.json").read_text())
 
     def train(self) -> None:
-        start = self.ctx.checkpoints.latest() or 0
-        if start:
-            self.restore_checkpoint(start)
-            self.ctx.resumed_from = start
-            log.info("rl: resuming PPO from step %d", start)
+        if self.start:
+            self.ctx.resumed_from = self.start
+            log.info("rl: resuming PPO from step %d", self.start)
         every = self.ctx.config.run.checkpoint_every
-        for step in range(start, self.config.steps):
+        for step in range(self.start, self.config.steps):
             started = time.perf_counter()
             rollout, batch, stats = self.rollout(step)
             stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
