@@ -123,6 +123,9 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     warmup: float = Field(0.0, ge=0, description="warmup steps, or a fraction of all steps when < 1")
     logging_steps: int = 10
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less GPU memory for about a third more compute"
+    )
     lora: LoraConfig | None = None
 
 
@@ -174,6 +177,9 @@ class PPOConfig(Section):
     lam: float = 0.95
     missing_eos_penalty: float | None = Field(None, description="subtracted from the score of unfinished responses")
     generation: GenerationConfig = GenerationConfig()
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less GPU memory for about a third more compute"
+    )
     lora: LoraConfig | None = Field(
         None,
         description="LoRA on the policy and the value model; the reference is the policy with its adapter disabled",

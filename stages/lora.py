@@ -91,10 +91,13 @@ def resume_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel
 
 
 def prepared_for_training(model: PreTrainedModel) -> PreTrainedModel:
-    """A quantized base gets peft's k-bit preparation before an adapter trains on it; others are unchanged."""
+    """A quantized base gets peft's k-bit preparation before an adapter trains on it; others are unchanged.
+    Activation checkpointing is left to the stage's `gradient_checkpointing` setting."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model) if getattr(model, "is_quantized", False) else model
+    if not getattr(model, "is_quantized", False):
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def save_model(

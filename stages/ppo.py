@@ -67,6 +67,10 @@ class PPOTrainer:
                 self.value_model = resume_adapter(value, checkpoint / "value")
             else:
                 self.policy, self.value_model = with_adapter(policy, lora), with_adapter(value, lora, "SEQ_CLS")
+        if self.config.gradient_checkpointing:
+            for model in (self.policy, self.value_model):
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable({"use_reentrant": False})
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

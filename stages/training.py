@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stages.checkpoints import CheckpointStore
 from stages.config import TrainingConfig
@@ -19,10 +19,21 @@ from stages.runner import StageContext
 log = logging.getLogger("rlhf.stage")
 
 
+# transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing (after 5.17).
+CHECKPOINTING_ARGUMENT = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
+
+
 def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path) -> dict[str, Any]:
-    """Keyword arguments shared by TRL's SFTConfig and RewardConfig."""
+    """Keyword arguments shared by TRL's trainer configs. Activation checkpointing is off unless configured
+    (TRL turns it on by default)."""
     run = ctx.config.run
     return {
+        CHECKPOINTING_ARGUMENT: config.gradient_checkpointing,
+        f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": False},
         "output_dir": str(output_dir),
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps,

@@ -3,16 +3,20 @@ the built-in model and tokenizer, generation masks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from stages import demo_task
-from stages.config import GenerationConfig, ModelConfig
+from stages.config import GenerationConfig, ModelConfig, load_config
 from stages.data import sft_as_prompt_completion
 from stages.generation import decode_responses, sample
 from stages.models import load_policy, load_tokenizer
+from stages.runner import run_stage
+from stages.store import LocalStore
 from stages.tiny_model import save_tiny_llama
+from tests.conftest import TINY
 
 
 def _tiny(tmp_path):
@@ -104,3 +108,33 @@ def test_gated_reward_uses_the_safety_score_where_the_safety_model_is_worried():
     rewards = GatedReward(helpfulness, safety, threshold=0.15)(input_ids=None).logits[:, 0]
     # σ(-3) = 0.047 < 0.15: the safety score; σ(1) = 0.73 and σ(-1.5) = 0.18: the helpfulness score.
     assert rewards.tolist() == [-3.0, 2.0, -1.0]
+
+
+def test_activation_checkpointing_recomputes_activations_and_trains_to_the_same_numbers(tmp_path, monkeypatch):
+    """`gradient_checkpointing` trades compute for memory only: SFT, the reward model and PPO recompute their
+    layers in the backward pass and reach the same losses and scores as without it."""
+    import transformers.modeling_utils as modeling
+
+    recomputed = []
+    checkpoint = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    short = ["sft.max_steps=8", "reward.max_steps=8", "rl.ppo.steps=2"]
+    flags = [f"{section}.gradient_checkpointing=true" for section in ("sft", "reward", "rl.ppo")]
+    runs, recomputed_in = {}, {}
+    for name, overrides in {"plain": short, "checkpointed": [*short, *flags]}.items():
+        store = LocalStore(tmp_path / name)
+        config = load_config(None, [*TINY, *overrides, f"run.store={store.uri}"])
+        runs[name] = {}
+        for stage in ("prepare", "sft", "reward", "rl"):
+            before = len(recomputed)
+            runs[name][stage] = run_stage(stage, config, store)[0].metrics
+            recomputed_in[name, stage] = len(recomputed) - before
+    assert all(recomputed_in["plain", stage] == 0 for stage in ("sft", "reward", "rl"))
+    assert all(recomputed_in["checkpointed", stage] > 0 for stage in ("sft", "reward", "rl"))
+    for stage, keys in {
+        "sft": ("eval_loss",),
+        "reward": ("eval_loss", "eval_accuracy"),
+        "rl": ("last_score", "last_kl", "last_policy_loss", "last_value_loss"),
+    }.items():
+        for key in keys:
+            assert runs["checkpointed"][stage][key] == pytest.approx(runs["plain"][stage][key], rel=1e-3, abs=1e-5)

@@ -3,8 +3,8 @@
 Runs the demo pipeline's stages (`stages.runner.run_stage`, a local store, no Prefect: the GPU machine needs only
 the training stack) on a randomly initialised Llama of about 0.5 B parameters in bf16, with GPT-2's BPE
 tokenizer from `make assets`, and reports per training stage the tokens trained on per second and the MFU
-(model FLOPs utilisation) against the card's dense bf16 peak, naming the card. `--qlora` trains the same stages
-again with 4-bit QLoRA adapters (needs bitsandbytes).
+(model FLOPs utilisation) against the card's dense bf16 peak, naming the card. `--variants full checkpointing qlora`
+trains the same stages again with activation checkpointing, and with 4-bit QLoRA adapters (needs bitsandbytes).
 
 FLOPs counted (N = all parameters, T = tokens including padding, as the stages report them):
 - sft, reward: 6·N·T (forward and backward);
@@ -13,8 +13,8 @@ FLOPs counted (N = all parameters, T = tokens including padding, as the stages r
   (2 · 6·N each): N·T·(10 + 12·ppo_epochs).
 
 Usage: python tests/benchmarks/bench_gpu.py [--hidden 1024 --layers 24 --heads 16 --intermediate 4096]
-       [--device cuda] [--qlora] [--out DIR]     (CPU dry run: --hidden 64 --layers 2 --heads 4
-       --intermediate 128 --device cpu --small)
+       [--device cuda] [--variants full checkpointing qlora] [--stages ...] [--out DIR]
+       (CPU dry run: --hidden 64 --layers 2 --heads 4 --intermediate 128 --device cpu --small)
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from stages import STAGE_NAMES  # noqa: E402
+
 # Dense bf16 peak of the cards this project is measured on (no sparsity), by name as CUDA reports it.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 GPU_SETTINGS = [
-    "sft.epochs=1",
-    "sft.batch_size=64",
+    "sft.epochs=2",
+    "sft.batch_size=128",
     "reward.epochs=1",
-    "reward.batch_size=64",
-    "rl.ppo.steps=8",
+    "reward.batch_size=128",
+    "rl.ppo.steps=12",
     "rl.ppo.batch_size=256",
     "rl.ppo.mini_batch_size=64",
     "rl.ppo.generation.max_new_tokens=32",
@@ -57,6 +59,11 @@ SMALL_SETTINGS = [
     "rl.ppo.batch_size=8",
     "rl.ppo.mini_batch_size=4",
     "evaluate.prompts=8",
+]
+CHECKPOINTING_SETTINGS = [
+    "sft.gradient_checkpointing=true",
+    "reward.gradient_checkpointing=true",
+    "rl.ppo.gradient_checkpointing=true",
 ]
 QLORA_SETTINGS = [
     "sft.lora.quantize=4bit",
@@ -90,6 +97,21 @@ def build_model(args: argparse.Namespace, out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def warm_up(base: Path, device: str) -> None:
+    """A forward and backward pass before anything is timed, so the first stage measured does not pay for the
+    CUDA context and cuBLAS start-up."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (64, 96), device=device)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    del model
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def stage_flops(stage: str, metrics: dict, parameters: int, ppo_epochs: int) -> float | None:
     tokens = metrics.get("train_tokens")
     if not tokens:
@@ -99,8 +121,9 @@ def stage_flops(stage: str, metrics: dict, parameters: int, ppo_epochs: int) -> 
     return 6 * parameters * tokens
 
 
-def run_pipeline(overrides: list[str], work: Path, parameters: int, peak: float | None) -> list[dict]:
-    from stages import STAGE_NAMES
+def run_pipeline(
+    overrides: list[str], stages: list[str], work: Path, parameters: int, peak: float | None
+) -> list[dict]:
     from stages.config import load_config
     from stages.runner import run_stage
     from stages.store import LocalStore
@@ -108,7 +131,7 @@ def run_pipeline(overrides: list[str], work: Path, parameters: int, peak: float 
     config = load_config(None, [*overrides, f"run.store={work / 'store'}"])
     store = LocalStore(work / "store")
     rows = []
-    for stage in STAGE_NAMES:
+    for stage in stages:
         started = time.monotonic()
         manifest, _ = run_stage(stage, config, store)
         row = {"stage": stage, "seconds": round(time.monotonic() - started, 1)}
@@ -134,7 +157,14 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a few steps of each stage (a dry run)")
-    parser.add_argument("--qlora", action="store_true", help="also train with 4-bit QLoRA adapters")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["full", "checkpointing", "qlora"],
+        default=["full"],
+        help="full fine-tuning; the same with activation checkpointing; 4-bit QLoRA adapters",
+    )
+    parser.add_argument("--stages", nargs="+", default=list(STAGE_NAMES), help="a prefix of the stages")
     parser.add_argument("--out", type=Path, help="folder for results.json")
     args = parser.parse_args()
 
@@ -149,12 +179,17 @@ def main() -> None:
         overrides = [f"model.base={work / 'base'}", f"run.device={args.device}", "evaluate.judge=reward_model"]
         overrides += SMALL_SETTINGS if args.small else GPU_SETTINGS
         results = {"card": card, "parameters": parameters}
-        results["full"] = run_pipeline(overrides, work / "full", parameters, peak)
-        if args.qlora:
-            results["qlora"] = run_pipeline([*overrides, *QLORA_SETTINGS], work / "qlora", parameters, peak)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        variants = {
+            "full": overrides,
+            "checkpointing": [*overrides, *CHECKPOINTING_SETTINGS],
+            "qlora": [*overrides, *QLORA_SETTINGS],
+        }
+        warm_up(work / "base", args.device)
+        for variant in args.variants:
+            results[variant] = run_pipeline(variants[variant], args.stages, work / variant, parameters, peak)
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
