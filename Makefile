@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install assets demo test lint benchmark clean
+.PHONY: install assets demo test test-containers lint benchmark clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ demo: install
 test: install assets
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Every stage in its own container (needs root): a private dockerd, a debootstrap CPU base, the stage images.
+test-containers: install
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap)
+	$(PY) -m pytest -q -m containers tests/containers
 
 benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py

@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--split", default="train", help="the Hub dataset's split")
     convert.set_defaults(handler=_convert)
 
+    deploy = commands.add_parser(
+        "deploy", help="register the stage and pipeline deployments on deploy.work_pool (created if missing)"
+    )
+    deploy.add_argument("config", nargs="?", help="pipeline YAML (default: the built-in demo)")
+    deploy.add_argument("--pool-type", choices=("process", "docker", "kubernetes"), default="process")
+    _add_common(deploy)
+    deploy.set_defaults(handler=_deploy)
+
     validate = commands.add_parser("validate", help="check a config and every input it names")
     validate.add_argument("config")
     _add_common(validate)
@@ -88,6 +96,17 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployments import deploy
+
+    config = _resolve(args)
+    for name in deploy(config, args.pool_type):
+        print(f"deployment {name} on work pool {config.deploy.work_pool!r} ({args.pool_type})")
+    print(f"start a worker: prefect worker start --pool {config.deploy.work_pool} --type {args.pool_type}")
+    return 0
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,5 +1,6 @@
 """How a stage's program gets started. The pipeline only needs `launch` to run `rlhf stage NAME --config URI`
-somewhere and report how it ended; the process launcher is the local stand-in for a stage's container."""
+somewhere and report how it ended: in a local process (`process`), or as a flow run of the stage's Prefect
+deployment on a process, Docker or Kubernetes work pool (`deployment`), with the GPUs the config asks for."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from stages.config import DeployConfig
 
 EXIT_INPUT_ERROR = 2
+INPUT_ERROR_STATE = "InputError"  # the name of a stage flow run's Failed state when its input was rejected
+STAGE_FLOW = "rlhf-stage"
 
 
 class StageInputError(Exception):
@@ -59,3 +65,56 @@ class ProcessLauncher:
             raise StageInputError(tail[-1] if tail else f"{stage}: bad input")
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         raise StageCrashed(f"stage {stage} {how}: {tail[-1] if tail else 'no output'}")
+
+
+class DeploymentLauncher:
+    """Each stage as a flow run of its deployment `rlhf-stage/<stage>`, started with `run_deployment` and awaited.
+
+    `run_deployment` returns the child's flow run whatever its end, so its final state decides: completed is
+    success, a Failed state named InputError is not retried, anything else (failed, crashed, cancelled: a
+    container that died) raises StageCrashed for the pipeline task to retry with backoff.
+    """
+
+    def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+
+        from stages.config import parse_config_text
+        from stages.store import read_uri
+
+        deploy = parse_config_text(read_uri(config_uri).decode(), config_uri).deploy
+        with get_client(sync_client=True) as client:
+            pool_type = client.read_work_pool(deploy.work_pool).type
+        variables = job_variables(pool_type, stage, deploy)
+        logger.info("running deployment %s/%s on %s pool %r", STAGE_FLOW, stage, pool_type, deploy.work_pool)
+        flow_run = run_deployment(
+            f"{STAGE_FLOW}/{stage}",
+            parameters={"stage": stage, "config_uri": config_uri},
+            job_variables=variables,
+            timeout=None,
+        )
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            logger.info("stage flow run %s completed: %s", flow_run.name, state.message)
+            return
+        if state is not None and state.name == INPUT_ERROR_STATE:
+            raise StageInputError(state.message or f"{stage}: bad input")
+        how = f"{state.type.value.lower()}: {state.message}" if state else "ended without a state"
+        raise StageCrashed(f"stage {stage} flow run {flow_run.name} {how}")
+
+
+def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str, Any]:
+    """The stage's image and resources in the shape each work pool type's job template takes."""
+    resources = deploy.resources(stage)
+    if pool_type == "docker":
+        create: dict[str, Any] = {}
+        if resources.gpus:
+            create["device_requests"] = [{"count": resources.gpus, "capabilities": [["gpu"]]}]
+        if resources.shm_size:
+            create["shm_size"] = resources.shm_size
+        return {"image": deploy.image(stage), "container_create_kwargs": create}
+    if pool_type == "kubernetes":
+        # Left out when not configured, so that the pool's defaults (its GPU-taint toleration) apply.
+        placement = {"node_selector": resources.node_selector, "tolerations": resources.tolerations}
+        return {"image": deploy.image(stage), "gpus": resources.gpus} | {k: v for k, v in placement.items() if v}
+    return {}

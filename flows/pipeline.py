@@ -18,14 +18,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from prefect.states import Completed, Failed
 
-from flows.launchers import Launcher, ProcessLauncher, StageInputError
+from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputError
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
 from stages.config import PipelineConfig, dump_config, parse_config_text
 from stages.graph import plan_stage
 from stages.store import ArtifactStore, read_uri
 
-LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher}
+LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher, "deployment": DeploymentLauncher}
 
 
 def _retry_unless_input_error(task, task_run, state) -> bool:
@@ -103,8 +103,10 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     return Completed(data=summary)
 
 
-def run_pipeline(config: PipelineConfig, launcher: str = "process") -> dict[str, Any]:
-    """Run the whole pipeline for a validated config and return the run summary."""
+def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline for a validated config and return the run summary. The launcher defaults to
+    `deploy.launcher`: stage processes here, or flow runs of the stage deployments."""
+    launcher = launcher or config.deploy.launcher
     store = ArtifactStore.from_uri(config.run.store)
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"

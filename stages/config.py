@@ -247,6 +247,39 @@ class EvaluateConfig(Section):
     generation: GenerationConfig = GenerationConfig()
 
 
+class StageResources(Section):
+    """What one stage's container or pod gets when stages run as deployments on a Docker or Kubernetes pool."""
+
+    gpus: int = Field(0, ge=0, description="GPUs for the stage (Docker device requests, Kubernetes nvidia.com/gpu)")
+    shm_size: str | None = Field(
+        None, description="Docker shared memory, e.g. '16g' (PyTorch data loaders and NCCL need more than 64 MB)"
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node labels the pod needs")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Kubernetes taints the pod tolerates")
+    image: str | None = Field(None, description="the stage's image; default: deploy.image_prefix + stage + tag")
+
+
+class DeployConfig(Section):
+    """How stages are started; not part of any cache key, since where a stage runs does not change its output."""
+
+    launcher: Literal["process", "deployment"] = Field(
+        "process",
+        description="process: each stage in its own OS process here; deployment: each stage as a flow run of its "
+        "Prefect deployment `rlhf-stage/<stage>` on deploy.work_pool",
+    )
+    work_pool: str = "rlhf"
+    image_prefix: str = Field("rlhf-", description="stage images are <prefix><stage>:<tag>")
+    image_tag: str = "latest"
+    schedule: str | None = Field(None, description="cron schedule of the pipeline deployment, e.g. '0 2 * * *'")
+    stages: dict[Literal["prepare", "sft", "reward", "rl", "evaluate"], StageResources] = Field(default_factory=dict)
+
+    def resources(self, stage: str) -> StageResources:
+        return self.stages.get(stage, StageResources())
+
+    def image(self, stage: str) -> str:
+        return self.resources(stage).image or f"{self.image_prefix}{stage}:{self.image_tag}"
+
+
 class PipelineConfig(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -256,6 +289,7 @@ class PipelineConfig(Section):
     reward: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _multi_aspect_needs_rated_data(self) -> PipelineConfig:

@@ -9,7 +9,7 @@
     Python allocations from tracemalloc) is its own.
 
 Usage: python tests/benchmarks/bench_pipeline.py [--config CONFIG] [--set key=value ...] [--repeats N]
-       [--skip-pipeline]
+       [--skip-pipeline] [--skip-transfer]
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-transfer", action="store_true")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side of (a), interleaved")
     parser.add_argument("--transfer", nargs=3, metavar=("MODE", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,8 +214,9 @@ def main() -> None:
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
         work = Path(tmp)
-        report["transfer"] = transfer_benchmark(work)
-        print(json.dumps({"transfer": report["transfer"]}, indent=2), flush=True)
+        if not args.skip_transfer:
+            report["transfer"] = transfer_benchmark(work)
+            print(json.dumps({"transfer": report["transfer"]}, indent=2), flush=True)
         if not args.skip_pipeline:
             report["pipeline"] = pipeline_benchmark(args.config, args.overrides, args.repeats, work)
     print(json.dumps(report, indent=2))

@@ -1,0 +1,32 @@
+"""One stage as its own Prefect flow: what a stage deployment runs in the stage's container, pod or process.
+
+The flow starts the stage's program (`rlhf stage NAME --config URI`); its Completed state's message is the
+URI of the artifact the stage published, which the pipeline's launcher reads back.
+A stage that rejects its config or data ends in a Failed state named `InputError`, which the pipeline does not
+retry; any other failure, or a container that dies, is retried by the pipeline and resumes from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+
+from flows.launchers import INPUT_ERROR_STATE, STAGE_FLOW, ProcessLauncher, StageInputError
+from stages.artifacts import read_manifest
+from stages.config import parse_config_text
+from stages.graph import plan_stage
+from stages.store import ArtifactStore, read_uri
+
+
+@flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
+def rlhf_stage(stage: str, config_uri: str):
+    try:
+        ProcessLauncher().launch(stage, config_uri, get_run_logger())
+    except StageInputError as exc:
+        return Failed(name=INPUT_ERROR_STATE, message=str(exc))
+    config = parse_config_text(read_uri(config_uri).decode(), config_uri)
+    store = ArtifactStore.from_uri(config.run.store)
+    prefix = plan_stage(store, config, stage).prefix
+    if read_manifest(store, prefix) is None:
+        raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
+    return Completed(message=store.uri_of(prefix))
