@@ -106,11 +106,13 @@ def cpu_base_image(docker_host) -> str:
 def stage_images(cpu_base_image) -> dict[str, str]:
     """`rlhf-<stage>:test` for every stage, built from docker/Dockerfile offline on the CPU base."""
     WHEELS.mkdir(exist_ok=True)
+    # Resolved for this machine's Python; Debian's 3.11.2 also needs what markers add below 3.11.3.
+    requirements = ["torch==2.13.0", ".[train,flows]", "setuptools>=68", "async-timeout>=4.0.3"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(WHEELS), "torch==2.13.0", ".[train,flows]"]
-        + ["setuptools>=68"],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(WHEELS), *requirements],
         check=True,
         cwd=REPO,
+        capture_output=True,
     )
     (WHEELS / "rlhf_pipeline-0.1.0-py3-none-any.whl").unlink(missing_ok=True)
     images = {}
