@@ -43,11 +43,25 @@ def rlhf_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "flows.cli"]
 
 
+def stage_command(stage: str, config_uri: str) -> list[str]:
+    """`rlhf stage NAME --config URI`; under `torchrun` (DDP, one process per GPU, NCCL; gloo on CPU) where the
+    config gives the stage several processes."""
+    from stages.config import parse_config_text
+    from stages.store import read_uri
+
+    arguments = ["stage", stage, "--config", config_uri]
+    processes = parse_config_text(read_uri(config_uri).decode(), config_uri).deploy.processes(stage)
+    if processes == 1:
+        return [*rlhf_command(), *arguments]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [sys.executable, *torchrun, "-m", "flows.cli", *arguments]
+
+
 class ProcessLauncher:
-    """Each stage in its own OS process; its output goes line by line to the stage run's logger."""
+    """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger."""
 
     def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
-        command = [*rlhf_command(), "stage", stage, "--config", config_uri]
+        command = stage_command(stage, config_uri)
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
         logger.info("launching: %s", " ".join(command))
         tail: deque[str] = deque(maxlen=5)

@@ -257,6 +257,12 @@ class StageResources(Section):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node labels the pod needs")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Kubernetes taints the pod tolerates")
     image: str | None = Field(None, description="the stage's image; default: deploy.image_prefix + stage + tag")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        description="training processes (DDP through `torchrun`); default: one per GPU. For the stages "
+        "that train through TRL's trainers: sft, reward (pairwise), rl with dpo, grpo or rloo",
+    )
 
 
 class DeployConfig(Section):
@@ -279,6 +285,10 @@ class DeployConfig(Section):
     def image(self, stage: str) -> str:
         return self.resources(stage).image or f"{self.image_prefix}{stage}:{self.image_tag}"
 
+    def processes(self, stage: str) -> int:
+        resources = self.resources(stage)
+        return resources.processes or max(resources.gpus, 1)
+
 
 class PipelineConfig(Section):
     run: RunConfig = RunConfig()
@@ -290,6 +300,18 @@ class PipelineConfig(Section):
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     deploy: DeployConfig = DeployConfig()
+
+    @model_validator(mode="after")
+    def _several_processes_only_where_trainers_distribute(self) -> PipelineConfig:
+        distributed = {"sft": True, "reward": self.reward.kind == "pairwise"}
+        distributed["rl"] = self.rl.algorithm in ("dpo", "grpo", "rloo")
+        for stage in self.deploy.stages:
+            if self.deploy.processes(stage) > 1 and not distributed.get(stage, False):
+                raise ValueError(
+                    f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
+                    "reward, rl with dpo/grpo/rloo); set processes: 1 to give it several GPUs anyway"
+                )
+        return self
 
     @model_validator(mode="after")
     def _multi_aspect_needs_rated_data(self) -> PipelineConfig:
@@ -320,7 +342,10 @@ class PipelineConfig(Section):
             "evaluate": ("model", "evaluate"),
         }[stage]
         dumped = self.model_dump(mode="json")
-        return {"seed": self.run.seed} | {name: dumped[name] for name in sections}
+        sections = {"seed": self.run.seed} | {name: dumped[name] for name in sections}
+        # Several data-parallel processes multiply the batch a step trains on: a different model.
+        processes = self.deploy.processes(stage)
+        return sections | ({"processes": processes} if processes > 1 else {})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -38,9 +39,12 @@ def init_torch(run: RunConfig) -> torch.device:
     transformers.set_seed(run.seed)
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
-    device = "cuda" if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per DDP process
+    else:
+        device = torch.device("cpu")
     logging.getLogger("rlhf.stage").info("running on %s", device)
-    return torch.device(device)
+    return device
 
 
 def dtype_for(device: torch.device) -> torch.dtype:

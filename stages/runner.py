@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,8 +58,14 @@ def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
     return materialize_base(config.model, config.run.seed, work_dir)
 
 
-def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest, bool]:
-    """Returns the stage's manifest and whether it was already in the store (cached)."""
+def is_main_process() -> bool:
+    """Rank 0 of a stage started by `accelerate launch` (DDP), or a stage's only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest | None, bool]:
+    """Returns the stage's manifest and whether it was already in the store (cached). Of several training
+    processes only the main one publishes; the others return no manifest."""
     plan = plan_stage(store, config, stage)
     existing = read_manifest(store, plan.prefix)
     if existing is not None:
@@ -85,6 +92,8 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         ctx.out_dir.mkdir()
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
         metrics: dict[str, Any] = module.run(ctx)
+        if not is_main_process():
+            return None, False
         manifest = publish_dir(
             store,
             ctx.out_dir,

@@ -63,6 +63,8 @@ class StoreCheckpoints(TrainerCallback):
         self.checkpoints = checkpoints
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self.checkpoints.save(state.global_step, local)
         log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
@@ -97,6 +99,8 @@ def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
     summary = {"steps": trainer.state.global_step, "train_tokens": int(trainer.state.num_input_tokens_seen)}
     if runtime is not None:
         summary["train_seconds"] = round(runtime, 2)
+    if trainer.args.world_size > 1:
+        summary["processes"] = trainer.args.world_size
     if losses:
         summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
     return summary

@@ -26,18 +26,25 @@ def _fake_stage(monkeypatch, script: str) -> None:
     monkeypatch.setattr(launchers, "rlhf_command", lambda: [sys.executable, "-c", script])
 
 
-def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch):
+@pytest.fixture
+def config_file(tmp_path) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(load_config(None)))
+    return str(path)
+
+
+def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch, config_file):
     _fake_stage(monkeypatch, "import sys; print('error: data.jsonl:3: missing field'); sys.exit(2)")
     log = _Log()
     with pytest.raises(StageInputError, match="data.jsonl:3: missing field"):
-        ProcessLauncher().launch("sft", "config.yaml", log)
+        ProcessLauncher().launch("sft", config_file, log)
     assert any("missing field" in line for line in log.lines)
 
 
-def test_a_killed_process_is_a_crash(monkeypatch):
+def test_a_killed_process_is_a_crash(monkeypatch, config_file):
     _fake_stage(monkeypatch, "import os, signal; print('training'); os.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(StageCrashed, match="killed by SIGKILL"):
-        ProcessLauncher().launch("rl", "config.yaml", _Log())
+        ProcessLauncher().launch("rl", config_file, _Log())
 
 
 class _Counting:
