@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from flows.monitoring import StageMonitor
+
 if TYPE_CHECKING:
     from stages.config import DeployConfig
 
@@ -65,14 +67,18 @@ class ProcessLauncher:
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
         logger.info("launching: %s", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
+        monitor = StageMonitor.in_run_context(stage)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
             logger.info("stage process pid %d", proc.pid)
             for line in proc.stdout:
                 line = line.rstrip()
-                if line:
-                    tail.append(line)
-                    logger.info(line)
+                if not line or (monitor is not None and monitor.handle(line)):
+                    continue
+                tail.append(line)
+                logger.info(line)
             code = proc.wait()
+        if monitor is not None:
+            monitor.finish()
         if code == 0:
             return
         if code == EXIT_INPUT_ERROR:

@@ -8,6 +8,7 @@ not retried.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from prefect.runtime import task_run
 from prefect.states import Completed, Failed
 
 from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputError
+from flows.monitoring import publish_report
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
 from stages.config import PipelineConfig, dump_config, parse_config_text
@@ -52,6 +54,8 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
             raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
         status = "ran"
     logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
+    if stage == "evaluate":
+        publish_report(store, plan.prefix)
     return {
         "status": status,
         "artifact": store.uri_of(plan.prefix),
@@ -64,12 +68,15 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
 @flow(name="rlhf-pipeline", flow_run_name="{run_id}")
 def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     store, config = _load(config_uri)
+    config_hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:12]
+    tags = [f"config:{config_hash}", f"model:{config.model.base}"]
     stages: dict[str, Any] = {}
     for stage in STAGE_NAMES:
         started = time.monotonic()
         task = run_stage.with_options(
             name=stage,
             task_run_name=stage,
+            tags=tags,
             retries=config.run.retries,
             retry_delay_seconds=[config.run.retry_delay_seconds * 2**i for i in range(config.run.retries)],
         )

@@ -25,6 +25,7 @@ from stages.data import load_rows
 from stages.generation import Rollout, response_logprobs, reward_scores, sample, token_values
 from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
 from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 
@@ -179,6 +180,8 @@ class PPOTrainer:
             rollout, batch, stats = self.rollout(step)
             stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
             self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
+            report_progress("rl", step + 1, self.config.steps)
+            report_metrics("rl", step + 1, self.history[-1] | {"tokens_per_second": stats["tokens"] / stats["seconds"]})
             if step % 10 == 0 or step + 1 == self.config.steps:
                 log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
             if (step + 1) % every == 0 and step + 1 < self.config.steps:

@@ -25,6 +25,7 @@ from stages.generation import decode_responses, reward_scores, sample
 from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
 from stages.models import load_policy, load_tokenizer, merged_adapter
 from stages.ppo import summarize, write_history
+from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 from stages.training import training_arguments
@@ -118,6 +119,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         out = ctx.work_dir / f"round-{round_index + 1}"
         fine_tune(ctx, round_dir, kept, out, round_index)
         history.append({"round": round_index + 1, **stats})
+        report_progress("rl", round_index + 1, config.rounds)
+        report_metrics("rl", round_index + 1, {**stats, "samples_kept": len(kept)})
         write_history(out / "rounds.jsonl", history)
         log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
         ctx.checkpoints.save(round_index + 1, out)

@@ -14,6 +14,7 @@ from stages.checkpoints import CheckpointStore
 from stages.config import TrainingConfig
 from stages.lora import AdapterBase, save_model
 from stages.models import dtype_for
+from stages.progress import report_metrics, report_progress
 from stages.runner import StageContext
 
 log = logging.getLogger("rlhf.stage")
@@ -70,10 +71,29 @@ class StoreCheckpoints(TrainerCallback):
         log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
 
 
+class ReportProgress(TrainerCallback):
+    """A Trainer's steps (each whole percent) and logged metrics, from the main process only."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.percent = -1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        percent = int(100 * state.global_step / max(state.max_steps, 1))
+        if state.is_world_process_zero and percent > self.percent:
+            self.percent = percent
+            report_progress(self.stage, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            report_metrics(self.stage, state.global_step, logs)
+
+
 def train_with_resume(trainer: Trainer, ctx: StageContext, checkpoints: CheckpointStore | None = None) -> None:
     """Train, resuming from the newest complete checkpoint in the store if there is one."""
     checkpoints = checkpoints or ctx.checkpoints
     trainer.add_callback(StoreCheckpoints(checkpoints))
+    trainer.add_callback(ReportProgress(ctx.stage))
     step = checkpoints.latest()
     resume_from = None
     if step is not None:

@@ -1,0 +1,79 @@
+"""What a stage reports while it runs, shown in the Prefect UI: a progress artifact updated live, its logged
+metrics as a table artifact and as `rlhf.metrics` events (for automations, e.g. on a KL that explodes), and the
+evaluation report as a Markdown artifact.
+
+Stages print `rlhf-event {json}` lines (`stages/progress.py`); the launcher hands each line to a StageMonitor.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.events import emit_event
+
+from stages.progress import PREFIX
+from stages.store import ArtifactStore
+
+
+class StageMonitor:
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.progress_id = None
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def in_run_context(cls, stage: str) -> StageMonitor | None:
+        """A monitor where artifacts have a Prefect run to belong to, else None."""
+        if TaskRunContext.get() is None and FlowRunContext.get() is None:
+            return None
+        return cls(stage)
+
+    def handle(self, line: str) -> bool:
+        """Consume a stage's event line; False for any other output."""
+        if not line.startswith(PREFIX):
+            return False
+        event = json.loads(line.removeprefix(PREFIX))
+        if event["kind"] == "progress":
+            self.progress(event["percent"])
+        elif event["kind"] == "metrics":
+            self.metrics(event["step"], event["metrics"])
+        return True
+
+    def progress(self, percent: float) -> None:
+        if self.progress_id is None:
+            self.progress_id = create_progress_artifact(
+                percent, key=f"{self.stage}-progress", description=f"{self.stage}: percent of training steps done"
+            )
+        else:
+            update_progress_artifact(self.progress_id, percent)
+
+    def metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": step, **metrics})
+        emit_event(
+            event="rlhf.metrics",
+            resource={"prefect.resource.id": f"rlhf.stage.{self.stage}", "prefect.resource.name": self.stage},
+            payload={"step": step, **metrics},
+        )
+
+    def finish(self) -> None:
+        if self.rows:
+            columns = sorted({key for row in self.rows for key in row} - {"step"})
+            table = [{"step": row["step"], **{c: row.get(c) for c in columns}} for row in self.rows]
+            create_table_artifact(
+                table, key=f"{self.stage}-metrics", description=f"{self.stage}: metrics at each logging step"
+            )
+
+
+def publish_report(store: ArtifactStore, prefix: str) -> None:
+    """The evaluation's report.md (headline numbers, side-by-side answers) as the run's Markdown artifact."""
+    create_markdown_artifact(
+        store.read_bytes(f"{prefix}/report.md").decode(), key="evaluation-report", description="RLHF evaluation"
+    )
