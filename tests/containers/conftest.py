@@ -69,6 +69,9 @@ def docker_host():
         daemon.terminate()
         daemon.wait(timeout=60)
         log.close()
+        netns = DOCKER_ROOT / "exec" / "netns" / "default"  # dockerd leaves its network namespace mounted
+        if os.path.ismount(netns):
+            subprocess.run(["umount", str(netns)], check=False)
         os.environ.pop("DOCKER_BUILDKIT", None)
         if saved is None:
             os.environ.pop("DOCKER_HOST", None)
