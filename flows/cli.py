@@ -13,7 +13,7 @@ import os
 import sys
 
 from stages import STAGE_NAMES
-from stages.config import PipelineConfig, apply_overrides, load_config, parse_config_text
+from stages.config import PipelineConfig, RunConfig, apply_overrides, load_config, parse_config_text
 from stages.errors import InputError
 from stages.store import ArtifactStore, read_uri
 
@@ -58,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--pool-type", choices=("process", "docker", "kubernetes"), default="process")
     _add_common(deploy)
     deploy.set_defaults(handler=_deploy)
+
+    runs = commands.add_parser("runs", help="the runs in a store, newest first, with status and headline metrics")
+    runs.add_argument("--store", default=RunConfig().store, help="a directory or s3://bucket/prefix")
+    runs.set_defaults(handler=_runs)
+
+    show = commands.add_parser("show", help="one run of a store: its stages, artifacts and metrics")
+    show.add_argument("run_id")
+    show.add_argument("--store", default=RunConfig().store, help="a directory or s3://bucket/prefix")
+    show.add_argument("--json", action="store_true", help="the run summary as JSON")
+    show.set_defaults(handler=_show)
 
     validate = commands.add_parser("validate", help="check a config and every input it names")
     validate.add_argument("config")
@@ -106,6 +116,44 @@ def _deploy(args: argparse.Namespace) -> int:
     for name in deploy(config, args.pool_type):
         print(f"deployment {name} on work pool {config.deploy.work_pool!r} ({args.pool_type})")
     print(f"start a worker: prefect worker start --pool {config.deploy.work_pool} --type {args.pool_type}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    store = ArtifactStore.from_uri(args.store)
+    rows = []
+    for run_id in store.list_children("runs"):
+        key = f"runs/{run_id}/run.json"
+        summary = store.read_json(key) if store.exists(key) else {"status": "running or stopped", "stages": {}}
+        metrics = {name: stage["metrics"] for name, stage in summary["stages"].items()}
+        rows.append((summary.get("finished_at", ""), run_id, summary["status"], _headline(metrics)))
+    if not rows:
+        print(f"no runs in {store.uri}")
+    for finished, run_id, status, headline in sorted(rows, reverse=True):
+        print(f"{run_id:<40} {status:<18} {finished[:19]:<19}  {headline}")
+    return 0
+
+
+def _headline(metrics: dict[str, dict]) -> str:
+    """The numbers that say whether a run worked: the reward model's accuracy and RL's win rate over SFT."""
+    parts = []
+    if "eval_accuracy" in metrics.get("reward", {}):
+        parts.append(f"reward accuracy {metrics['reward']['eval_accuracy']:.3f}")
+    if "win_rate_vs_sft" in metrics.get("evaluate", {}):
+        parts.append(f"win rate vs SFT {metrics['evaluate']['win_rate_vs_sft']:.3f}")
+    return ", ".join(parts)
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = ArtifactStore.from_uri(args.store)
+    key = f"runs/{args.run_id}/run.json"
+    if not store.exists(key):
+        raise InputError(f"{store.uri_of(key)}: no finished run {args.run_id!r} in this store (see `rlhf runs`)")
+    summary = store.read_json(key)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
     return 0
 
 

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
 
 from flows.pipeline import run_pipeline
 from stages.config import load_config
-from tests.conftest import TINY
+from tests.conftest import TINY, rlhf
 
 SHORT = ["sft.max_steps=20", "reward.max_steps=20", "rl.ppo.steps=4", "evaluate.prompts=16"]
 
@@ -75,3 +75,23 @@ def _events_named(name: str, since: str, expected: int, timeout: float = 30) -> 
         if len(events) >= expected or time.monotonic() > deadline:
             return events
         time.sleep(1)
+
+
+def test_runs_and_show_read_the_runs_of_a_store(prefect_api, tmp_path):
+    store = tmp_path / "store"
+    config = load_config(None, [*TINY, *SHORT, f"run.store={store}"])
+    summary = run_pipeline(config)
+    accuracy = summary["stages"]["reward"]["metrics"]["eval_accuracy"]
+    win_rate = summary["stages"]["evaluate"]["metrics"]["win_rate_vs_sft"]
+
+    listed = rlhf("runs", "--store", str(store), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.splitlines()
+    assert line.startswith(summary["run_id"]) and " completed " in line
+    assert f"reward accuracy {accuracy:.3f}, win rate vs SFT {win_rate:.3f}" in line
+
+    shown = rlhf("show", summary["run_id"], "--store", str(store), "--json", timeout=60)
+    assert shown.returncode == 0 and json.loads(shown.stdout) == summary
+    missing = rlhf("show", "no-such-run", "--store", str(store), timeout=60)
+    assert missing.returncode == 2 and "no finished run 'no-such-run'" in missing.stderr
+    assert "Traceback" not in missing.stderr
