@@ -13,9 +13,9 @@ import os
 import sys
 
 from stages import STAGE_NAMES
-from stages.config import PipelineConfig, RunConfig, apply_overrides, load_config, parse_config_text
+from stages.config import PipelineConfig, RunConfig, apply_overrides, load_config, read_config
 from stages.errors import InputError
-from stages.store import ArtifactStore, read_uri
+from stages.store import ArtifactStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,19 +167,12 @@ def _stage(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from stages.runner import run_stage
 
-    config = parse_config_text(_read_config_text(args.config), args.config)
+    config = read_config(args.config)
     overrides = args.overrides + ([f"run.store={args.store}"] if args.store else [])
     if overrides:
         config = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
     run_stage(args.name, config, ArtifactStore.from_uri(config.run.store))
     return 0
-
-
-def _read_config_text(location: str) -> str:
-    try:
-        return read_uri(location).decode()
-    except Exception as exc:
-        raise InputError(f"{location}: cannot read config ({exc})") from None
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ from flows.launchers import STAGE_FLOW
 from flows.pipeline import run_pipeline
 from flows.stage_flow import rlhf_stage
 from stages import STAGE_NAMES
-from stages.config import PipelineConfig, dump_config, parse_config_text
-from stages.store import ArtifactStore, read_uri
+from stages.config import PipelineConfig, dump_config, read_config
+from stages.store import ArtifactStore
 
 # The repository's infra/ folder (the orchestrator image sets RLHF_INFRA_DIR to its copy).
 INFRA = Path(os.environ.get("RLHF_INFRA_DIR", Path(__file__).resolve().parents[1] / "infra"))
@@ -35,7 +35,7 @@ S3_SECRETS = {"AWS_ACCESS_KEY_ID": "rlhf-s3-access-key-id", "AWS_SECRET_ACCESS_K
 @flow(name="rlhf-scheduled")
 def scheduled_pipeline(config_uri: str) -> dict[str, Any]:
     """The pipeline deployment's flow: a fresh run of the stored config, each stage on its own deployment."""
-    config = parse_config_text(read_uri(config_uri).decode(), config_uri)
+    config = read_config(config_uri)
     return run_pipeline(config, launcher="deployment")
 
 

@@ -48,11 +48,10 @@ def rlhf_command() -> list[str]:
 def stage_command(stage: str, config_uri: str) -> list[str]:
     """`rlhf stage NAME --config URI`; under `torchrun` (DDP, one process per GPU, NCCL; gloo on CPU) where the
     config gives the stage several processes."""
-    from stages.config import parse_config_text
-    from stages.store import read_uri
+    from stages.config import read_config
 
     arguments = ["stage", stage, "--config", config_uri]
-    processes = parse_config_text(read_uri(config_uri).decode(), config_uri).deploy.processes(stage)
+    processes = read_config(config_uri).deploy.processes(stage)
     if processes == 1:
         return [*rlhf_command(), *arguments]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
@@ -99,10 +98,9 @@ class DeploymentLauncher:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
 
-        from stages.config import parse_config_text
-        from stages.store import read_uri
+        from stages.config import read_config
 
-        deploy = parse_config_text(read_uri(config_uri).decode(), config_uri).deploy
+        deploy = read_config(config_uri).deploy
         with get_client(sync_client=True) as client:
             pool_type = client.read_work_pool(deploy.work_pool).type
         variables = job_variables(pool_type, stage, deploy)

@@ -23,9 +23,9 @@ from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, Stage
 from flows.monitoring import publish_report
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
-from stages.config import PipelineConfig, dump_config, parse_config_text
+from stages.config import PipelineConfig, dump_config, read_config
 from stages.graph import plan_stage
-from stages.store import ArtifactStore, read_uri
+from stages.store import ArtifactStore
 
 LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher, "deployment": DeploymentLauncher}
 
@@ -123,5 +123,5 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
 
 
 def _load(config_uri: str) -> tuple[ArtifactStore, PipelineConfig]:
-    config = parse_config_text(read_uri(config_uri).decode(), config_uri)
+    config = read_config(config_uri)
     return ArtifactStore.from_uri(config.run.store), config

@@ -13,9 +13,9 @@ from prefect.states import Completed, Failed
 
 from flows.launchers import INPUT_ERROR_STATE, STAGE_FLOW, ProcessLauncher, StageInputError
 from stages.artifacts import read_manifest
-from stages.config import parse_config_text
+from stages.config import read_config
 from stages.graph import plan_stage
-from stages.store import ArtifactStore, read_uri
+from stages.store import ArtifactStore
 
 
 @flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
@@ -24,7 +24,7 @@ def rlhf_stage(stage: str, config_uri: str):
         ProcessLauncher().launch(stage, config_uri, get_run_logger())
     except StageInputError as exc:
         return Failed(name=INPUT_ERROR_STATE, message=str(exc))
-    config = parse_config_text(read_uri(config_uri).decode(), config_uri)
+    config = read_config(config_uri)
     store = ArtifactStore.from_uri(config.run.store)
     prefix = plan_stage(store, config, stage).prefix
     if read_manifest(store, prefix) is None:

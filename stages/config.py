@@ -385,6 +385,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise InputError(_describe_validation_error(exc, path, text)) from None
 
 
+def read_config(location: str) -> PipelineConfig:
+    """The resolved config a run stored (a local path or s3://bucket/key), as stages and flows receive it."""
+    from stages.store import read_uri
+
+    try:
+        text = read_uri(location).decode()
+    except Exception as exc:
+        raise InputError(f"{location}: cannot read config ({exc})") from None
+    return parse_config_text(text, location)
+
+
 def parse_config_text(text: str, source: str) -> PipelineConfig:
     """Validate an already resolved config (what a stage process receives)."""
     try:
