@@ -26,7 +26,10 @@ assets: install
 demo: install
 	$(VENV)/bin/rlhf run examples/demo.yaml
 
+# The browser test opens the Prefect UI in Debian's headless Chromium (needs root to install).
 test: install assets
+	command -v chromium >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -46,4 +49,4 @@ benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py
 
 clean:
-	rm -rf $(VENV) .rlhf .assets
+	rm -rf $(VENV) .rlhf .assets .test-artifacts

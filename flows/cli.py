@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from stages import STAGE_NAMES
 from stages.config import PipelineConfig, RunConfig, apply_overrides, load_config, read_config
@@ -69,10 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="the run summary as JSON")
     show.set_defaults(handler=_show)
 
+    ui = commands.add_parser("ui", help="start a local Prefect server with its UI (on 127.0.0.1 by default)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (keep 127.0.0.1 unless you mean it)")
+    ui.add_argument("--port", type=int, default=4200)
+    ui.set_defaults(handler=_ui)
+
     validate = commands.add_parser("validate", help="check a config and every input it names")
     validate.add_argument("config")
     _add_common(validate)
     validate.set_defaults(handler=_validate)
+    _add_model_commands(commands)
     return parser
 
 
@@ -96,15 +104,16 @@ def _resolve(args: argparse.Namespace) -> PipelineConfig:
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import run_pipeline
+    from flows.run_view import print_summary, watching
     from stages.validation import validate_inputs
 
     config = _resolve(args)
     validate_inputs(config)
-    summary = run_pipeline(config)
+    with watching():
+        summary = run_pipeline(config)
+    print_summary(summary)
     if args.json:
         print(json.dumps(summary), flush=True)
-    else:
-        _print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -119,32 +128,38 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    """Replaces this process with `prefect server start`, so that stopping `rlhf ui` stops the server."""
+    address = f"http://{args.host}:{args.port}"
+    print(f"Prefect UI at {address} (stop with Ctrl-C)")
+    print(f"runs show there when started with: export PREFECT_API_URL={address}/api", flush=True)
+    server = ["server", "start", "--host", args.host, "--port", str(args.port), "--ui", "--analytics-off"]
+    # The UI's pages call the API it is told of, by default the one on port 4200: tell it this one.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.setdefault("PREFECT_UI_API_URL", f"{address}/api")
+    os.execve(sys.executable, [sys.executable, "-m", "prefect", *server], env)
+
+
 def _runs(args: argparse.Namespace) -> int:
+    from flows.run_view import headline
+
     store = ArtifactStore.from_uri(args.store)
     rows = []
     for run_id in store.list_children("runs"):
         key = f"runs/{run_id}/run.json"
         summary = store.read_json(key) if store.exists(key) else {"status": "running or stopped", "stages": {}}
         metrics = {name: stage["metrics"] for name, stage in summary["stages"].items()}
-        rows.append((summary.get("finished_at", ""), run_id, summary["status"], _headline(metrics)))
+        rows.append((summary.get("finished_at", ""), run_id, summary["status"], headline(metrics)))
     if not rows:
         print(f"no runs in {store.uri}")
-    for finished, run_id, status, headline in sorted(rows, reverse=True):
-        print(f"{run_id:<40} {status:<18} {finished[:19]:<19}  {headline}")
+    for finished, run_id, status, numbers in sorted(rows, reverse=True):
+        print(f"{run_id:<40} {status:<18} {finished[:19]:<19}  {numbers}")
     return 0
 
 
-def _headline(metrics: dict[str, dict]) -> str:
-    """The numbers that say whether a run worked: the reward model's accuracy and RL's win rate over SFT."""
-    parts = []
-    if "eval_accuracy" in metrics.get("reward", {}):
-        parts.append(f"reward accuracy {metrics['reward']['eval_accuracy']:.3f}")
-    if "win_rate_vs_sft" in metrics.get("evaluate", {}):
-        parts.append(f"win rate vs SFT {metrics['evaluate']['win_rate_vs_sft']:.3f}")
-    return ", ".join(parts)
-
-
 def _show(args: argparse.Namespace) -> int:
+    from flows.run_view import print_summary
+
     store = ArtifactStore.from_uri(args.store)
     key = f"runs/{args.run_id}/run.json"
     if not store.exists(key):
@@ -153,14 +168,8 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_summary(summary)
+        print_summary(summary)
     return 0
-
-
-def _print_summary(summary: dict) -> None:
-    print(f"run {summary['run_id']}: {summary['status']} (store {summary['store']})")
-    for name, stage in summary["stages"].items():
-        print(f"  {name:<9} {stage['status']:<7} {stage['seconds']:7.1f}s  {json.dumps(stage['metrics'])}")
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -191,6 +200,94 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"ok  {line}")
     print(f"{args.config}: valid")
     return 0
+
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser("compare", help="answer the same prompts with several models, side by side")
+    compare.add_argument("models", nargs="+", metavar="MODEL_URI", help="a policy artifact's URI or a model directory")
+    compare.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a user prompt; repeatable (default: held-out prompts of the run)",
+    )
+    compare.add_argument("--prompts-file", help="a file of user prompts, one a line")
+    compare.add_argument("--max-new-tokens", type=int, default=128)
+    compare.add_argument("--json", action="store_true", help="print the answers as JSON on the last line")
+    compare.set_defaults(handler=_compare)
+
+    chat = commands.add_parser("chat", help="chat with a model: user turns on stdin, until EOF or /exit")
+    chat.add_argument("model", metavar="MODEL_URI", help="a policy artifact's URI or a model directory")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.set_defaults(handler=_chat)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from stages.chat import ChatModel, default_prompts, fetch_model
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-compare-") as tmp:
+        sources = [fetch_model(uri, Path(tmp)) for uri in args.models]
+        prompts = [[{"role": "user", "content": text}] for text in _prompt_texts(args)] or default_prompts(sources)
+        labels = _distinct([source.label for source in sources])
+        answers = {
+            label: ChatModel.load(source).answer(prompts, args.max_new_tokens)
+            for label, source in zip(labels, sources, strict=True)
+        }
+    shown = [conversation[-1]["content"] for conversation in prompts]
+    if args.json:
+        print(json.dumps({"models": labels, "prompts": shown, "answers": answers}))
+        return 0
+    width = max(map(len, labels))
+    for label, uri in zip(labels, args.models, strict=True):
+        print(f"{label:<{width}}  {uri}")
+    for i, prompt in enumerate(shown):
+        print(f"\n[{i + 1}] {prompt}")
+        for label in labels:
+            print(f"  {label:<{width}}  {answers[label][i]}")
+    return 0
+
+
+def _prompt_texts(args: argparse.Namespace) -> list[str]:
+    if not args.prompts_file:
+        return args.prompts
+    try:
+        lines = Path(args.prompts_file).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"{args.prompts_file}: cannot read the prompts ({exc.strerror})") from None
+    return args.prompts + [line.strip() for line in lines if line.strip()]
+
+
+def _distinct(labels: list[str]) -> list[str]:
+    """A label two models share gets each one's position appended."""
+    return [label if labels.count(label) == 1 else f"{label}#{i + 1}" for i, label in enumerate(labels)]
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from stages.chat import ChatModel, fetch_model
+
+    conversation = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = "you> " if sys.stdin.isatty() else ""
+    with tempfile.TemporaryDirectory(prefix="rlhf-chat-") as tmp:
+        model = ChatModel.load(fetch_model(args.model, Path(tmp)))
+        while (line := _read_turn(prompt)) != "/exit":
+            if not line:
+                continue
+            conversation = model.within_context([*conversation, {"role": "user", "content": line}], args.max_new_tokens)
+            reply = model.answer([conversation], args.max_new_tokens)[0]
+            conversation.append({"role": "assistant", "content": reply})
+            print(f"{model.label}> {reply}", flush=True)
+    return 0
+
+
+def _read_turn(prompt: str) -> str:
+    """The user's next line; end of input (or Ctrl-C at the prompt) reads as `/exit`."""
+    try:
+        return input(prompt).strip()
+    except (EOFError, KeyboardInterrupt):
+        return "/exit"
 
 
 if __name__ == "__main__":

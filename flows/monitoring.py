@@ -1,13 +1,16 @@
 """What a stage reports while it runs, shown in the Prefect UI: a progress artifact updated live, its logged
-metrics as a table artifact and as `rlhf.metrics` events (for automations, e.g. on a KL that explodes), and the
-evaluation report as a Markdown artifact.
+metrics as a table artifact and as `rlhf.metrics` events (for automations, e.g. on a KL that explodes), its
+metric curves as a picture, and the evaluation report (with its score distributions) as a Markdown artifact.
 
 Stages print `rlhf-event {json}` lines (`stages/progress.py`); the launcher hands each line to a StageMonitor.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import time
 from typing import Any
 
 from prefect.artifacts import (
@@ -19,14 +22,19 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 
+from flows.run_view import stage_progress
+from stages.plots import CURVES_FILE
 from stages.progress import PREFIX
 from stages.store import ArtifactStore
+
+PROGRESS_INTERVAL_S = 2.0  # at most one progress update per interval (and always 100 %): each is an API call
 
 
 class StageMonitor:
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.progress_id = None
+        self.progress_updated = 0.0
         self.rows: list[dict[str, Any]] = []
 
     @classmethod
@@ -48,12 +56,17 @@ class StageMonitor:
         return True
 
     def progress(self, percent: float) -> None:
+        stage_progress(self.stage, percent)
+        now = time.monotonic()
         if self.progress_id is None:
             self.progress_id = create_progress_artifact(
                 percent, key=f"{self.stage}-progress", description=f"{self.stage}: percent of training steps done"
             )
-        else:
+        elif percent >= 100 or now - self.progress_updated >= PROGRESS_INTERVAL_S:
             update_progress_artifact(self.progress_id, percent)
+        else:
+            return
+        self.progress_updated = now
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.rows.append({"step": step, **metrics})
@@ -72,8 +85,24 @@ class StageMonitor:
             )
 
 
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\((plots/[\w.-]+\.png)\)")
+
+
 def publish_report(store: ArtifactStore, prefix: str) -> None:
-    """The evaluation's report.md (headline numbers, side-by-side answers) as the run's Markdown artifact."""
-    create_markdown_artifact(
-        store.read_bytes(f"{prefix}/report.md").decode(), key="evaluation-report", description="RLHF evaluation"
-    )
+    """The evaluation's report.md (headline numbers, score distributions, side-by-side answers) as the run's
+    Markdown artifact, its pictures inlined: the UI cannot reach the store."""
+    report = store.read_bytes(f"{prefix}/report.md").decode()
+    inlined = IMAGE_LINK.sub(lambda link: image_markdown(store, prefix, link[2], link[1]), report)
+    create_markdown_artifact(inlined, key="evaluation-report", description="RLHF evaluation")
+
+
+def publish_curves(store: ArtifactStore, stage: str, prefix: str) -> None:
+    """A training stage's metric curves as a Markdown artifact, where the stage drew them."""
+    if store.exists(f"{prefix}/{CURVES_FILE}"):
+        picture = image_markdown(store, prefix, CURVES_FILE, f"{stage} training metrics")
+        create_markdown_artifact(picture, key=f"{stage}-curves", description=f"{stage}: metrics against the step")
+
+
+def image_markdown(store: ArtifactStore, prefix: str, path: str, caption: str) -> str:
+    encoded = base64.b64encode(store.read_bytes(f"{prefix}/{path}")).decode()
+    return f"![{caption}](data:image/png;base64,{encoded})"

@@ -20,7 +20,8 @@ from prefect.runtime import task_run
 from prefect.states import Completed, Failed
 
 from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputError
-from flows.monitoring import publish_report
+from flows.monitoring import publish_curves, publish_report
+from flows.run_view import stage_finished, stage_started
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
 from stages.config import PipelineConfig, dump_config, read_config
@@ -54,6 +55,7 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
             raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
         status = "ran"
     logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
+    publish_curves(store, stage, plan.prefix)
     if stage == "evaluate":
         publish_report(store, plan.prefix)
     return {
@@ -80,11 +82,14 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
             retries=config.run.retries,
             retry_delay_seconds=[config.run.retry_delay_seconds * 2**i for i in range(config.run.retries)],
         )
+        stage_started(stage)
         state = task(stage, config_uri, launcher, return_state=True)
         seconds = round(time.monotonic() - started, 2)
         if state.is_completed():
             stages[stage] = state.result() | {"seconds": seconds}
+            stage_finished(stage, stages[stage]["status"])
             continue
+        stage_finished(stage, "failed")
         stages[stage] = {
             "status": "failed",
             "artifact": None,
@@ -92,7 +97,7 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
             "attempts": None,
             "resumed_from": None,
             "metrics": {},
-            "error": state.message,
+            "error": _error_of(state),
         }
         break
     status = "completed" if all(s["status"] != "failed" for s in stages.values()) else "failed"
@@ -120,6 +125,13 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     store.write_bytes(config_key, dump_config(config).encode())
     rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
     return store.read_json(f"runs/{run_id}/run.json")
+
+
+def _error_of(state) -> str:
+    """The stage's own words (its exception's message: the process's last line of output), without Prefect's
+    wrapping or a traceback."""
+    error = state.result(raise_on_failure=False)
+    return str(error) if isinstance(error, BaseException) else state.message or state.name
 
 
 def _load(config_uri: str) -> tuple[ArtifactStore, PipelineConfig]:

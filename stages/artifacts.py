@@ -21,6 +21,9 @@ from stages.errors import InputError
 from stages.store import ArtifactStore
 
 MANIFEST = "manifest.json"
+# What a stage records about its run (tracker event files of `run.report_to`, its metrics history and curves):
+# they hold when and where it ran, so the content digest leaves them out.
+LOGS_DIR = "logs"
 
 
 class FileEntry(BaseModel):
@@ -50,8 +53,10 @@ class Manifest(BaseModel):
 
     @property
     def digest(self) -> str:
-        """The content digest downstream stages key on: the files, nothing about when or where."""
-        listing = json.dumps([f.model_dump() for f in self.files], sort_keys=True)
+        """The content digest downstream stages key on: the files, nothing about when or where (so not the
+        tracker logs, whose event files carry wall times and host names)."""
+        files = [f.model_dump() for f in self.files if not f.path.startswith(f"{LOGS_DIR}/")]
+        listing = json.dumps(files, sort_keys=True)
         return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -121,3 +126,15 @@ def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
         if actual != entry.sha256:
             raise OSError(f"{store.uri_of(prefix)}/{entry.path}: sha256 {actual} does not match manifest")
     return manifest
+
+
+def read_verified(store: ArtifactStore, prefix: str, path: str) -> bytes:
+    """One (small) file of a complete artifact, checked against its manifest."""
+    manifest = read_manifest(store, prefix)
+    entry = next((e for e in manifest.files if e.path == path), None) if manifest is not None else None
+    if entry is None:
+        raise InputError(f"{store.uri_of(prefix)}/{path}: not a file of a complete artifact")
+    data = store.read_bytes(f"{prefix}/{path}")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise OSError(f"{store.uri_of(prefix)}/{path}: sha256 does not match manifest")
+    return data

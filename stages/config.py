@@ -31,6 +31,11 @@ class RunConfig(Section):
     retries: int = Field(2, ge=0, description="retries of a crashed stage process")
     retry_delay_seconds: float = Field(2.0, ge=0, description="first retry delay, doubled each retry")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [],
+        description="experiment trackers every training stage reports its metrics to, as the HF Trainer's "
+        "report_to; TensorBoard writes into the artifact's logs/, MLflow and W&B read their environment variables",
+    )
 
 
 class TinyModelConfig(Section):

@@ -17,6 +17,7 @@ from stages import demo_task
 from stages.data import load_rows
 from stages.generation import Rollout, conversation_scores, decode_responses, response_logprobs, sample
 from stages.models import load_policy, load_tokenizer, materialize_base
+from stages.plots import REWARDS_FILE, save_distributions
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
 
@@ -90,6 +91,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if config.judge == "reward_model"
         else {name: judge(config.judge, prompts, responses[name]) for name in POLICIES}
     )
+    panels = {"reward model score": reward}
+    if config.judge != "reward_model":
+        panels[f"{config.judge} judge score"] = judged
+    save_distributions(panels, "Scores of the held-out answers", ctx.out_dir / REWARDS_FILE)
     kl = kl_rl_to_sft(ctx, sources, rollouts["rl"])
     report = {
         "judge": JUDGES[config.judge],
@@ -142,6 +147,8 @@ def markdown_report(report: dict[str, Any], samples: list[dict[str, str]]) -> st
         f"- win rate of RL over SFT: **{report['win_rate_vs_sft']:.3f}**",
         f"- KL(RL ‖ SFT): {report['kl_rl_sft']:.3f} nats per response",
         f"- reward model held-out accuracy: {report['reward_model_eval_accuracy']}",
+        "",
+        f"![Score distributions of the base, SFT and RL answers]({REWARDS_FILE})",
         "",
         "## Side by side",
         "",

@@ -28,6 +28,7 @@ from stages.models import load_policy, load_scorer, load_tokenizer
 from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
+from stages.tracking import trackers
 
 log = logging.getLogger("rlhf.stage")
 
@@ -175,17 +176,20 @@ class PPOTrainer:
             self.ctx.resumed_from = self.start
             log.info("rl: resuming PPO from step %d", self.start)
         every = self.ctx.config.run.checkpoint_every
-        for step in range(self.start, self.config.steps):
-            started = time.perf_counter()
-            rollout, batch, stats = self.rollout(step)
-            stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
-            self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
-            report_progress("rl", step + 1, self.config.steps)
-            report_metrics("rl", step + 1, self.history[-1] | {"tokens_per_second": stats["tokens"] / stats["seconds"]})
-            if step % 10 == 0 or step + 1 == self.config.steps:
-                log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
-            if (step + 1) % every == 0 and step + 1 < self.config.steps:
-                self.save_checkpoint(step + 1)
+        with trackers(self.ctx) as log_metrics:
+            for step in range(self.start, self.config.steps):
+                started = time.perf_counter()
+                rollout, batch, stats = self.rollout(step)
+                stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
+                self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
+                throughput = {"tokens_per_second": stats["tokens"] / stats["seconds"]}
+                report_progress("rl", step + 1, self.config.steps)
+                report_metrics("rl", step + 1, self.history[-1] | throughput)
+                log_metrics(stats | throughput, step + 1)
+                if step % 10 == 0 or step + 1 == self.config.steps:
+                    log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
+                if (step + 1) % every == 0 and step + 1 < self.config.steps:
+                    self.save_checkpoint(step + 1)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 PREFIX = "rlhf-event "
+METRICS_HISTORY: list[dict[str, float]] = []  # what this process reported; saved with its stage's artifact
 
 
 def emit(kind: str, stage: str, **fields: Any) -> None:
@@ -27,4 +28,5 @@ def report_progress(stage: str, step: int, total: int) -> None:
 
 def report_metrics(stage: str, step: int, metrics: dict[str, Any]) -> None:
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    METRICS_HISTORY.append({"step": step, **numbers})
     emit("metrics", stage, step=step, metrics=numbers)

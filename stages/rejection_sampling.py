@@ -28,6 +28,7 @@ from stages.ppo import summarize, write_history
 from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
+from stages.tracking import trackers
 from stages.training import training_arguments
 
 log = logging.getLogger("rlhf.stage")
@@ -77,7 +78,9 @@ def best_of_n(
 def fine_tune(ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int) -> None:
     config = ctx.config.rl.rejection_sampling.training
     arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
-    arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index}
+    # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
+    # step 0 in the same tracker run would garble them.
+    arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index, "report_to": "none"}
     trainer = SFTTrainer(
         model=load_round_policy(ctx, round_dir, trainable=True),
         args=SFTConfig(completion_only_loss=True, **arguments),
@@ -112,18 +115,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
         history = load_rows(round_dir / "rounds.jsonl")
         ctx.resumed_from = start
         log.info("rl: resuming rejection sampling after round %d", start)
-    for round_index in range(start, config.rounds):
-        rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
-        chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-        kept, stats = best_of_n(ctx, round_dir, chosen, config)
-        out = ctx.work_dir / f"round-{round_index + 1}"
-        fine_tune(ctx, round_dir, kept, out, round_index)
-        history.append({"round": round_index + 1, **stats})
-        report_progress("rl", round_index + 1, config.rounds)
-        report_metrics("rl", round_index + 1, {**stats, "samples_kept": len(kept)})
-        write_history(out / "rounds.jsonl", history)
-        log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
-        ctx.checkpoints.save(round_index + 1, out)
-        round_dir = out
+    with trackers(ctx) as log_metrics:
+        for round_index in range(start, config.rounds):
+            rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
+            chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
+            kept, stats = best_of_n(ctx, round_dir, chosen, config)
+            out = ctx.work_dir / f"round-{round_index + 1}"
+            fine_tune(ctx, round_dir, kept, out, round_index)
+            history.append({"round": round_index + 1, **stats})
+            report_progress("rl", round_index + 1, config.rounds)
+            metrics = {**stats, "samples_kept": len(kept)}
+            report_metrics("rl", round_index + 1, metrics)
+            log_metrics(metrics, round_index + 1)
+            write_history(out / "rounds.jsonl", history)
+            log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
+            ctx.checkpoints.save(round_index + 1, out)
+            round_dir = out
     save_final(ctx, round_dir)
     return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}

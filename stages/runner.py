@@ -6,6 +6,7 @@ This is what `rlhf stage NAME` executes, locally or in the stage's container.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import tempfile
@@ -14,11 +15,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.artifacts import InputRef, Manifest, fetch_dir, publish_dir, read_manifest
+from stages.artifacts import LOGS_DIR, InputRef, Manifest, fetch_dir, publish_dir, read_manifest
 from stages.checkpoints import CheckpointStore
 from stages.config import PipelineConfig
 from stages.graph import StagePlan, plan_stage
 from stages.lora import link_adapter_bases
+from stages.progress import METRICS_HISTORY
 from stages.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -63,6 +65,18 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def save_metrics_history(stage: str, out_dir: Path) -> None:
+    """The metrics the stage reported while training, as rows and as curves, kept in its artifact."""
+    if not METRICS_HISTORY:
+        return
+    from stages.plots import CURVES_FILE, save_curves
+
+    (out_dir / LOGS_DIR).mkdir(exist_ok=True)
+    with (out_dir / LOGS_DIR / "metrics-history.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in METRICS_HISTORY)
+    save_curves(METRICS_HISTORY, f"{stage}: training metrics", out_dir / CURVES_FILE)
+
+
 def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest | None, bool]:
     """Returns the stage's manifest and whether it was already in the store (cached). Of several training
     processes only the main one publishes; the others return no manifest."""
@@ -91,9 +105,11 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         )
         ctx.out_dir.mkdir()
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
+        METRICS_HISTORY.clear()
         metrics: dict[str, Any] = module.run(ctx)
         if not is_main_process():
             return None, False
+        save_metrics_history(stage, ctx.out_dir)
         manifest = publish_dir(
             store,
             ctx.out_dir,

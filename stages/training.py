@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from stages.checkpoints import CheckpointStore
 from stages.config import TrainingConfig
@@ -16,6 +17,7 @@ from stages.lora import AdapterBase, save_model
 from stages.models import dtype_for
 from stages.progress import report_metrics, report_progress
 from stages.runner import StageContext
+from stages.tracking import logs_dir, report_to, run_name
 
 log = logging.getLogger("rlhf.stage")
 
@@ -50,7 +52,8 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
         "seed": run.seed,
         "bf16": dtype_for(ctx.device) == torch.bfloat16,
         "use_cpu": ctx.device.type == "cpu",
-        "report_to": "none",
+        "report_to": report_to(ctx),
+        "run_name": run_name(ctx),
         "include_num_input_tokens_seen": "all",
         "disable_tqdm": True,
         "max_length": ctx.config.model.max_length,
@@ -89,9 +92,22 @@ class ReportProgress(TrainerCallback):
             report_metrics(self.stage, state.global_step, logs)
 
 
-def train_with_resume(trainer: Trainer, ctx: StageContext, checkpoints: CheckpointStore | None = None) -> None:
-    """Train, resuming from the newest complete checkpoint in the store if there is one."""
+def log_tensorboard_into(trainer: Trainer, directory: Path) -> None:
+    """Point the Trainer's TensorBoard callback (if `report_to` made one) at `directory`: transformers 5 has no
+    `logging_dir` argument, only TENSORBOARD_LOGGING_DIR read when the callback is made, and defaults to the
+    Trainer's output_dir, which is not part of the artifact."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(directory)
+
+
+def train_with_resume(
+    trainer: Trainer, ctx: StageContext, checkpoints: CheckpointStore | None = None, out_dir: Path | None = None
+) -> None:
+    """Train, resuming from the newest complete checkpoint in the store if there is one; TensorBoard logs go
+    into the artifact (`out_dir`: where the model is saved, if not `ctx.out_dir`)."""
     checkpoints = checkpoints or ctx.checkpoints
+    log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
     trainer.add_callback(StoreCheckpoints(checkpoints))
     trainer.add_callback(ReportProgress(ctx.stage))
     step = checkpoints.latest()
@@ -139,7 +155,7 @@ def train_evaluate_save(
 
     Returns the loss curve, the step count and the evaluation metrics named in `reported` ({name: key}).
     """
-    train_with_resume(trainer, ctx, checkpoints)
+    train_with_resume(trainer, ctx, checkpoints, out_dir)
     evaluation = trainer.evaluate()
     save_trained(trainer, config, base, out_dir or ctx.out_dir)
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}

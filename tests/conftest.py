@@ -55,6 +55,17 @@ def rlhf(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProc
     return subprocess.run([RLHF, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a process this session started, by its PID: SIGTERM, then SIGKILL if it is still there after `grace`
+    seconds (a busy Prefect worker or server can take longer to shut down than a test should wait)."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1; the AWS variables point every boto3 client (and child process) at it."""

@@ -26,7 +26,7 @@ from flows.pipeline import run_pipeline
 from stages import STAGE_NAMES
 from stages.config import DeployConfig, dump_config, load_config
 from stages.store import ArtifactStore
-from tests.conftest import TINY
+from tests.conftest import TINY, stop
 
 SHORT = ["sft.max_steps=10", "reward.max_steps=10", "rl.ppo.steps=2", "evaluate.prompts=8"]
 
@@ -46,8 +46,7 @@ def process_pool(prefect_api, tmp_path):
 
     yield pool, start
     if worker is not None:
-        worker.terminate()
-        worker.wait(timeout=30)
+        stop(worker)
     log.close()
 
 

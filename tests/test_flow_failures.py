@@ -88,5 +88,5 @@ def test_crashes_are_retried_and_input_errors_are_not(prefect_api, monkeypatch, 
     assert summary["status"] == "failed"
     assert summary["stages"]["prepare"]["status"] == "cached"
     assert summary["stages"]["sft"]["status"] == "failed"
-    assert f"failed on attempt {attempts}" in summary["stages"]["sft"]["error"]
-    assert "stage sft failed" in state.message
+    assert summary["stages"]["sft"]["error"] == f"stage sft failed on attempt {attempts}"
+    assert state.message == f"stage sft failed: stage sft failed on attempt {attempts}"  # the UI's run message

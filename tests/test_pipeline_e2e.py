@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from stages import STAGE_NAMES
-from stages.artifacts import read_manifest
+from stages.artifacts import fetch_dir, read_manifest
 from stages.store import S3Store
 from tests.conftest import RLHF, rlhf, tiny_args
 
@@ -143,6 +143,87 @@ def test_killed_rl_process_is_retried_and_resumes(first_run, bucket):
     assert store.list_children(f"checkpoints/rl/{store.key_of(rl['artifact']).rsplit('/', 1)[1]}") == []
 
 
+PROMPTS = ("tell me about the cat today", "describe the river at night")
+
+
+def compare_json(*models: str) -> dict:
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    result = rlhf("compare", *models, *prompts, "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return summary_of(result)
+
+
+def label_of(uri: str) -> str:
+    stage, key = uri.split("/")[-2:]
+    return f"{stage}-{key[:6]}"
+
+
+def test_compare_answers_each_prompt_with_each_model_greedily(first_run, bucket, tmp_path):
+    sft, rl = (first_run["stages"][name]["artifact"] for name in ("sft", "rl"))
+    compared = compare_json(sft, rl)
+    assert compared["models"] == [label_of(sft), label_of(rl)]
+    assert compared["prompts"] == list(PROMPTS)
+    for answers in compared["answers"].values():
+        assert len(answers) == len(PROMPTS) and all(isinstance(a, str) and a.strip() for a in answers)
+    # Another process, the models in another order, SFT from a plain model directory: the same answers.
+    store = S3Store(f"s3://{bucket}/runs")
+    fetch_dir(store, store.key_of(sft), tmp_path / "sft-copy")
+    again = compare_json(rl, str(tmp_path / "sft-copy"))
+    assert again["models"] == [label_of(rl), "sft-copy"]
+    assert again["answers"] == {
+        label_of(rl): compared["answers"][label_of(rl)],
+        "sft-copy": compared["answers"][label_of(sft)],
+    }
+
+
+def test_compare_defaults_to_the_runs_held_out_prompts(first_run, bucket):
+    rl = first_run["stages"]["rl"]["artifact"]
+    result = rlhf("compare", rl, "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = S3Store(f"s3://{bucket}/runs")
+    rows = store.read_bytes(f"{store.key_of(first_run['stages']['prepare']['artifact'])}/prompt_eval.jsonl")
+    for i, row in enumerate(rows.decode().splitlines()[:4]):
+        assert f"[{i + 1}] {json.loads(row)['prompt'][-1]['content']}\n  {label_of(rl)}  " in result.stdout
+
+
+def test_chat_answers_each_line_of_stdin_with_the_conversation_so_far(first_run):
+    rl = first_run["stages"]["rl"]["artifact"]
+    lines = "tell me about the cat today\nand the river at night\n"
+    result = rlhf("chat", rl, "--max-new-tokens", "12", "--system", "be kind", input=lines)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"{label_of(rl)}> ") == 2 and "you>" not in result.stdout
+    stopped = rlhf("chat", rl, "--max-new-tokens", "12", input="tell me about the cat\n/exit\ndescribe the dog\n")
+    assert stopped.returncode == 0 and stopped.stdout.count(f"{label_of(rl)}> ") == 1
+
+
+def test_a_long_chat_drops_its_oldest_exchanges_to_fit_the_context_window(first_run, tmp_path):
+    from stages.chat import ChatModel, fetch_model
+
+    model = ChatModel.load(fetch_model(first_run["stages"]["rl"]["artifact"], tmp_path))
+    system = {"role": "system", "content": "be kind"}
+    exchanges = [
+        message
+        for i in range(12)
+        for message in ({"role": "user", "content": f"tell me about cat {i}"}, {"role": "assistant", "content": "ok"})
+    ]
+    conversation = [system, *exchanges, {"role": "user", "content": "and the river?"}]
+    kept = model.within_context(conversation, max_new_tokens=12)
+    window = model.policy.config.max_position_embeddings
+    assert model._length(conversation) + 12 > window >= model._length(kept) + 12
+    assert kept[0] == system and kept[-1] == conversation[-1] and kept[1:] == conversation[-len(kept) + 1 :]
+    assert model.within_context(conversation[-3:], max_new_tokens=12) == conversation[-3:]
+
+
+def test_compare_and_chat_refuse_what_is_not_a_policy(first_run, bucket, tmp_path):
+    missing = f"s3://{bucket}/runs/artifacts/sft/no-such-key"
+    prepare = first_run["stages"]["prepare"]["artifact"]
+    for command, uri in (("compare", missing), ("chat", prepare), ("compare", str(tmp_path))):
+        result = rlhf(command, uri, input="")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {uri}: ")
+        assert "Traceback" not in result.stderr
+
+
 # GRPO keeps a LoRA adapter and RLOO merges one: TRL's trainers get the adapter config (their reference is the
 # policy with the adapter disabled), and the artifacts come out as configured.
 ALGORITHM_SETTINGS = {
@@ -191,6 +272,8 @@ def test_trl_alignment_methods_run_as_the_rl_stage(first_run, bucket, algorithm)
     assert manifest.licenses == ["generated by rlhf-pipeline (demo task)"]
     if algorithm == "dpo":
         assert rl["metrics"]["eval_reward_accuracy"] > 0.6
+    if algorithm == "grpo":  # a kept adapter answers like any policy, on its SFT base fetched with it
+        assert all(answer.strip() for answer in compare_json(rl["artifact"])["answers"][label_of(rl["artifact"])])
     assert "win_rate_vs_sft" in summary["stages"]["evaluate"]["metrics"]
 
 

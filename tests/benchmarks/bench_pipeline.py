@@ -2,7 +2,8 @@
 
 (a) orchestration overhead: the whole `rlhf run` of a config (Prefect in ephemeral mode, one process per stage,
     artifacts and checkpoints in a local store) against the same stages' training code called one after the
-    other in one plain Python process with no Prefect, no store and no subprocesses;
+    other in one plain Python process with no Prefect, no store and no subprocesses; each side is a fresh
+    process timed from outside, so both pay their interpreter start and imports;
 (b) checkpoint transfer: upload and download of checkpoint-shaped files through the ArtifactStore (manifest,
     sha256, TransferManager) against raw boto3 `upload_file`/`download_file` of the same files to the same S3
     server (moto on 127.0.0.1), each in its own process so that its peak memory (max RSS, and the peak of
@@ -76,6 +77,17 @@ def in_process(config_path: str | None, overrides: list[str], work: Path) -> tup
         outputs[stage] = ctx.out_dir
         timings[stage] = round(time.monotonic() - stage_started, 1)
     return time.monotonic() - started, {"stages": timings, "metrics": metrics}
+
+
+def plain_process(config_path: str | None, overrides: list[str], work: Path) -> tuple[float, dict]:
+    """`in_process` in a fresh Python process, timed from outside like `rlhf run`."""
+    request = json.dumps({"config": config_path, "overrides": overrides, "work": str(work)})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, __file__, "--in-process", request], capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"the plain process failed:\n{result.stderr[-4000:]}")
+    return elapsed, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def orchestrated(config_path: str | None, overrides: list[str], store: Path) -> tuple[float, dict]:
@@ -181,7 +193,7 @@ def pipeline_benchmark(config: str | None, overrides: list[str], repeats: int, w
     """Both sides `repeats` times, interleaved, so that drift of the machine hits both alike; medians."""
     bare_runs, orchestrated_runs = [], []
     for i in range(repeats):
-        bare_runs.append(in_process(config, overrides, work / f"bare-{i}"))
+        bare_runs.append(plain_process(config, overrides, work / f"bare-{i}"))
         orchestrated_runs.append(orchestrated(config, overrides, work / f"store-{i}"))
     bare_s = statistics.median(seconds for seconds, _ in bare_runs)
     orchestrated_s = statistics.median(seconds for seconds, _ in orchestrated_runs)
@@ -205,7 +217,13 @@ def main() -> None:
     parser.add_argument("--skip-transfer", action="store_true")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side of (a), interleaved")
     parser.add_argument("--transfer", nargs=3, metavar=("MODE", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process:
+        request = json.loads(args.in_process)
+        _, report = in_process(request["config"], request["overrides"], Path(request["work"]))
+        print(json.dumps(report))
+        return
     if args.transfer:
         mode, source, target = args.transfer
         print(json.dumps(transfer(mode, "bench", Path(source), Path(target))))

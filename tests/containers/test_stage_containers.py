@@ -19,7 +19,7 @@ from flows.pipeline import run_pipeline
 from stages import STAGE_NAMES
 from stages.config import load_config
 from stages.store import ArtifactStore
-from tests.conftest import TINY
+from tests.conftest import TINY, stop
 from tests.containers.conftest import IMAGE_TAG, docker
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
@@ -41,8 +41,7 @@ def docker_pool(prefect_api, docker_host, tmp_path):
 
     yield pool, start, log_path
     for worker in workers:
-        worker.terminate()
-        worker.wait(timeout=30)
+        stop(worker)
 
 
 def test_demo_pipeline_runs_every_stage_in_its_own_container(stage_images, docker_pool, s3_bucket):
