@@ -127,8 +127,10 @@ class ChatModel:
         return system + turns
 
     def _length(self, conversation: Conversation) -> int:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Prompt tokens of the conversation, encoded as `answer` encodes it."""
+        from stages.generation import encode_prompts
+
+        return encode_prompts(self.tokenizer, [conversation], self.policy.device)[0].shape[1]
 
     def answer(self, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
         """The next assistant turn of each conversation, greedy."""
