@@ -7,11 +7,13 @@ The Prefect side and the training side are imported only by the subcommands that
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
 import tempfile
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from stages import STAGE_NAMES
@@ -182,6 +184,28 @@ def _stage(args: argparse.Namespace) -> int:
         config = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
     run_stage(args.name, config, ArtifactStore.from_uri(config.run.store))
     return 0
+
+
+def run_forked(arguments: list[str], env: dict[str, str], output: Connection) -> None:
+    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as a fresh one would run it:
+    output into the launcher's pipe, line-buffered; the launcher's environment; `rlhf stage ...` as the command
+    line `ps` shows; exit handlers run at exit (a forked child leaves with os._exit)."""
+    from setproctitle import setproctitle
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(output.fileno(), sys.stdout.fileno())
+    os.dup2(output.fileno(), sys.stderr.fileno())
+    output.close()
+    sys.stdout.reconfigure(line_buffering=True)
+    setproctitle(" ".join(["rlhf", *arguments]))  # before the environment changes: it needs the original block
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        code = main(arguments)
+    finally:
+        atexit._run_exitfuncs()
+    sys.exit(code)
 
 
 def _convert(args: argparse.Namespace) -> int:

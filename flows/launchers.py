@@ -5,6 +5,8 @@ deployment on a process, Docker or Kubernetes work pool (`deployment`), with the
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -12,16 +14,29 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from flows.cli import run_forked
 from flows.monitoring import StageMonitor
+from stages import STAGE_NAMES
 
 if TYPE_CHECKING:
-    from stages.config import DeployConfig
+    from stages.config import DeployConfig, PipelineConfig
 
 EXIT_INPUT_ERROR = 2
 INPUT_ERROR_STATE = "InputError"  # the name of a stage flow run's Failed state when its input was rejected
 STAGE_FLOW = "rlhf-stage"
+# What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
+# (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
+PRELOADED_MODULES = [
+    "flows.cli",
+    "stages.runner",
+    *(f"stages.{name}" for name in ("prepare", "sft", "reward", "rl", "evaluate")),
+    *(f"stages.{name}" for name in ("ppo", "rejection_sampling", "dpo", "group_rl", "multi_aspect")),
+    "peft",
+    "transformers.models.llama.modeling_llama",
+    "matplotlib.figure",
+]
 
 
 class StageInputError(Exception):
@@ -45,29 +60,99 @@ def rlhf_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "flows.cli"]
 
 
-def stage_command(stage: str, config_uri: str) -> list[str]:
+def stage_arguments(stage: str, config_uri: str) -> list[str]:
+    return ["stage", stage, "--config", config_uri]
+
+
+def stage_command(stage: str, config: PipelineConfig, config_uri: str) -> list[str]:
     """`rlhf stage NAME --config URI`; under `torchrun` (DDP, one process per GPU, NCCL; gloo on CPU) where the
     config gives the stage several processes."""
-    from stages.config import read_config
-
-    arguments = ["stage", stage, "--config", config_uri]
-    processes = read_config(config_uri).deploy.processes(stage)
+    arguments = stage_arguments(stage, config_uri)
+    processes = config.deploy.processes(stage)
     if processes == 1:
         return [*rlhf_command(), *arguments]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return [sys.executable, *torchrun, "-m", "flows.cli", *arguments]
 
 
+def gpu_visible() -> bool:
+    """Whether `run.device: auto` will find a GPU, judged without importing torch: an NVIDIA or ROCm driver
+    with devices, and CUDA_VISIBLE_DEVICES not hiding them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
+
+
+def forks_stage(stage: str, config: PipelineConfig) -> bool:
+    """Fork from the warm interpreter only where that is safe and worth it: one process on a Linux CPU. CUDA
+    must be initialised in a fresh process, and on a GPU the import is a small part of a stage."""
+    if config.run.stage_start != "fork" or sys.platform != "linux" or config.deploy.processes(stage) > 1:
+        return False
+    return config.run.device == "cpu" or (config.run.device == "auto" and not gpu_visible())
+
+
+def warm_interpreter() -> multiprocessing.context.ForkServerContext:
+    """multiprocessing's fork server with PRELOADED_MODULES imported: one per orchestrator process, started on
+    first use (in the background: it imports while the caller goes on) and gone when that process ends."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED_MODULES)
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+class ForkedStage:
+    """`rlhf stage ...` as a child of the warm interpreter, with what the launcher uses of a Popen: `pid`, its
+    output as `stdout`, `wait()` with the same exit codes (negative: killed by that signal)."""
+
+    def __init__(self, arguments: list[str], env: dict[str, str]) -> None:
+        context = warm_interpreter()
+        reader, writer = context.Pipe(duplex=False)
+        self._process = context.Process(target=run_forked, args=(arguments, env, writer))
+        self._process.start()
+        writer.close()
+        self.pid = self._process.pid
+        self.stdout: IO[str] = open(os.dup(reader.fileno()), encoding="utf-8", errors="replace")  # noqa: SIM115
+        reader.close()
+
+    def wait(self) -> int:
+        self._process.join()
+        return self._process.exitcode
+
+    def __enter__(self) -> ForkedStage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stdout.close()
+        self.wait()
+        self._process.close()
+
+
 class ProcessLauncher:
-    """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger."""
+    """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger.
+    On CPU the process is forked from the warm interpreter (`run.stage_start`), else a fresh `rlhf stage`."""
+
+    @staticmethod
+    def warm_up(config: PipelineConfig) -> None:
+        """Start the warm interpreter's imports now, beside whatever the caller does next (Prefect starting)."""
+        if any(forks_stage(stage, config) for stage in STAGE_NAMES):
+            warm_interpreter()
 
     def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
-        command = stage_command(stage, config_uri)
+        from stages.config import read_config
+
+        config = read_config(config_uri)
+        command = stage_command(stage, config, config_uri)
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        logger.info("launching: %s", " ".join(command))
+        forked = forks_stage(stage, config)
+        logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
         monitor = StageMonitor.in_run_context(stage)
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        if forked:
+            started = ForkedStage(stage_arguments(stage, config_uri), env)
+        else:
+            started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        with started as proc:
             logger.info("stage process pid %d", proc.pid)
             for line in proc.stdout:
                 line = line.rstrip()

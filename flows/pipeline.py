@@ -25,6 +25,7 @@ from flows.run_view import stage_finished, stage_started
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
 from stages.config import PipelineConfig, dump_config, read_config
+from stages.errors import InputError
 from stages.graph import plan_stage
 from stages.store import ArtifactStore
 
@@ -120,11 +121,21 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     `deploy.launcher`: stage processes here, or flow runs of the stage deployments."""
     launcher = launcher or config.deploy.launcher
     store = ArtifactStore.from_uri(config.run.store)
+    if launcher == "process" and not _all_cached(store, config):
+        ProcessLauncher.warm_up(config)
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
     store.write_bytes(config_key, dump_config(config).encode())
     rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
     return store.read_json(f"runs/{run_id}/run.json")
+
+
+def _all_cached(store: ArtifactStore, config: PipelineConfig) -> bool:
+    try:
+        plan = plan_stage(store, config, STAGE_NAMES[-1])
+    except InputError:
+        return False
+    return read_manifest(store, plan.prefix) is not None
 
 
 def _error_of(state) -> str:

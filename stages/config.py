@@ -31,6 +31,12 @@ class RunConfig(Section):
     retries: int = Field(2, ge=0, description="retries of a crashed stage process")
     retry_delay_seconds: float = Field(2.0, ge=0, description="first retry delay, doubled each retry")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    stage_start: Literal["fork", "exec"] = Field(
+        "fork",
+        description="how the local launcher starts a stage process on CPU: fork it from one interpreter that "
+        "has imported the training stack once (saves the ~8 s import per stage), or exec a fresh "
+        "`rlhf stage` interpreter; GPU stages and multi-process stages are always exec'd",
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         [],
         description="experiment trackers every training stage reports its metrics to, as the HF Trainer's "

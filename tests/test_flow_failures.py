@@ -28,9 +28,22 @@ def _fake_stage(monkeypatch, script: str) -> None:
 
 @pytest.fixture
 def config_file(tmp_path) -> str:
+    """Fake stages are commands, so they are exec'd, not forked from the warm interpreter."""
     path = tmp_path / "config.yaml"
-    path.write_text(dump_config(load_config(None)))
+    path.write_text(dump_config(load_config(None, ["run.stage_start=exec"])))
     return str(path)
+
+
+@pytest.mark.parametrize("start", ["fork", "exec"])
+def test_a_real_stage_rejecting_its_input_is_an_input_error(tmp_path, start):
+    """The real `rlhf stage sft` with no `prepare` artifact in the store exits 2, forked or exec'd alike."""
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(load_config(None, [f"run.store={tmp_path / 'store'}", f"run.stage_start={start}"])))
+    log = _Log()
+    with pytest.raises(StageInputError, match="stage sft: its input 'prepare' has not been produced yet"):
+        ProcessLauncher().launch("sft", str(path), log)
+    assert ("(forked from the warm interpreter)" in log.lines[0]) == (start == "fork")
+    assert f"rlhf stage sft --config {path}" in log.lines[0]
 
 
 def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch, config_file):

@@ -99,10 +99,10 @@ def _stage_pid(stage: str, marker: str) -> int | None:
         if not entry.name.isdigit():
             continue
         try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
+            # A forked stage's title is one string: `rlhf stage rl --config URI`.
+            text = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
         except OSError:
             continue
-        text = [a.decode(errors="replace") for a in args]
         if "stage" in text and stage in text and any(marker in a for a in text):
             return int(entry.name)
     return None
