@@ -146,6 +146,7 @@ def _runs(args: argparse.Namespace) -> int:
     from flows.run_view import headline
 
     store = ArtifactStore.from_uri(args.store)
+    store.check_access()
     rows = []
     for run_id in store.list_children("runs"):
         key = f"runs/{run_id}/run.json"
@@ -163,6 +164,7 @@ def _show(args: argparse.Namespace) -> int:
     from flows.run_view import print_summary
 
     store = ArtifactStore.from_uri(args.store)
+    store.check_access()
     key = f"runs/{args.run_id}/run.json"
     if not store.exists(key):
         raise InputError(f"{store.uri_of(key)}: no finished run {args.run_id!r} in this store (see `rlhf runs`)")
@@ -201,6 +203,7 @@ def run_forked(arguments: list[str], env: dict[str, str], output: Connection) ->
     setproctitle(" ".join(["rlhf", *arguments]))  # before the environment changes: it needs the original block
     os.environ.clear()
     os.environ.update(env)
+    sys.argv = ["rlhf", *arguments]
     try:
         code = main(arguments)
     finally:

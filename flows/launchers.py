@@ -130,7 +130,11 @@ class ForkedStage:
 
 class ProcessLauncher:
     """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger.
-    On CPU the process is forked from the warm interpreter (`run.stage_start`), else a fresh `rlhf stage`."""
+    With `warm` (the pipeline's several stages) a CPU stage is forked from the warm interpreter
+    (`run.stage_start`); otherwise, and where one stage is all a process runs, it is a fresh `rlhf stage`."""
+
+    def __init__(self, warm: bool = True) -> None:
+        self.warm = warm
 
     @staticmethod
     def warm_up(config: PipelineConfig) -> None:
@@ -144,7 +148,7 @@ class ProcessLauncher:
         config = read_config(config_uri)
         command = stage_command(stage, config, config_uri)
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        forked = forks_stage(stage, config)
+        forked = self.warm and forks_stage(stage, config)
         logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
         monitor = StageMonitor.in_run_context(stage)

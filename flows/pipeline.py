@@ -71,6 +71,7 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
 @flow(name="rlhf-pipeline", flow_run_name="{run_id}")
 def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     store, config = _load(config_uri)
+    _warm_up(store, config, launcher)
     config_hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:12]
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
     stages: dict[str, Any] = {}
@@ -121,8 +122,7 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     `deploy.launcher`: stage processes here, or flow runs of the stage deployments."""
     launcher = launcher or config.deploy.launcher
     store = ArtifactStore.from_uri(config.run.store)
-    if launcher == "process" and not _all_cached(store, config):
-        ProcessLauncher.warm_up(config)
+    _warm_up(store, config, launcher)  # now, so that its imports overlap Prefect's start
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
     store.write_bytes(config_key, dump_config(config).encode())
@@ -130,12 +130,16 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     return store.read_json(f"runs/{run_id}/run.json")
 
 
-def _all_cached(store: ArtifactStore, config: PipelineConfig) -> bool:
+def _warm_up(store: ArtifactStore, config: PipelineConfig, launcher: str) -> None:
+    """Start the warm interpreter that local stage processes are forked from, unless no stage will run."""
+    if launcher != "process":
+        return
     try:
-        plan = plan_stage(store, config, STAGE_NAMES[-1])
+        cached = read_manifest(store, plan_stage(store, config, STAGE_NAMES[-1]).prefix) is not None
     except InputError:
-        return False
-    return read_manifest(store, plan.prefix) is not None
+        cached = False
+    if not cached:
+        ProcessLauncher.warm_up(config)
 
 
 def _error_of(state) -> str:

@@ -21,7 +21,7 @@ from stages.store import ArtifactStore
 @flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
 def rlhf_stage(stage: str, config_uri: str):
     try:
-        ProcessLauncher().launch(stage, config_uri, get_run_logger())
+        ProcessLauncher(warm=False).launch(stage, config_uri, get_run_logger())
     except StageInputError as exc:
         return Failed(name=INPUT_ERROR_STATE, message=str(exc))
     config = read_config(config_uri)

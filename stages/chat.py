@@ -84,7 +84,9 @@ def base_of(manifest: Manifest, work_dir: Path) -> str:
 def locate(uri: str) -> tuple[ArtifactStore, str]:
     """The store holding the artifact at `uri`, and the artifact's prefix in it."""
     root, _, name = uri.rstrip("/").rpartition("/")
-    return ArtifactStore.from_uri(root or "."), name
+    store = ArtifactStore.from_uri(root or ".")
+    store.check_access()
+    return store, name
 
 
 def default_prompts(sources: list[ModelSource], count: int = 4) -> list[Conversation]:

@@ -68,6 +68,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def check_access(self) -> None:
+        """Raise InputError, saying what to fix, if the store cannot be used (before anything is started)."""
+
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
@@ -82,6 +86,11 @@ class LocalStore(ArtifactStore):
 
     def _path(self, key: str) -> Path:
         return self.root / key
+
+    def check_access(self) -> None:
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir():
+            raise InputError(f"store {self.uri}: {existing} is a file, not a directory")
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -137,6 +146,24 @@ class S3Store(ArtifactStore):
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def check_access(self) -> None:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        endpoint = self.client.meta.endpoint_url
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            raise InputError(
+                f"store {self.uri}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile "
+                "in ~/.aws)"
+            ) from None
+        except EndpointConnectionError:
+            raise InputError(f"store {self.uri}: cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL)") from None
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            reason = {"404": "no such bucket", "NoSuchBucket": "no such bucket", "403": "access denied"}.get(code, code)
+            raise InputError(f"store {self.uri}: bucket {self.bucket!r} at {endpoint}: {reason}") from None
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -25,6 +25,7 @@ def validate_inputs(config: PipelineConfig) -> list[str]:
             checked.append(f"data.{field}[{index}]: {source.path} ({len(rows)} {kind} rows, {licenses[source.path]})")
     checked.append(f"model.base: {_check_model(config.model.base)}")
     store = ArtifactStore.from_uri(config.run.store)
+    store.check_access()
     checked.append(f"run.store: {store.uri}")
     return checked
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -141,3 +142,45 @@ def test_seed_dataset_examples_are_valid_and_licence_clean(name):
     licenses = check_licenses(config)
     assert licenses and all(license for license in licenses.values())
     assert config.evaluate.judge == "reward_model"
+
+
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": None,
+    "AWS_SECRET_ACCESS_KEY": None,
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "bucket", "message"),
+    [
+        (NO_CREDENTIALS, "present", "no S3 credentials (set AWS_ACCESS_KEY_ID"),
+        ({}, "absent", "bucket 'absent-bucket' at http://127.0.0.1:"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}, "present", "cannot reach the S3"),
+    ],
+)
+def test_an_unusable_s3_store_exits_2_naming_it(s3_bucket, tmp_path, env, bucket, message):
+    """No credentials, no bucket, no server: `rlhf validate`, `run`, `runs` and `chat` stop before anything starts."""
+    name = s3_bucket if bucket == "present" else "absent-bucket"
+    store = f"s3://{name}/runs"
+    child_env = {k: v for k, v in (os.environ | env).items() if v is not None}
+    demo = str(REPO / "examples" / "demo.yaml")
+    for command in (
+        ("validate", demo, "--store", store),
+        ("run", "--store", store),
+        ("runs", "--store", store),
+        ("chat", f"{store}/artifacts/sft/0123"),
+    ):
+        result = rlhf(*command, timeout=120, env=child_env, input="")
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"store {store}" in result.stderr and message in result.stderr, (command, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_store_under_a_file_exits_2(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    result = rlhf("run", "--store", str(tmp_path / "taken" / "store"), timeout=60)
+    assert result.returncode == 2
+    assert f"store {tmp_path / 'taken' / 'store'}: {tmp_path / 'taken'} is a file" in result.stderr

@@ -34,6 +34,19 @@ def config_file(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "forked"),
+    [
+        (["run.device=cpu"], True),
+        (["run.device=cpu", "run.stage_start=exec"], False),
+        (["run.device=cuda"], False),  # CUDA initialises in a fresh process only
+        (["run.device=cpu", "deploy.stages.sft.processes=2"], False),  # torchrun starts those
+    ],
+)
+def test_which_stages_are_forked_from_the_warm_interpreter(overrides, forked):
+    assert launchers.forks_stage("sft", load_config(None, overrides)) is forked
+
+
 @pytest.mark.parametrize("start", ["fork", "exec"])
 def test_a_real_stage_rejecting_its_input_is_an_input_error(tmp_path, start):
     """The real `rlhf stage sft` with no `prepare` artifact in the store exits 2, forked or exec'd alike."""
