@@ -71,7 +71,6 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
 @flow(name="rlhf-pipeline", flow_run_name="{run_id}")
 def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     store, config = _load(config_uri)
-    _warm_up(store, config, launcher)
     config_hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:12]
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
     stages: dict[str, Any] = {}
