@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from stages import STAGE_NAMES
-from stages.config import PipelineConfig, RunConfig, apply_overrides, load_config, read_config
+from stages.config import DataConfig, PipelineConfig, RunConfig, apply_overrides, load_config, read_config
 from stages.errors import InputError
 from stages.store import ArtifactStore
 
@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--format", required=True, help="dolly, alpaca, oasst, shp, hh-rlhf, messages, ...")
     convert.add_argument("--kind", required=True, choices=("sft", "preference", "prompt"))
     convert.add_argument("--split", default="train", help="the Hub dataset's split")
+    convert.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=DataConfig().max_skipped_fraction,
+        help="refuse the dataset when more of its rows than this share cannot be used (default: %(default)s)",
+    )
     convert.set_defaults(handler=_convert)
 
     deploy = commands.add_parser(
@@ -214,8 +220,11 @@ def run_forked(arguments: list[str], env: dict[str, str], output: Connection) ->
 def _convert(args: argparse.Namespace) -> int:
     from stages.formats import convert
 
-    for row in convert(args.path, args.format, args.kind, args.split):
+    converted = convert(args.path, args.format, args.kind, args.split, args.max_skipped_fraction)
+    for row in converted.rows:
         print(json.dumps(row, ensure_ascii=False))
+    if converted.skipped.count:
+        print(f"{args.path}: {converted.skipped.summary()}", file=sys.stderr)
     return 0
 
 

@@ -118,45 +118,26 @@ class ChatModel:
             raise InputError(f"{source.uri}: cannot load a causal language model ({exc})") from None
         return cls(source.label, policy, load_tokenizer(str(source.path)))
 
+    @property
+    def window(self) -> int | None:
+        return getattr(self.policy.config, "max_position_embeddings", None)
+
     def within_context(self, conversation: Conversation, max_new_tokens: int) -> Conversation:
         """The conversation less its oldest exchanges, as many as it takes to leave room for the answer in the
         model's context window; the system message and the latest turn always stay."""
-        window = getattr(self.policy.config, "max_position_embeddings", None)
-        system = conversation[:1] if conversation and conversation[0]["role"] == "system" else []
-        turns = conversation[len(system) :]
-        while window and len(turns) > 1 and self._length(system + turns) + max_new_tokens > window:
-            turns = turns[2:]
-        return system + turns
+        from stages.generation import trim_turns
 
-    def _length(self, conversation: Conversation) -> int:
-        """Prompt tokens of the conversation, encoded as `answer` encodes it."""
-        from stages.generation import encode_prompts
-
-        return encode_prompts(self.tokenizer, [conversation], self.policy.device)[0].shape[1]
+        budget = self.window - max_new_tokens if self.window else None
+        return trim_turns(self.tokenizer, conversation, budget)[0]
 
     def answer(self, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
-        """The next assistant turn of each conversation, greedy."""
-        return [
-            text
-            for start in range(0, len(conversations), BATCH)
-            for text in self._answer_batch(conversations[start : start + BATCH], max_new_tokens)
-        ]
+        """The next assistant turn of each conversation, greedy, stopped at any end-of-turn token; a prompt too
+        long for the context window keeps its end."""
+        from stages.generation import decode_responses, sample
 
-    def _answer_batch(self, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
-        import torch
-
-        from stages.generation import Rollout, decode_responses, encode_prompts, response_mask_until_eos
-
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, conversations, self.policy.device)
-        with torch.no_grad():
-            output = self.policy.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        response_ids = output[:, prompt_ids.shape[1] :]
-        response_mask = response_mask_until_eos(response_ids, self.tokenizer.eos_token_id)
-        return decode_responses(self.tokenizer, Rollout(prompt_ids, prompt_mask, response_ids, response_mask))
+        answers = []
+        for start in range(0, len(conversations), BATCH):
+            batch = conversations[start : start + BATCH]
+            rollout = sample(self.policy, self.tokenizer, batch, None, self.window, max_new_tokens)
+            answers += decode_responses(self.tokenizer, rollout)
+        return answers

@@ -99,6 +99,13 @@ class DataConfig(Section):
         None, description="DeepSpeed-Chat style: each source's rows divided between the stages in these proportions"
     )
     allow_noncommercial: bool = Field(False, description="allow data whose licence forbids commercial use")
+    max_skipped_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="well-formed rows that cannot be used (an empty answer, chosen identical to rejected, a tie) "
+        "are skipped and counted; a source with a larger share of skipped rows is refused",
+    )
     demo: DemoDataConfig = DemoDataConfig()
 
 
@@ -169,9 +176,13 @@ class RewardConfig(TrainingConfig):
 
 
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(20, ge=1)
+    """How responses are sampled. Nothing else applies: a model's own generation_config.json is ignored."""
+
+    max_new_tokens: int = Field(20, ge=1, description="the response budget; the prompt gets model.max_length less this")
     temperature: float = Field(1.0, gt=0)
-    top_k: int = 0
+    top_k: int = Field(
+        0, ge=0, description="sample from the k likeliest tokens (0: all); PPO scores the same top-k distribution"
+    )
 
 
 class PPOConfig(Section):
@@ -235,6 +246,15 @@ class GroupRLConfig(TrainingConfig):
     def _generations_divide_batch(self) -> GroupRLConfig:
         if self.batch_size % self.num_generations:
             raise ValueError("batch_size must be a multiple of num_generations")
+        return self
+
+    @model_validator(mode="after")
+    def _scored_as_sampled(self) -> GroupRLConfig:
+        if self.generation.top_k:
+            raise ValueError(
+                "generation.top_k: TRL's GRPO and RLOO compute log-probabilities over the full softmax, so top-k "
+                "sampling would train on another distribution than the one sampled; set top_k: 0"
+            )
         return self
 
 
@@ -321,6 +341,23 @@ class PipelineConfig(Section):
                 raise ValueError(
                     f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
                     "reward, rl with dpo/grpo/rloo); set processes: 1 to give it several GPUs anyway"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _responses_leave_room_for_prompts(self) -> PipelineConfig:
+        sections = {
+            "rl.ppo": self.rl.ppo.generation,
+            "rl.rejection_sampling": self.rl.rejection_sampling.generation,
+            "rl.grpo": self.rl.grpo.generation,
+            "rl.rloo": self.rl.rloo.generation,
+            "evaluate": self.evaluate.generation,
+        }
+        for name, generation in sections.items():
+            if generation.max_new_tokens >= self.model.max_length:
+                raise ValueError(
+                    f"{name}.generation.max_new_tokens ({generation.max_new_tokens}) leaves no room for the prompt "
+                    f"within model.max_length ({self.model.max_length})"
                 )
         return self
 

@@ -15,25 +15,29 @@ import torch
 
 from stages import demo_task
 from stages.data import load_rows
-from stages.generation import Rollout, conversation_scores, decode_responses, response_logprobs, sample
+from stages.generation import Rollout, decode_responses, reference_logprobs, response_logprobs, sample
 from stages.models import load_policy, load_tokenizer, materialize_base
 from stages.plots import REWARDS_FILE, save_distributions
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
+from stages.scoring import response_scores
 
 POLICIES = ("base", "sft", "rl")
 BATCH = 64
 
 
-def generate_all(ctx: StageContext, source: str, prompts: list) -> tuple[list[Rollout], list[str]]:
+def generate_all(ctx: StageContext, source: str, prompts: list) -> tuple[list[Rollout], list[str], list[bool]]:
+    """Every policy answers the same prompts with the same seed; also whether each answer ended its turn."""
     tokenizer = load_tokenizer(source)
     policy = load_policy(source, ctx.device).eval()
     torch.manual_seed(ctx.config.run.seed)
+    max_length = ctx.config.model.max_length
     rollouts = [
-        sample(policy, tokenizer, prompts[i : i + BATCH], ctx.config.evaluate.generation)
+        sample(policy, tokenizer, prompts[i : i + BATCH], ctx.config.evaluate.generation, max_length)
         for i in range(0, len(prompts), BATCH)
     ]
-    return rollouts, [text for r in rollouts for text in decode_responses(tokenizer, r)]
+    responses = [text for r in rollouts for text in decode_responses(tokenizer, r)]
+    return rollouts, responses, [done for r in rollouts for done in r.finished.tolist()]
 
 
 JUDGES = {
@@ -72,18 +76,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "sft": str(ctx.inputs["sft"]),
         "rl": str(ctx.inputs["rl"]),
     }
-    rollouts, responses = {}, {}
+    rollouts, responses, finished = {}, {}, {}
     for name in POLICIES:
-        rollouts[name], responses[name] = generate_all(ctx, sources[name], prompts)
+        rollouts[name], responses[name], finished[name] = generate_all(ctx, sources[name], prompts)
 
-    sft_tokenizer = load_tokenizer(sources["sft"])
-    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, sft_tokenizer.pad_token_id)
+    reward_tokenizer = load_tokenizer(str(ctx.inputs["reward"]))
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, reward_tokenizer.pad_token_id)
     reward = {
-        name: conversation_scores(
-            reward_model,
-            load_tokenizer(sources[name]),
-            [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses[name], strict=True)],
-        )
+        name: response_scores(reward_model, reward_tokenizer, prompts, responses[name], finished[name])
         for name in POLICIES
     }
     judged = (
@@ -105,6 +105,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "win_rate_sft_vs_base": round(win_rate(judged["sft"], judged["base"]), 4),
         "kl_rl_sft": round(kl, 4),
         "response_length": {name: mean([float(len(r.split())) for r in responses[name]]) for name in POLICIES},
+        "finished_fraction": {name: mean([float(done) for done in finished[name]]) for name in POLICIES},
         "reward_model_eval_accuracy": ctx.input_manifest("reward").metrics.get("eval_accuracy"),
     }
     samples = [
@@ -118,15 +119,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 @torch.no_grad()
 def kl_rl_to_sft(ctx: StageContext, sources: dict[str, str], rl_rollouts: list[Rollout]) -> float:
-    """Monte-Carlo KL(RL ‖ SFT): mean over RL's own samples of Σ_t log π_RL − log π_SFT."""
+    """Monte-Carlo KL(RL ‖ SFT): mean over RL's own samples of Σ_t log π_RL − log π_SFT, with π_RL the
+    distribution that was sampled (top-k applied) and π_SFT restricted to the same tokens, as PPO's penalty
+    measures it."""
     rl_policy = load_policy(sources["rl"], ctx.device).eval()
     sft_policy = load_policy(sources["sft"], ctx.device).eval()
-    temperature = ctx.config.evaluate.generation.temperature
+    generation = ctx.config.evaluate.generation
     total, count = 0.0, 0
     for rollout in rl_rollouts:
-        difference = response_logprobs(rl_policy, rollout, temperature) - response_logprobs(
-            sft_policy, rollout, temperature
-        )
+        rl_logprobs, support = response_logprobs(rl_policy, rollout, generation.temperature, generation.top_k)
+        difference = rl_logprobs - reference_logprobs(sft_policy, rollout, generation.temperature, support)
         total += (difference * rollout.response_mask).sum().item()
         count += rollout.response_ids.shape[0]
     return total / count

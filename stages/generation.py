@@ -1,26 +1,38 @@
-"""Sampling responses from a policy and scoring them with a reward model, on token ids.
+"""Sampling responses from a policy, on token ids, from exactly the distribution that is later scored.
 
-Prompts are left-padded, responses right-padded and cut after their first end-of-turn token; positions are
-given explicitly so that left padding does not shift them.
+Prompts are rendered through the chat template, limited to the tokens the model's budget leaves them (oldest
+turns dropped first) and left-padded; responses are right-padded and cut after their first end-of-turn token,
+which is any of the ids `end_of_turn_ids` finds (the template's turn ending, eos, the model's own list).
+Positions are given explicitly so that left padding does not shift them. Sampling uses a generation config
+built here from the stage's settings alone: a model's own `generation_config.json` (repetition penalty, top-p,
+...) never changes what is sampled.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.config import GenerationConfig
+from stages.models import unwrap_adapter
+
+Conversation = list[dict[str, Any]]
+SENTINEL = "\u2063rlhf-sentinel\u2063"
 
 
 @dataclass
 class Rollout:
+    prompts: list[Conversation]
     prompt_ids: torch.Tensor  # (B, P), left-padded
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor  # (B, R), pad after the first end-of-turn token
     response_mask: torch.Tensor
+    finished: torch.Tensor  # (B,), bool: the response ended with an end-of-turn token
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -36,65 +48,173 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(
-            self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index], self.response_mask[index]
+            [self.prompts[i] for i in index.tolist()],
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.response_ids[index],
+            self.response_mask[index],
+            self.finished[index],
         )
 
 
+def turn_ending(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template writes after an assistant turn's content (`<|im_end|>\\n`, `<eos>\\n`, ...)."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": SENTINEL}], tokenize=False)
+    except Exception:  # a template that refuses this conversation shape tells us nothing
+        return ""
+    return full.rpartition(SENTINEL)[2] if SENTINEL in full else ""
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """Every token id that ends an assistant turn: the first special token of the template's turn ending,
+    the tokenizer's eos, and the model's `generation_config.eos_token_id` (an id or a list of them)."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    ending = tokenizer(turn_ending(tokenizer), add_special_tokens=False)["input_ids"]
+    ids = [next((i for i in ending if i in special), None), tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> list[int]:
+    """The conversation through the chat template, ending with the generation prompt, as token ids."""
+    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+def trim_turns(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, budget: int | None
+) -> tuple[Conversation, list[int]]:
+    """The conversation less its oldest exchanges, as many as it takes to fit `budget` prompt tokens (or all
+    but the system message and the latest turn), with its prompt ids."""
+    system = conversation[:1] if conversation and conversation[0]["role"] == "system" else []
+    turns = conversation[len(system) :]
+    ids = prompt_ids(tokenizer, system + turns)
+    while budget is not None and len(ids) > budget and len(turns) > 1:
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]
+        ids = prompt_ids(tokenizer, system + turns)
+    return system + turns, ids
+
+
+def fit_prompt(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, budget: int | None) -> list[int]:
+    """The prompt's token ids within `budget`: oldest exchanges dropped first; what is still too long keeps its
+    end (the latest words and the generation prompt)."""
+    ids = trim_turns(tokenizer, conversation, budget)[1]
+    return ids if budget is None or len(ids) <= budget else ids[-budget:]
+
+
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict[str, Any]]], device: torch.device
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Conversation], device: torch.device, budget: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer.pad(
+        {"input_ids": [fit_prompt(tokenizer, p, budget) for p in prompts]}, padding_side="left", return_tensors="pt"
+    )
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@contextmanager
+def own_generation_config(policy: PreTrainedModel):
+    """Generation sees only the settings passed to it: transformers fills every unset field of a passed
+    config from the model's own generation_config, so that is emptied while generating."""
+    model = unwrap_adapter(policy)
+    saved = model.generation_config
+    model.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
 def sample(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[dict[str, Any]]],
-    config: GenerationConfig,
+    prompts: list[Conversation],
+    config: GenerationConfig | None,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> Rollout:
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, policy.device)
-    output = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=config.max_new_tokens,
-        do_sample=True,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    """Responses to `prompts`: sampled as `config` says (temperature, top-k), or greedy when it is None.
+    Prompt and response together stay within `max_length` tokens."""
+    new_tokens = max_new_tokens or config.max_new_tokens
+    budget = max_length - new_tokens if max_length else None
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, policy.device, budget)
+    end_ids = end_of_turn_ids(tokenizer, policy)
+    settings: dict[str, Any] = {"do_sample": False}
+    if config is not None:
+        settings = {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k, "top_p": 1.0}
+    generation = HFGenerationConfig(
+        max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids, **settings
     )
+    with own_generation_config(policy):
+        output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
     response_ids = output[:, prompt_ids.shape[1] :]
-    response_mask = response_mask_until_eos(response_ids, tokenizer.eos_token_id)
+    response_mask = response_mask_until_end(response_ids, end_ids)
+    finished = (torch.isin(response_ids, torch.tensor(end_ids, device=response_ids.device)) & response_mask.bool()).any(
+        dim=1
+    )
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask)
+    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask, finished)
 
 
-def response_mask_until_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def response_mask_until_end(response_ids: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
     """1 for every token up to and including the first end-of-turn token, 0 after it."""
-    is_eos = (response_ids == eos_token_id).long()
-    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
-    return (~after_eos).long()
+    is_end = torch.isin(response_ids, torch.tensor(end_ids, device=response_ids.device)).long()
+    after_end = (is_end.cumsum(dim=1) - is_end) > 0
+    return (~after_end).long()
 
 
-def response_logprobs(policy: PreTrainedModel, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """log π(response token | prefix) for every response position, (B, R)."""
-    logits = policy(
+def top_k_support(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """The ids of the `top_k` likeliest tokens at each position (what top-k sampling keeps), or None for all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return None
+    return torch.topk(logits, top_k, dim=-1).indices
+
+
+def support_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, support: torch.Tensor | None
+) -> torch.Tensor:
+    """log p(token) of softmax(logits / temperature) restricted to `support` (token ids per position) and
+    renormalised: the distribution top-k sampling draws from when `support` is the sampler's top k."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if support is None:
+        return chosen
+    return chosen - torch.logsumexp(logprobs.gather(-1, support), dim=-1)
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """The logits that predicted each response token, (B, R, V)."""
+    logits = model(
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
     ).logits
-    prompt_length = rollout.prompt_ids.shape[1]
-    logits = logits[:, prompt_length - 1 : -1].float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    return logits[:, rollout.prompt_ids.shape[1] - 1 : -1]
+
+
+def response_logprobs(
+    policy: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, top_k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response token | prefix) for every response position, (B, R), of the distribution that was
+    sampled (temperature, and the policy's own top k renormalised), and that top k's token ids."""
+    logits = response_logits(policy, rollout)
+    support = top_k_support(logits, top_k)
+    return support_logprobs(logits, rollout.response_ids, temperature, support), support
+
+
+def reference_logprobs(
+    model: PreTrainedModel, rollout: Rollout, temperature: float, support: torch.Tensor | None
+) -> torch.Tensor:
+    """A reference model's log-probabilities restricted to the sampling policy's top k (`support`): KL(π ‖ π_ref)
+    then compares two distributions over the same tokens, and is exactly 0 while the policy is the reference."""
+    return support_logprobs(response_logits(model, rollout), rollout.response_ids, temperature, support)
 
 
 def token_values(value_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """The value head applied to the state before each response token, (B, R)."""
-    if hasattr(value_model, "get_base_model"):  # peft: the LoRA layers live inside the wrapped model
-        value_model = value_model.get_base_model()
+    value_model = unwrap_adapter(value_model)  # peft: the LoRA layers live inside the wrapped model
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
@@ -103,34 +223,8 @@ def token_values(value_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor
     return value_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
 
 
-@torch.no_grad()
-def reward_scores(reward_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """The reward model's scalar score of each prompt + response, (B,)."""
-    return (
-        reward_model(
-            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
-        )
-        .logits[:, 0]
-        .float()
-    )
-
-
 def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
     return [
         tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
         for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
     ]
-
-
-@torch.no_grad()
-def conversation_scores(
-    reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]
-) -> list[float]:
-    """The reward model's score of whole conversations, tokenized through the chat template as in training."""
-    tokenizer.padding_side = "right"
-    scores: list[float] = []
-    for start in range(0, len(conversations), 64):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + 64]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(reward_model.device)
-        scores += reward_model(**batch).logits[:, 0].float().tolist()
-    return scores

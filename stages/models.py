@@ -1,6 +1,9 @@
 """Loading models and tokenizers from a local directory, a Hub id, a GGUF file or the built-in tiny Llama.
 
-On CUDA: bf16 where the card supports it, SDPA attention, the model on the stage's GPU. Elsewhere: fp32 on CPU.
+On CUDA: SDPA attention and the model on the stage's GPU; a model that trains keeps fp32 master weights and
+computes in bf16 under autocast where the card supports it (as the HF Trainer's `bf16=True` does), so that small
+updates do not round away; a frozen model (reference, reward model, evaluation) is loaded in bf16. QLoRA keeps
+its own scheme (a 4/8-bit base, bf16 compute). On CPU everything is fp32.
 A directory that holds a kept LoRA adapter loads as its base with the adapter merged in (`stages.lora`).
 """
 
@@ -47,10 +50,34 @@ def init_torch(run: RunConfig) -> torch.device:
     return device
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What the stage computes in: bf16 on a CUDA card that supports it, else fp32."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def weights_dtype(device: torch.device, train: bool) -> torch.dtype:
+    """Trained weights (and so their gradients and optimizer state) are fp32; frozen ones the compute dtype."""
+    return torch.float32 if train else compute_dtype(device)
+
+
+def autocast(device: torch.device):
+    """Mixed precision for hand-written training loops (PPO): bf16 matmuls over fp32 weights on a GPU."""
+    dtype = compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere in the model: nn.Dropout layers (LoRA's included) and the attention dropout that
+    attention modules read from a float attribute. PPO needs it: old log-probabilities are computed once, and
+    the first update must see the same model (ratio 1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def materialize_base(config: ModelConfig, seed: int, work_dir: Path) -> str:
@@ -102,31 +129,41 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_policy(source: str, device: torch.device, quantization=None) -> PreTrainedModel:
-    """A causal LM; `quantization` (bitsandbytes, from `stages.lora.quantization_config`) for a QLoRA base."""
+def load_policy(source: str, device: torch.device, quantization=None, train: bool = False) -> PreTrainedModel:
+    """A causal LM; `quantization` (bitsandbytes, from `stages.lora.quantization_config`) for a QLoRA base;
+    `train`: its weights will be trained (fp32 master weights)."""
     base = adapter_base_of(source)
     if base is not None:
-        return merged_adapter(load_policy(base, device, quantization), source)
-    return place(AutoModelForCausalLM, source, device, quantization)
+        return merged_adapter(load_policy(base, device, quantization, train), source)
+    return place(AutoModelForCausalLM, source, device, quantization, train)
 
 
-def load_scorer(source: str, device: torch.device, pad_token_id: int, quantization=None) -> PreTrainedModel:
-    """A sequence model with one scalar head: the reward model, and the PPO value model initialised from it."""
+def load_scorer(
+    source: str, device: torch.device, pad_token_id: int, quantization=None, train: bool = False, num_labels: int = 1
+) -> PreTrainedModel:
+    """A sequence model with scalar heads (one: the reward model, and the PPO value model initialised from it)."""
     base = adapter_base_of(source)
     if base is not None:
-        return merged_adapter(load_scorer(base, device, pad_token_id, quantization), source, "SEQ_CLS")
-    model = place(AutoModelForSequenceClassification, source, device, quantization, num_labels=1)
+        model = load_scorer(base, device, pad_token_id, quantization, train, num_labels)
+        return merged_adapter(model, source, "SEQ_CLS")
+    model = place(AutoModelForSequenceClassification, source, device, quantization, train, num_labels=num_labels)
     model.config.pad_token_id = pad_token_id
     return model
 
 
-def place(model_class, source: str, device: torch.device, quantization, **kwargs) -> PreTrainedModel:
-    kwargs |= {"dtype": dtype_for(device), "attn_implementation": "sdpa"}
+def place(model_class, source: str, device: torch.device, quantization, train: bool, **kwargs) -> PreTrainedModel:
+    kwargs |= {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
+    kwargs["attn_implementation"] = "sdpa"
     if quantization is not None:
         return model_class.from_pretrained(
             source, quantization_config=quantization, device_map={"": device.index or 0}, **kwargs
         )
     return model_class.from_pretrained(source, **kwargs).to(device)
+
+
+def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a peft model (where its config, generation config and heads live)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CAUSAL_LM") -> PreTrainedModel:

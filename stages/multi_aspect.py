@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from stages.data import load_rows
 from stages.errors import InputError
-from stages.generation import conversation_scores
 from stages.lora import with_adapter
-from stages.models import dtype_for, load_tokenizer
+from stages.models import load_scorer, load_tokenizer
 from stages.runner import StageContext
+from stages.scoring import pairwise_accuracy
 from stages.training import train_with_resume, training_arguments, training_summary
 
 
@@ -65,11 +65,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise InputError(f"reward.aspects: {missing} not rated in data.rated (its aspects: {rated})")
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
-    tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=len(aspects), problem_type="regression", dtype=dtype_for(ctx.device)
-    ).to(ctx.device)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"  # for DataCollatorWithPadding
+    model = load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, train=config.lora is None, num_labels=len(aspects))
+    model.config.problem_type = "regression"
     if config.lora is not None:
         model = with_adapter(model, config.lora, "SEQ_CLS")
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
@@ -103,12 +101,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "eval_loss": round(prediction.metrics["test_loss"], 4),
         "eval_accuracy": pairwise_accuracy(model.eval(), tokenizer, load_rows(prepared / "preference_eval.jsonl")),
     }
-
-
-def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, Any]]) -> float | None:
-    """How often the combined reward ranks the held-out chosen answer above the rejected one."""
-    if not pairs:
-        return None
-    chosen = conversation_scores(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = conversation_scores(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
-    return round(sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs), 4)

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,40 @@ import torch
 from stages import ppo_math
 from stages.config import PPOConfig
 from stages.data import load_rows
-from stages.generation import Rollout, response_logprobs, reward_scores, sample, token_values
+from stages.generation import Rollout, reference_logprobs, response_logprobs, sample, token_values
 from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
-from stages.models import load_policy, load_scorer, load_tokenizer
+from stages.models import autocast, disable_dropout, load_policy, load_scorer, load_tokenizer
 from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
+from stages.scoring import rollout_scores
 from stages.tracking import trackers
 
 log = logging.getLogger("rlhf.stage")
+
+PHASES = ("generation", "scoring", "reference_values", "optimization")
+
+
+class PhaseTimer:
+    """Seconds spent in each phase of a PPO step (CUDA work is waited for at each phase's end), so that users
+    tune what dominates: generation, in every published RLHF system."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.totals[name] += time.perf_counter() - started
+
+    def seconds(self) -> dict[str, float]:
+        return {f"{name}_seconds": value for name, value in self.totals.items()}
 
 
 class PPOTrainer:
@@ -54,13 +80,14 @@ class PPOTrainer:
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
 
     def build_trainable(self, checkpoint: Path | None = None) -> None:
-        """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's."""
+        """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's.
+        Full fine-tuning trains fp32 master weights; dropout is off in both models."""
         device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
         if lora is None:
             policy_dir = str(checkpoint / "policy") if checkpoint else self.sft_dir
             value_dir = str(checkpoint / "value") if checkpoint else self.reward_dir
-            self.policy = load_policy(policy_dir, device)
-            self.value_model = load_scorer(value_dir, device, pad)
+            self.policy = load_policy(policy_dir, device, train=True)
+            self.value_model = load_scorer(value_dir, device, pad, train=True)
         else:
             policy = load_policy(self.sft_dir, device, self.quantization)
             value = load_scorer(self.reward_dir, device, pad, self.quantization)
@@ -69,8 +96,9 @@ class PPOTrainer:
                 self.value_model = resume_adapter(value, checkpoint / "value")
             else:
                 self.policy, self.value_model = with_adapter(policy, lora), with_adapter(value, lora, "SEQ_CLS")
-        if self.config.gradient_checkpointing:
-            for model in (self.policy, self.value_model):
+        for model in (self.policy, self.value_model):
+            disable_dropout(model)
+            if self.config.gradient_checkpointing:
                 enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
                 enable({"use_reentrant": False})
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
@@ -78,11 +106,20 @@ class PPOTrainer:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for model in (self.policy, self.value_model) for p in model.parameters() if p.requires_grad]
 
-    def reference_logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+    def policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log-probabilities of the distribution that was sampled (temperature and top-k applied), and the
+        top-k token ids they are renormalised over."""
+        generation = self.config.generation
+        return response_logprobs(self.policy, rollout, generation.temperature, generation.top_k)
+
+    def reference_logprobs(self, rollout: Rollout, support: torch.Tensor | None) -> torch.Tensor:
+        """The SFT model's distribution over the same top-k tokens as the policy's: the KL penalty measures how
+        far the policy moved, and is 0 on the first rollout."""
+        temperature = self.config.generation.temperature
         if self.reference is not None:
-            return response_logprobs(self.reference, rollout, temperature)
+            return reference_logprobs(self.reference, rollout, temperature, support)
         with self.policy.disable_adapter():
-            return response_logprobs(self.policy, rollout, temperature)
+            return reference_logprobs(self.policy, rollout, temperature, support)
 
     def prompts_for_step(self, step: int) -> list[list[dict[str, str]]]:
         """Deterministic per step, so that a resumed run sees the same data it would have seen."""
@@ -92,18 +129,23 @@ class PPOTrainer:
         return rng.choices(self.prompts, k=self.config.batch_size)
 
     @torch.no_grad()
-    def rollout(self, step: int) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
+    def rollout(self, step: int, timer: PhaseTimer) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
         self.policy.eval()
-        rollout = sample(self.policy, self.tokenizer, self.prompts_for_step(step), self.config.generation)
-        temperature = self.config.generation.temperature
+        self.value_model.eval()
+        device, max_length = self.ctx.device, self.ctx.config.model.max_length
+        with timer.phase("generation"), autocast(device):
+            rollout = sample(
+                self.policy, self.tokenizer, self.prompts_for_step(step), self.config.generation, max_length
+            )
         mask = rollout.response_mask.float()
-        logprobs = response_logprobs(self.policy, rollout, temperature)
-        ref_logprobs = self.reference_logprobs(rollout, temperature)
-        values = token_values(self.value_model, rollout)
-        scores = reward_scores(self.reward_model, rollout)
+        with timer.phase("scoring"), autocast(device):
+            scores = rollout_scores(self.reward_model, self.tokenizer, rollout)
         if self.config.missing_eos_penalty is not None:
-            finished = (rollout.response_ids == self.tokenizer.eos_token_id).any(dim=1)
-            scores = scores - self.config.missing_eos_penalty * (~finished).float()
+            scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
+        with timer.phase("reference_values"), autocast(device):
+            logprobs, support = self.policy_logprobs(rollout)
+            ref_logprobs = self.reference_logprobs(rollout, support)
+            values = token_values(self.value_model, rollout)
         rewards, kl = ppo_math.kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.config.kl_coef)
         advantages, returns = ppo_math.generalized_advantages(rewards, values, mask, self.config.gamma, self.config.lam)
         batch = {
@@ -118,37 +160,54 @@ class PPOTrainer:
             "score": scores.mean().item(),
             "kl": kl.sum(dim=1).mean().item(),
             "response_length": mask.sum(dim=1).mean().item(),
+            "finished_fraction": rollout.finished.float().mean().item(),
         }
         return rollout, batch, stats
 
-    def optimize(self, rollout: Rollout, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def optimize(self, rollout: Rollout, batch: dict[str, torch.Tensor], timer: PhaseTimer) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped updates over shuffled mini-batches. The first mini-batch of the first
+        epoch sees the very model that sampled (dropout is off): its ratio is 1 and its approximate KL 0, which
+        `first_ratio_error` and `first_approx_kl` report."""
         self.policy.train()
+        self.value_model.train()
         config = self.config
-        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        first: dict[str, float] = {}
         updates = 0
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(config.batch_size, device=rollout.response_ids.device)
-            for start in range(0, config.batch_size, config.mini_batch_size):
-                index = order[start : start + config.mini_batch_size]
-                mini = rollout.select(index)
-                mask = batch["mask"][index]
-                logprobs = response_logprobs(self.policy, mini, config.generation.temperature)
-                values = token_values(self.value_model, mini)
-                policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
-                    logprobs, batch["logprobs"][index], batch["advantages"][index], mask, config.clip_range
-                )
-                value_loss = ppo_math.clipped_value_loss(
-                    values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value
-                )
-                self.optimizer.zero_grad()
-                (policy_loss + config.vf_coef * value_loss).backward()
-                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
-                self.optimizer.step()
-                totals["policy_loss"] += policy_loss.item()
-                totals["value_loss"] += value_loss.item()
-                totals["clip_fraction"] += clip_fraction.item()
-                updates += 1
-        return {name: total / updates for name, total in totals.items()}
+        with timer.phase("optimization"):
+            for _ in range(config.ppo_epochs):
+                order = torch.randperm(config.batch_size, device=rollout.response_ids.device)
+                for start in range(0, config.batch_size, config.mini_batch_size):
+                    index = order[start : start + config.mini_batch_size]
+                    mini = rollout.select(index)
+                    mask = batch["mask"][index]
+                    with autocast(self.ctx.device):
+                        logprobs = self.policy_logprobs(mini)[0]
+                        values = token_values(self.value_model, mini)
+                    old_logprobs = batch["logprobs"][index]
+                    policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
+                        logprobs, old_logprobs, batch["advantages"][index], mask, config.clip_range
+                    )
+                    value_loss = ppo_math.clipped_value_loss(
+                        values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value
+                    )
+                    approx_kl = ppo_math.approx_kl(logprobs.detach(), old_logprobs, mask)
+                    if not first:
+                        ratio = torch.exp(logprobs.detach() - old_logprobs)
+                        first = {
+                            "first_ratio_error": ((ratio - 1).abs() * mask).max().item(),
+                            "first_approx_kl": approx_kl.item(),
+                        }
+                    self.optimizer.zero_grad()
+                    (policy_loss + config.vf_coef * value_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
+                    self.optimizer.step()
+                    totals["policy_loss"] += policy_loss.item()
+                    totals["value_loss"] += value_loss.item()
+                    totals["clip_fraction"] += clip_fraction.item()
+                    totals["approx_kl"] += approx_kl.item()
+                    updates += 1
+        return {name: total / updates for name, total in totals.items()} | first
 
     def save_checkpoint(self, step: int) -> None:
         local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
@@ -179,8 +238,10 @@ class PPOTrainer:
         with trackers(self.ctx) as log_metrics:
             for step in range(self.start, self.config.steps):
                 started = time.perf_counter()
-                rollout, batch, stats = self.rollout(step)
-                stats |= self.optimize(rollout, batch) | {"seconds": time.perf_counter() - started}
+                timer = PhaseTimer(self.ctx.device)
+                rollout, batch, stats = self.rollout(step, timer)
+                stats |= self.optimize(rollout, batch, timer) | timer.seconds()
+                stats["seconds"] = time.perf_counter() - started
                 self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
                 throughput = {"tokens_per_second": stats["tokens"] / stats["seconds"]}
                 report_progress("rl", step + 1, self.config.steps)
@@ -202,7 +263,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "train_tokens": sum(h["tokens"] for h in trainer.history),
         "train_seconds": round(sum(h["seconds"] for h in trainer.history), 2),
     }
-    return summarize(trainer.history, ("score", "kl", "response_length", "policy_loss", "value_loss")) | throughput
+    phases = {f"{p}_seconds": round(sum(h[f"{p}_seconds"] for h in trainer.history), 2) for p in PHASES}
+    keys = ("score", "kl", "response_length", "policy_loss", "value_loss", "finished_fraction")
+    first = trainer.history[0] if trainer.history else {}
+    checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
+    return summarize(trainer.history, keys) | throughput | phases | checks
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

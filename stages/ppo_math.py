@@ -12,14 +12,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Normalise to zero mean and unit variance over the real tokens only."""
     mean = masked_mean(values, mask)
     variance = masked_mean((values - mean) ** 2, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
 
 def kl_penalized_rewards(
@@ -85,3 +82,10 @@ def clipped_value_loss(
     """½·mean(max((V − R)², (clip(V, V_old ± ε) − R)²))."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(π_old ‖ π) estimated on π_old's samples, mean((ρ − 1) − log ρ): never negative, 0 exactly when the
+    policy has not moved (Schulman's k3 estimator)."""
+    log_ratio = logprobs - old_logprobs
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)

@@ -1,9 +1,15 @@
-"""prepare: load the configured datasets, normalize them to TRL's conversational formats, deduplicate, split
-train/eval and write them as JSONL. The licences of everything used are recorded in the artifact's manifest."""
+"""prepare: load the configured datasets, normalize them to TRL's conversational formats, and write them as JSONL.
+
+Each source's rows are deduplicated (against every source before it too), split into train and eval, and only
+then weighted (`weight: 2` repeats the training rows), so that eval never holds a copy of a training row. Rows
+that are well formed but unusable were skipped and counted while converting; their counts, with the first line
+numbers, are in the metrics and the log. The licences of everything used are recorded in the manifest.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from typing import Any
 
@@ -11,11 +17,13 @@ from stages.agreement import category_counts, fleiss_kappa, item_agreement
 from stages.data import write_jsonl
 from stages.errors import InputError
 from stages.runner import StageContext
-from stages.sources import CONFIG_FIELD, check_licenses, load_kind
+from stages.sources import CONFIG_FIELD, SourceRows, check_licenses, load_kind, weighted
+
+log = logging.getLogger("rlhf.stage")
 
 
-def deduplicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[str] = set()
+def deduplicate(rows: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+    """The rows not seen before (in this source or an earlier one); `seen` is updated."""
     unique = []
     for row in rows:
         key = json.dumps(row, sort_keys=True)
@@ -32,11 +40,13 @@ def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def with_agreement(rows: list[dict[str, Any]], min_agreement: float | None) -> tuple[list, dict[str, Any]]:
-    """Fleiss' kappa per aspect; items whose raters agree less than `min_agreement` (mean over aspects of the
-    share of agreeing rater pairs) are dropped; each kept item gets `targets`, the raters' mean per aspect."""
+def with_agreement(parts: list[SourceRows], min_agreement: float | None) -> dict[str, Any]:
+    """Fleiss' kappa per aspect over every rated item; items whose raters agree less than `min_agreement` (mean
+    over aspects of the share of agreeing rater pairs) are dropped from their source; each kept item gets
+    `targets`, the raters' mean per aspect."""
+    rows = [row for part in parts for row in part.rows]
     if not rows:
-        return rows, {}
+        return {}
     aspects = sorted(rows[0]["ratings"])
     for row in rows:
         if sorted(row["ratings"]) != aspects:
@@ -45,33 +55,54 @@ def with_agreement(rows: list[dict[str, Any]], min_agreement: float | None) -> t
         kappa = {a: round(fleiss_kappa(category_counts([r["ratings"][a] for r in rows])), 4) for a in aspects}
     except ValueError as exc:
         raise InputError(f"rated data: {exc}") from None
-    kept = []
-    for row in rows:
-        counts = category_counts([row["ratings"][a] for a in aspects])
-        agreement = sum(item_agreement(c) for c in counts) / len(aspects)
-        if min_agreement is None or agreement >= min_agreement:
-            targets = {a: sum(row["ratings"][a]) / len(row["ratings"][a]) for a in aspects}
-            kept.append(row | {"targets": targets})
-    return kept, {"fleiss_kappa": kappa, "dropped_low_agreement": len(rows) - len(kept)}
+    dropped = 0
+    for part in parts:
+        kept = []
+        for row in part.rows:
+            counts = category_counts([row["ratings"][a] for a in aspects])
+            agreement = sum(item_agreement(c) for c in counts) / len(aspects)
+            if min_agreement is None or agreement >= min_agreement:
+                targets = {a: sum(row["ratings"][a]) / len(row["ratings"][a]) for a in aspects}
+                kept.append(row | {"targets": targets})
+        dropped += len(part.rows) - len(kept)
+        part.rows = kept
+    return {"fleiss_kappa": kappa, "dropped_low_agreement": dropped}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     licenses = check_licenses(ctx.config)
     ctx.licenses |= set(licenses.values())
     metrics: dict[str, Any] = {"licenses": licenses}
+    seed, eval_fraction = ctx.config.run.seed, ctx.config.prepare.eval_fraction
     for kind in CONFIG_FIELD:
-        rows = load_kind(ctx.config, kind)
-        agreement: dict[str, Any] = {}
-        if kind == "rated":
-            rows, agreement = with_agreement(rows, ctx.config.prepare.min_agreement)
-        unique = deduplicate(rows)
-        train, held_out = split(unique, ctx.config.prepare.eval_fraction, ctx.config.run.seed)
+        parts = load_kind(ctx.config, kind)
+        agreement = with_agreement(parts, ctx.config.prepare.min_agreement) if kind == "rated" else {}
+        seen: set[str] = set()
+        train: list[dict[str, Any]] = []
+        held_out: list[dict[str, Any]] = []
+        counts = {"rows": 0, "duplicates": 0, "skipped": 0}
+        reasons: dict[str, Any] = {}
+        for part in parts:
+            unique = deduplicate(part.rows, seen)
+            part_train, part_eval = split(unique, eval_fraction, seed) if unique else ([], [])
+            rng = random.Random(f"{seed}-{kind}-{part.index}")
+            train += weighted(part_train, part.source.weight, rng)
+            held_out += weighted(part_eval, min(part.source.weight, 1.0), rng)
+            counts["rows"] += len(part.rows)
+            counts["duplicates"] += len(part.rows) - len(unique)
+            counts["skipped"] += part.skipped.count
+            if part.skipped.count:
+                log.info(
+                    "prepare: data.%s[%d] %s: %s",
+                    CONFIG_FIELD[kind],
+                    part.index,
+                    part.source.path,
+                    part.skipped.summary(),
+                )
+                reasons[part.source.path] = part.skipped.as_metrics()["skipped_reasons"]
         write_jsonl(ctx.out_dir / f"{kind}_train.jsonl", train)
         write_jsonl(ctx.out_dir / f"{kind}_eval.jsonl", held_out)
-        metrics[kind] = {
-            "rows": len(rows),
-            "duplicates": len(rows) - len(unique),
-            "train": len(train),
-            "eval": len(held_out),
-        } | agreement
+        metrics[kind] = counts | {"train": len(train), "eval": len(held_out)} | agreement
+        if reasons:
+            metrics[kind]["skipped_reasons"] = reasons
     return metrics

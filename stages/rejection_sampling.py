@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from trl import SFTConfig, SFTTrainer
 
 from stages.config import RejectionSamplingConfig
 from stages.data import load_rows
-from stages.generation import decode_responses, reward_scores, sample
+from stages.generation import decode_responses, sample
 from stages.lora import AdapterBase, quantization_config, resume_adapter, save_model, with_adapter
 from stages.models import load_policy, load_tokenizer, merged_adapter
 from stages.ppo import summarize, write_history
 from stages.progress import report_metrics, report_progress
 from stages.reward_models import load_reward_model
 from stages.runner import StageContext
+from stages.scoring import rollout_scores
 from stages.tracking import trackers
 from stages.training import training_arguments
 
@@ -43,7 +45,7 @@ def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool
     lora = ctx.config.rl.rejection_sampling.training.lora
     sft_dir = str(ctx.inputs["sft"])
     if lora is None:
-        return load_policy(str(round_dir or sft_dir), ctx.device)
+        return load_policy(str(round_dir or sft_dir), ctx.device, train=trainable)
     field = "rl.rejection_sampling.training"
     model = load_policy(sft_dir, ctx.device, quantization_config(lora, ctx.device, field) if trainable else None)
     if round_dir is None:
@@ -51,26 +53,39 @@ def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool
     return resume_adapter(model, round_dir) if trainable else merged_adapter(model, str(round_dir))
 
 
+@dataclass(frozen=True)
+class BestAnswer:
+    prompt: list[dict[str, str]]
+    response: str
+    finished: bool  # it ended its turn (not cut at max_new_tokens)
+    score: float
+
+    def as_sft_row(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": [{"role": "assistant", "content": self.response}]}
+
+
 def best_of_n(
     ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig
-) -> tuple[list, dict]:
+) -> tuple[list[BestAnswer], dict]:
     """The reward model's favourite of `samples_per_prompt` responses to each prompt."""
     tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
     policy = load_round_policy(ctx, round_dir, trainable=False).eval()
     reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
     n = config.samples_per_prompt
     per_batch = max(1, ROLLOUT_BATCH // n)
+    max_length = ctx.config.model.max_length
     kept, mean_scores, best_scores = [], [], []
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start : start + per_batch]
-        rollout = sample(policy, tokenizer, [p for p in chunk for _ in range(n)], config.generation)
-        scores = reward_scores(reward_model, rollout).view(len(chunk), n)
+        rollout = sample(policy, tokenizer, [p for p in chunk for _ in range(n)], config.generation, max_length)
+        scores = rollout_scores(reward_model, tokenizer, rollout).view(len(chunk), n)
         best = scores.argmax(dim=1)
-        responses = decode_responses(tokenizer, rollout.select(best + torch.arange(len(chunk)) * n))
-        for prompt, response in zip(chunk, responses, strict=True):
-            kept.append({"prompt": prompt, "completion": [{"role": "assistant", "content": response}]})
+        chosen = rollout.select(best + torch.arange(len(chunk), device=best.device) * n)
+        responses = decode_responses(tokenizer, chosen)
+        top = scores.max(dim=1).values.tolist()
+        kept += map(BestAnswer, chunk, responses, chosen.finished.tolist(), top)
         mean_scores += scores.mean(dim=1).tolist()
-        best_scores += scores.max(dim=1).values.tolist()
+        best_scores += top
     stats = {"score": sum(mean_scores) / len(mean_scores), "best_score": sum(best_scores) / len(best_scores)}
     return kept, stats
 
@@ -121,7 +136,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
             kept, stats = best_of_n(ctx, round_dir, chosen, config)
             out = ctx.work_dir / f"round-{round_index + 1}"
-            fine_tune(ctx, round_dir, kept, out, round_index)
+            fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index)
             history.append({"round": round_index + 1, **stats})
             report_progress("rl", round_index + 1, config.rounds)
             metrics = {**stats, "samples_kept": len(kept)}

@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from transformers import Trainer
 from trl import RewardConfig, RewardTrainer
 
 from stages.checkpoints import CheckpointStore
 from stages.data import load_rows
+from stages.lengths import whole_pairs
 from stages.lora import AdapterBase, adapter_config, quantization_config
 from stages.models import load_scorer, load_tokenizer
 from stages.reward_models import GATE_FILE, SAFETY_DIR
 from stages.runner import StageContext
+from stages.scoring import pairwise_accuracy
 from stages.training import train_evaluate_save, training_arguments
 
 
@@ -46,18 +49,28 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
     prepared = ctx.inputs["prepare"]
+    max_length = ctx.config.model.max_length
+    train, train_dropped = whole_pairs(load_rows(prepared / f"{rows}_train.jsonl"), tokenizer, max_length)
+    held_out, eval_dropped = whole_pairs(load_rows(prepared / f"{rows}_eval.jsonl"), tokenizer, max_length)
     quantization = quantization_config(config.lora, ctx.device, "reward")
     trainer = RewardTrainer(
-        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, quantization),
+        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, quantization, train=config.lora is None),
         args=RewardConfig(
             center_rewards_coefficient=config.center_rewards_coefficient,
             **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}"),
         ),
-        train_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_train.jsonl")),
-        eval_dataset=Dataset.from_list(load_rows(prepared / f"{rows}_eval.jsonl")),
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(held_out),
         processing_class=tokenizer,
         peft_config=adapter_config(config.lora, "SEQ_CLS"),
     )
-    reported = {"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"}
     base = AdapterBase(sft_dir, "artifact:sft")
-    return train_evaluate_save(trainer, ctx, config, base, reported, out_dir, checkpoints)
+
+    # Held-out accuracy through the scoring path every later stage uses (TRL's own is computed on its batches).
+    def accuracy(trained: Trainer) -> dict[str, Any]:
+        return {"eval_accuracy": pairwise_accuracy(trained.model.eval(), tokenizer, held_out)}
+
+    metrics = train_evaluate_save(
+        trainer, ctx, config, base, {"eval_loss": "eval_loss"}, out_dir, checkpoints, accuracy
+    )
+    return metrics | {"rows_too_long": {"train": train_dropped, "eval": eval_dropped}}

@@ -77,6 +77,29 @@ def save_metrics_history(stage: str, out_dir: Path) -> None:
     save_curves(METRICS_HISTORY, f"{stage}: training metrics", out_dir / CURVES_FILE)
 
 
+def stage_context(
+    stage: str, config: PipelineConfig, store: ArtifactStore, plan: StagePlan, work_dir: Path
+) -> StageContext:
+    """The stage's inputs downloaded (and verified) into `work_dir`, kept adapters pointed at their bases."""
+    inputs = {}
+    for name, (prefix, _) in plan.inputs.items():
+        inputs[name] = work_dir / "inputs" / name
+        fetch_dir(store, prefix, inputs[name])
+    link_adapter_bases(inputs, lambda: base_model_dir(config, work_dir))
+    ctx = StageContext(
+        stage=stage,
+        config=config,
+        plan=plan,
+        work_dir=work_dir,
+        out_dir=work_dir / "artifact",
+        inputs=inputs,
+        checkpoints=CheckpointStore(store, stage, plan.key, config.run.keep_checkpoints),
+        licenses={license for _, m in plan.inputs.values() for license in m.licenses},
+    )
+    ctx.out_dir.mkdir()
+    return ctx
+
+
 def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest | None, bool]:
     """Returns the stage's manifest and whether it was already in the store (cached). Of several training
     processes only the main one publishes; the others return no manifest."""
@@ -87,23 +110,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         return existing, True
     module = importlib.import_module(f"stages.{stage}")
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-") as tmp:
-        work_dir = Path(tmp)
-        inputs = {}
-        for name, (prefix, _) in plan.inputs.items():
-            inputs[name] = work_dir / "inputs" / name
-            fetch_dir(store, prefix, inputs[name])
-        link_adapter_bases(inputs, lambda: base_model_dir(config, work_dir))
-        ctx = StageContext(
-            stage=stage,
-            config=config,
-            plan=plan,
-            work_dir=work_dir,
-            out_dir=work_dir / "artifact",
-            inputs=inputs,
-            checkpoints=CheckpointStore(store, stage, plan.key, config.run.keep_checkpoints),
-            licenses={license for _, m in plan.inputs.values() for license in m.licenses},
-        )
-        ctx.out_dir.mkdir()
+        ctx = stage_context(stage, config, store, plan, Path(tmp))
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
         METRICS_HISTORY.clear()
         metrics: dict[str, Any] = module.run(ctx)

@@ -12,27 +12,37 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from stages.data import load_rows, sft_as_prompt_completion
+from stages.lengths import answerable
 from stages.lora import BASE_MODEL, AdapterBase, adapter_config, quantization_config
 from stages.models import load_policy, load_tokenizer, materialize_base
 from stages.runner import StageContext
 from stages.training import train_evaluate_save, training_arguments
 
 
-def sft_dataset(path) -> Dataset:
-    return Dataset.from_list([sft_as_prompt_completion(row) for row in load_rows(path)])
+def sft_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    return Dataset.from_list([sft_as_prompt_completion(row) for row in rows])
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.sft
     base = materialize_base(ctx.config.model, ctx.config.run.seed, ctx.work_dir)
     tokenizer = load_tokenizer(base)
+    max_length = ctx.config.model.max_length
+    train, train_dropped = answerable(
+        load_rows(ctx.inputs["prepare"] / "sft_train.jsonl"), tokenizer, max_length, "sft"
+    )
+    held_out, eval_dropped = answerable(
+        load_rows(ctx.inputs["prepare"] / "sft_eval.jsonl"), tokenizer, max_length, "sft"
+    )
     args = SFTConfig(completion_only_loss=True, **training_arguments(ctx, config, ctx.work_dir / "trainer"))
+    quantization = quantization_config(config.lora, ctx.device, "sft")
     trainer = SFTTrainer(
-        model=load_policy(base, ctx.device, quantization_config(config.lora, ctx.device, "sft")),
+        model=load_policy(base, ctx.device, quantization, train=config.lora is None),
         args=args,
-        train_dataset=sft_dataset(ctx.inputs["prepare"] / "sft_train.jsonl"),
-        eval_dataset=sft_dataset(ctx.inputs["prepare"] / "sft_eval.jsonl"),
+        train_dataset=sft_dataset(train),
+        eval_dataset=sft_dataset(held_out),
         processing_class=tokenizer,
         peft_config=adapter_config(config.lora),
     )
-    return train_evaluate_save(trainer, ctx, config, AdapterBase(base, BASE_MODEL), {"eval_loss": "eval_loss"})
+    metrics = train_evaluate_save(trainer, ctx, config, AdapterBase(base, BASE_MODEL), {"eval_loss": "eval_loss"})
+    return metrics | {"rows_too_long": {"train": train_dropped, "eval": eval_dropped}}

@@ -1,17 +1,20 @@
-"""The configured data sources of each kind: converted, licence-checked, divided between stages and weighted.
+"""The configured data sources of each kind: converted, licence-checked and divided between stages.
 
-`prepare` trains on what this returns and `rlhf validate` runs the same code, so both fail on the same input.
+`prepare` trains on what this returns (it deduplicates, splits and then weights each source) and `rlhf validate`
+runs the same code, so both fail on the same input.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from stages import demo_task
 from stages.config import BUILTIN_DEMO, DataSource, PipelineConfig
 from stages.errors import InputError
 from stages.formats import FORMATS, Kind, convert, get_format
+from stages.formats.records import Skipped
 
 # What `prepare` writes: the row kinds of `stages.formats`, plus `safety` (preference rows judged on safety).
 CONFIG_FIELD = {"sft": "sft", "preference": "preference", "prompt": "prompts", "rated": "rated", "safety": "safety"}
@@ -66,28 +69,40 @@ def check_licenses(config: PipelineConfig) -> dict[str, str]:
     return licenses
 
 
-def load_kind(config: PipelineConfig, kind: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for index, source in enumerate(getattr(config.data, CONFIG_FIELD[kind])):
-        rows += _load_source(config, kind, index, source)
-    return rows
+@dataclass
+class SourceRows:
+    """One configured source's converted rows (not yet weighted) and the rows it skipped."""
+
+    index: int
+    source: DataSource
+    rows: list[dict[str, Any]]
+    skipped: Skipped
 
 
-def _load_source(config: PipelineConfig, kind: str, index: int, source: DataSource) -> list[dict[str, Any]]:
+def load_kind(config: PipelineConfig, kind: str) -> list[SourceRows]:
+    return [
+        _load_source(config, kind, index, source)
+        for index, source in enumerate(getattr(config.data, CONFIG_FIELD[kind]))
+    ]
+
+
+def _load_source(config: PipelineConfig, kind: str, index: int, source: DataSource) -> SourceRows:
     seed = config.run.seed
     if source.path == BUILTIN_DEMO:
         generator = DEMO_GENERATOR[kind]
         rows = getattr(demo_task, generator)(getattr(config.data.demo, generator), seed)
-    else:
-        where = f"data.{CONFIG_FIELD[kind]}[{index}]"
-        try:
-            get_format(source.format or DEFAULT_FORMAT[kind], ROWS_OF[kind])
-        except InputError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        rows = convert(source.path, source.format or DEFAULT_FORMAT[kind], ROWS_OF[kind], source.split)
-        if config.data.stage_split:
-            rows = stage_share(rows, config.data.stage_split, STAGE_OF_KIND[kind], f"{seed}-{source.path}")
-    return weighted(rows, source.weight, random.Random(f"{seed}-{kind}-{index}"))
+        return SourceRows(index, source, rows, Skipped(len(rows)))
+    where = f"data.{CONFIG_FIELD[kind]}[{index}]"
+    try:
+        get_format(source.format or DEFAULT_FORMAT[kind], ROWS_OF[kind])
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    format_name = source.format or DEFAULT_FORMAT[kind]
+    converted = convert(source.path, format_name, ROWS_OF[kind], source.split, config.data.max_skipped_fraction)
+    rows = converted.rows
+    if config.data.stage_split:
+        rows = stage_share(rows, config.data.stage_split, STAGE_OF_KIND[kind], f"{seed}-{source.path}")
+    return SourceRows(index, source, rows, converted.skipped)
 
 
 def stage_share(rows: list[Any], split: dict[str, float], stage: str, seed: str) -> list[Any]:

@@ -4,6 +4,7 @@ to the store every `run.checkpoint_every` steps and come back when a stage is re
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers.integrations import TensorBoardCallback
 from stages.checkpoints import CheckpointStore
 from stages.config import TrainingConfig
 from stages.lora import AdapterBase, save_model
-from stages.models import dtype_for
+from stages.models import compute_dtype
 from stages.progress import report_metrics, report_progress
 from stages.runner import StageContext
 from stages.tracking import logs_dir, report_to, run_name
@@ -50,7 +51,8 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
         "save_steps": run.checkpoint_every,
         "save_total_limit": run.keep_checkpoints,
         "seed": run.seed,
-        "bf16": dtype_for(ctx.device) == torch.bfloat16,
+        # Mixed precision: bf16 autocast over the fp32 weights the stages load for training.
+        "bf16": compute_dtype(ctx.device) == torch.bfloat16,
         "use_cpu": ctx.device.type == "cpu",
         "report_to": report_to(ctx),
         "run_name": run_name(ctx),
@@ -150,13 +152,17 @@ def train_evaluate_save(
     reported: dict[str, str],
     out_dir: Path | None = None,
     checkpoints: CheckpointStore | None = None,
-) -> dict[str, float]:
+    measure: Callable[[Trainer], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists), evaluate on the held-out set and save the model.
 
-    Returns the loss curve, the step count and the evaluation metrics named in `reported` ({name: key}).
+    Returns the loss curve, the step count, the evaluation metrics named in `reported` ({name: key}) and
+    what `measure` finds on the trained model before it is saved.
     """
     train_with_resume(trainer, ctx, checkpoints, out_dir)
     evaluation = trainer.evaluate()
-    save_trained(trainer, config, base, out_dir or ctx.out_dir)
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
+    if measure is not None:
+        held_out |= measure(trainer)
+    save_trained(trainer, config, base, out_dir or ctx.out_dir)
     return training_summary(trainer) | held_out

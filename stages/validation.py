@@ -15,14 +15,13 @@ def validate_inputs(config: PipelineConfig) -> list[str]:
     licenses = check_licenses(config)
     checked = []
     for kind, field in CONFIG_FIELD.items():
-        for index, source in enumerate(getattr(config.data, field)):
+        for part in load_kind(config, kind):
+            where, source = f"data.{field}[{part.index}]", part.source
             if source.path == BUILTIN_DEMO:
-                checked.append(f"data.{field}[{index}]: built-in demo data")
+                checked.append(f"{where}: built-in demo data")
                 continue
-            one = config.model_copy(deep=True)
-            setattr(one.data, field, [source])
-            rows = load_kind(one, kind)
-            checked.append(f"data.{field}[{index}]: {source.path} ({len(rows)} {kind} rows, {licenses[source.path]})")
+            line = f"{where}: {source.path} ({len(part.rows)} {kind} rows, {licenses[source.path]})"
+            checked.append(line + (f"; {part.skipped.summary()}" if part.skipped.count else ""))
     checked.append(f"model.base: {_check_model(config.model.base)}")
     store = ArtifactStore.from_uri(config.run.store)
     store.check_access()

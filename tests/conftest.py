@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -120,3 +121,23 @@ def isolated_prefect_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def forced_token(model, token_id: int, step: int):
+    """Make `model` emit `token_id` as the `step`-th generated token (0-based) of every sequence: a forward hook
+    on its output layer that counts generation steps (the prompt's forward pass is step 0). Random test models
+    otherwise almost never sample a given special token."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(1)
+        if len(calls) == step + 1:
+            output[..., token_id] += 1e4
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

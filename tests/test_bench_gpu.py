@@ -17,9 +17,16 @@ def test_gpu_benchmark_dry_run_reports_throughput_per_training_stage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["card"] == "cpu" and 5e6 < results["parameters"] < 1e7
+    assert results["precision"] == {"trained_weights": "float32", "compute": "float32"}
     stages = {row["stage"]: row for row in results["full"]}
-    assert list(stages) == ["prepare", "sft", "reward", "rl", "evaluate"]
-    for name in ("sft", "reward", "rl"):
+    others = [
+        f"{stage}:{algorithm}"
+        for algorithm in ("rejection_sampling", "dpo", "grpo", "rloo")
+        for stage in ("rl", "evaluate")
+    ]
+    assert list(stages) == ["prepare", "sft", "reward", "rl", "evaluate", *others]
+    assert set(stages["rl"]["phase_seconds"]) == {"generation", "scoring", "reference_values", "optimization"}
+    for name in ("sft", "reward", "rl", "rl:dpo", "rl:grpo", "rl:rloo"):
         row = stages[name]
         assert row["train_tokens"] > 0 and row["train_seconds"] > 0
         assert row["tokens_per_second"] == round(row["train_tokens"] / row["train_seconds"])

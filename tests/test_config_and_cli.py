@@ -94,10 +94,14 @@ def test_cli_bad_data_line_exits_2(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ('{"messages": []}', "field 'messages': expected a non-empty list of messages"),
-        ('{"messages": [{"role": "human", "content": "x"}]}', "field 'messages': [0].role: 'human' is not one of"),
-        ('{"messages": [{"role": "user", "content": "x"}]}', "the last message must be from the assistant"),
-        ('{"text": "x"}', "missing field 'messages'"),
+        ('{"messages": []}', ":3: field 'messages': expected a non-empty list of messages"),
+        ('{"messages": [{"role": "human", "content": "x"}]}', ":3: field 'messages': [0].role: 'human' is not one of"),
+        ('{"text": "x"}', ":3: missing field 'messages'"),
+        # Well formed but unusable: skipped and counted; one of three is more than data.max_skipped_fraction.
+        (
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            ": skipped 1 of 3 rows: 1 no assistant answer at the end (line 3), more than data.max_skipped_fraction",
+        ),
     ],
 )
 def test_cli_bad_rows_name_line_and_field(tmp_path, row, message):
@@ -105,7 +109,7 @@ def test_cli_bad_rows_name_line_and_field(tmp_path, row, message):
     data = _write(tmp_path / "sft.jsonl", f"{good}\n{good}\n{row}\n")
     result = _validate(f"data.sft={data}")
     assert result.returncode == 2
-    assert f"{data}:3: " in result.stderr and message in result.stderr
+    assert f"{data}{message}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_validate_accepts_good_inputs(tmp_path):
@@ -184,3 +188,13 @@ def test_a_store_under_a_file_exits_2(tmp_path):
     result = rlhf("run", "--store", str(tmp_path / "taken" / "store"), timeout=60)
     assert result.returncode == 2
     assert f"store {tmp_path / 'taken' / 'store'}: {tmp_path / 'taken'} is a file" in result.stderr
+
+
+def test_settings_that_would_train_on_another_distribution_or_leave_no_prompt_are_refused(tmp_path):
+    path = tmp_path / "grpo.yaml"
+    path.write_text("rl:\n  algorithm: grpo\n  grpo:\n    generation: {max_new_tokens: 8, top_k: 50}\n")
+    with pytest.raises(InputError, match=r"grpo.yaml:3: rl.grpo: .*generation.top_k: TRL's GRPO and RLOO compute"):
+        load_config(path)
+    with pytest.raises(InputError, match=r"rl.ppo.generation.max_new_tokens \(64\) leaves no room for the prompt"):
+        load_config(None, ["rl.ppo.generation.max_new_tokens=64"])
+    assert load_config(None, ["rl.ppo.generation.top_k=50"]).rl.ppo.generation.top_k == 50  # PPO scores top-k

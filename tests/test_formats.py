@@ -8,13 +8,26 @@ from pathlib import Path
 
 import pytest
 
+from stages.artifacts import artifact_prefix, read_verified
 from stages.config import load_config
 from stages.errors import InputError
-from stages.formats import convert
-from stages.sources import check_licenses, load_kind, stage_share, weighted
+from stages.formats import convert as convert_source
+from stages.runner import run_stage
+from stages.sources import check_licenses, stage_share, weighted
+from stages.store import LocalStore
 from tests.conftest import rlhf
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def convert(source: str, format_name: str, kind: str, max_skipped_fraction: float = 1.0) -> list[dict]:
+    """The rows only; the small fixtures' skipped rows are not refused here (they are tested on their own)."""
+    return convert_source(source, format_name, kind, "train", max_skipped_fraction).rows
+
+
+def load_rows_of(store: LocalStore, manifest, name: str) -> list[dict]:
+    prefix = artifact_prefix("prepare", manifest.cache_key)
+    return [json.loads(line) for line in read_verified(store, prefix, name).decode().splitlines()]
 
 
 def _contents(rows: list[dict]) -> str:
@@ -240,15 +253,36 @@ def test_noncommercial_data_is_refused_unless_allowed_and_licences_are_recorded(
     assert check_licenses(dolly)[str(FIXTURES / "dolly.jsonl")] == "CC BY-SA 3.0"
 
 
-def test_sources_mix_with_weights():
-    sources = [
-        {"path": str(FIXTURES / "hh_rlhf.jsonl"), "format": "hh-rlhf", "weight": 2},
-        {"path": str(FIXTURES / "shp.jsonl"), "format": "shp", "weight": 0.5},
+def _pairs(words: list[str]) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"describe the {w} ."}],
+            "chosen": [{"role": "assistant", "content": f"the {w} is kind ."}],
+            "rejected": [{"role": "assistant", "content": f"the {w} is rude ."}],
+        }
+        for w in words
     ]
-    config = load_config(None, [f"data.preference={json.dumps(sources)}", "data.allow_noncommercial=true"])
-    rows = load_kind(config, "preference")
-    assert len(rows) == 2 * 2 + 1
-    assert sum(r["prompt"][0]["content"] == "Say hi." for r in rows) == 2
+
+
+def test_prepare_deduplicates_splits_and_then_weights_each_source(tmp_path):
+    """`weight: 2` repeats a source's training rows (it used to be deduplicated away), eval never holds a copy of
+    a training row, and rows that an earlier source already has count as duplicates."""
+    words = [f"w{i}" for i in range(20)]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in _pairs(words) + _pairs(words[:5])))
+    second.write_text("".join(json.dumps(r) + "\n" for r in _pairs(words[:3] + [f"v{i}" for i in range(7)])))
+    sources = [{"path": str(first), "weight": 2}, {"path": str(second), "weight": 0.5}]
+    store = LocalStore(tmp_path / "store")
+    config = load_config(None, [f"data.preference={json.dumps(sources)}", f"run.store={store.uri}"])
+    manifest, _ = run_stage("prepare", config, store)
+    metrics = manifest.metrics["preference"]
+    assert metrics["rows"] == 35 and metrics["duplicates"] == 5 + 3
+    train = [json.dumps(r) for r in load_rows_of(store, manifest, "preference_train.jsonl")]
+    held_out = [json.dumps(r) for r in load_rows_of(store, manifest, "preference_eval.jsonl")]
+    # a.jsonl: 20 unique rows, 2 held out, 18 trained twice; b.jsonl: 7 new rows, 1 held out, half of 6 trained.
+    assert len(held_out) == 2 and len(train) == 18 * 2 + 3 == metrics["train"]
+    assert not set(held_out) & set(train)
+    assert sorted(train.count(row) for row in set(train))[-18:] == [2] * 18
 
 
 def test_stage_split_gives_each_stage_different_rows():
@@ -265,3 +299,108 @@ def test_weighted_repeats_and_samples():
     assert weighted([1, 2, 3, 4], 1.5, random.Random(0)).count(1) >= 1
     assert len(weighted([1, 2, 3, 4], 1.5, random.Random(0))) == 6
     assert len(weighted([1, 2, 3, 4], 0.25, random.Random(0))) == 1
+
+
+QUIRKS = FIXTURES / "hh_rlhf_quirks.jsonl"
+
+
+def test_hh_rlhf_rows_that_cannot_be_used_are_skipped_and_counted_with_their_lines():
+    """Rows shaped like the real dump's odd ones: the prompt is the turns both transcripts share (TRL's rule)
+    where that makes a usable pair; what cannot be used is skipped, counted by reason, with line numbers."""
+    converted = convert_source(str(QUIRKS), "hh-rlhf", "preference", "train", 0.25)
+    assert len(converted.rows) == 14
+    assert converted.skipped.summary() == (
+        "skipped 4 of 18 rows: 1 chosen identical to rejected (line 15); 1 empty answer (line 16); "
+        "1 transcripts share no prompt (line 17); 1 no assistant answer at the end (line 18)"
+    )
+    diverged = converted.rows[13]  # line 14: the two transcripts differ at the first assistant turn already
+    assert diverged["prompt"] == [{"role": "user", "content": "What do you think of my plan?"}]
+    assert [m["content"] for m in diverged["chosen"]] == [
+        "It sounds thoughtful.",
+        "Should I go ahead?",
+        "Yes, if you have checked the risks.",
+    ]
+    assert diverged["rejected"][0] == {"role": "assistant", "content": "It sounds bad."}
+    # Prompts are the chosen transcript before its answer: only the row whose chosen answer is empty has none.
+    prompts = convert_source(str(QUIRKS), "hh-rlhf", "prompt", "train", 0.25)
+    assert len(prompts.rows) == 17 and prompts.skipped.reasons == {"empty answer": ["16"]}
+
+
+def test_too_many_unusable_rows_refuse_the_source_naming_file_and_fraction(tmp_path):
+    with pytest.raises(InputError, match=r"hh_rlhf_quirks.jsonl: skipped 4 of 18 rows: .*data.max_skipped_fraction"):
+        convert_source(str(QUIRKS), "hh-rlhf", "preference", "train", 0.05)
+    result = rlhf("data", "convert", str(QUIRKS), "--format", "hh-rlhf", "--kind", "preference")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "more than data.max_skipped_fraction (0.05)" in result.stderr
+    result = rlhf(
+        "data", "convert", str(QUIRKS), "--format", "hh-rlhf", "--kind", "preference", "--max-skipped-fraction", "0.3"
+    )
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 14
+    assert result.stderr.strip().endswith("1 no assistant answer at the end (line 18)")
+
+
+def test_prepare_reports_skipped_rows_in_its_metrics(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    source = {"path": str(QUIRKS), "format": "hh-rlhf"}
+    overrides = [f"data.preference=[{json.dumps(source)}]", "data.max_skipped_fraction=0.25", f"run.store={store.uri}"]
+    metrics = run_stage("prepare", load_config(None, overrides), store)[0].metrics["preference"]
+    assert metrics["rows"] == 14 and metrics["skipped"] == 4
+    assert metrics["skipped_reasons"][str(QUIRKS)]["empty answer"] == {"count": 1, "first": ["16"]}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "reason"),
+    [
+        (
+            "shp",
+            {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_A": 5, "score_B": 5},
+            "tied scores",
+        ),
+        ("shp", {"history": "h", "human_ref_A": "same", "human_ref_B": "same", "labels": 1}, "chosen identical"),
+        ("dolly", {"instruction": "Name a fish.", "context": "", "response": "  "}, "empty answer"),
+        ("alpaca", {"instruction": " ", "input": "", "output": "x"}, "empty instruction"),
+        (
+            "preference",
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "a"}],
+            },
+            "chosen identical to rejected",
+        ),
+        ("messages", {"messages": [{"role": "user", "content": "q"}]}, "no assistant answer at the end"),
+    ],
+)
+def test_well_formed_unusable_rows_are_skipped_not_errors(tmp_path, fmt, row, reason):
+    kind = "sft" if fmt in ("dolly", "alpaca", "messages") else "preference"
+    good = {
+        "shp": {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_A": 5, "score_B": 2},
+        "dolly": {"instruction": "Name a fish.", "context": "", "response": "Tope"},
+        "alpaca": {"instruction": "Name a fish.", "input": "", "output": "Tope"},
+        "preference": {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "messages": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    }[fmt]
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    converted = convert_source(str(path), fmt, kind, "train", 0.5)
+    assert len(converted.rows) == 1 and converted.skipped.count == 1
+    assert list(converted.skipped.reasons)[0].startswith(reason) and converted.skipped.reasons
+    assert list(converted.skipped.reasons.values()) == [["2"]]
+
+
+def test_implicit_prompt_preference_rows_get_the_shared_turns_as_prompt(tmp_path):
+    """TRL's implicit-prompt form: no `prompt`, two whole conversations."""
+    user = {"role": "user", "content": "q"}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "good"}],
+        "rejected": [user, {"role": "assistant", "content": "bad"}],
+    }
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert convert(str(path), "preference", "preference") == [
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "good"}], "rejected": row["rejected"][1:]}
+    ]

@@ -58,7 +58,7 @@ def test_full_run_trains_every_stage_into_s3(first_run, bucket):
     report = metrics["evaluate"]
     assert report["mean_reward"]["rl"] > report["mean_reward"]["sft"]
     assert report["judge"].startswith("demo gold judge")
-    assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
+    assert set(report["finished_fraction"]) == {"base", "sft", "rl"} and report["finished_fraction"]["rl"] > 0.5
     assert report["reward_model_eval_accuracy"] == metrics["reward"]["eval_accuracy"]
 
 
@@ -91,7 +91,6 @@ def test_switching_rl_algorithm_reruns_only_rl_and_evaluate(first_run, bucket):
     assert statuses == {"prepare": "cached", "sft": "cached", "reward": "cached", "rl": "ran", "evaluate": "ran"}
     rl = summary["stages"]["rl"]["metrics"]
     assert rl["algorithm"] == "rejection_sampling" and rl["steps"] == 2
-    assert rl["last_best_score"] >= rl["last_score"]  # the best of N is never below the mean
 
 
 def _stage_pid(stage: str, marker: str) -> int | None:
@@ -198,6 +197,7 @@ def test_chat_answers_each_line_of_stdin_with_the_conversation_so_far(first_run)
 
 def test_a_long_chat_drops_its_oldest_exchanges_to_fit_the_context_window(first_run, tmp_path):
     from stages.chat import ChatModel, fetch_model
+    from stages.generation import prompt_ids
 
     model = ChatModel.load(fetch_model(first_run["stages"]["rl"]["artifact"], tmp_path))
     system = {"role": "system", "content": "be kind"}
@@ -209,7 +209,8 @@ def test_a_long_chat_drops_its_oldest_exchanges_to_fit_the_context_window(first_
     conversation = [system, *exchanges, {"role": "user", "content": "and the river?"}]
     kept = model.within_context(conversation, max_new_tokens=12)
     window = model.policy.config.max_position_embeddings
-    assert model._length(conversation) + 12 > window >= model._length(kept) + 12
+    length = lambda c: len(prompt_ids(model.tokenizer, c))  # noqa: E731
+    assert length(conversation) + 12 > window >= length(kept) + 12
     assert kept[0] == system and kept[-1] == conversation[-1] and kept[1:] == conversation[-len(kept) + 1 :]
     assert model.within_context(conversation[-3:], max_new_tokens=12) == conversation[-3:]
 

@@ -6,13 +6,43 @@ import pytest
 import torch
 
 from stages import ppo_math
-from stages.generation import response_mask_until_eos
+from stages.generation import response_mask_until_end, support_logprobs, top_k_support
 
 
-def test_response_mask_stops_after_first_eos():
-    eos = 9
-    ids = torch.tensor([[5, 6, 9, 7, 9], [5, 5, 5, 5, 5], [9, 1, 1, 1, 1]])
-    assert response_mask_until_eos(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+def test_response_mask_stops_after_the_first_of_any_end_of_turn_token():
+    end_of_turn, eos = 9, 4
+    ids = torch.tensor([[5, 6, 9, 7, 9], [5, 5, 5, 5, 5], [9, 1, 1, 1, 1], [5, 4, 9, 1, 1]])
+    assert response_mask_until_end(ids, [end_of_turn, eos]).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+    ]
+
+
+def test_logprobs_are_those_of_the_top_k_distribution_that_was_sampled():
+    """log p of the top-k renormalised softmax at temperature T, as transformers' warpers sample it; a reference
+    restricted to the same top k gives KL 0 where it is the same model."""
+    logits = torch.tensor([[[2.0, 1.0, 0.5, -1.0]]])
+    tokens = torch.tensor([[1]])
+    full = support_logprobs(logits, tokens, 0.5, top_k_support(logits, 0))
+    assert full.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 1].item())
+    support = top_k_support(logits, 2)
+    assert support.tolist() == [[[0, 1]]]
+    top2 = support_logprobs(logits, tokens, 0.5, support)
+    assert top2.item() == pytest.approx(math.log(math.exp(1.0 / 0.5) / (math.exp(2.0 / 0.5) + math.exp(1.0 / 0.5))))
+    other = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]])  # a reference over the policy's two tokens: p(1) = e^6/(1+e^6)
+    assert support_logprobs(other, tokens, 0.5, support).item() == pytest.approx(-math.log1p(math.exp(-6.0)), rel=1e-4)
+    assert support_logprobs(logits, tokens, 0.5, support).item() - top2.item() == 0.0
+
+
+def test_approx_kl_is_zero_for_an_unchanged_policy_and_positive_otherwise():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert ppo_math.approx_kl(old, old, mask).item() == 0.0
+    moved = old + torch.tensor([[0.1, -0.2, 5.0]])
+    expected = ((math.exp(0.1) - 1 - 0.1) + (math.exp(-0.2) - 1 + 0.2)) / 2
+    assert ppo_math.approx_kl(moved, old, mask).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_kl_penalty_at_every_token_and_score_at_the_last():

@@ -50,9 +50,12 @@ def test_a_base_tokenizer_without_chat_template_gets_the_default(tmp_path):
 
 
 def test_real_imdb_reviews_convert_exactly():
-    sft = convert(str(IMDB), "imdb", "sft")
-    pairs = convert(str(IMDB), "imdb", "preference")
-    assert 49_900 < len(sft) <= 50_000  # a handful of reviews are too short to continue
+    converted = convert(str(IMDB), "imdb", "sft", "train", 0.05)
+    sft, skipped = converted.rows, converted.skipped
+    pairs = convert(str(IMDB), "imdb", "preference", "train", 0.05).rows
+    assert 49_900 < len(sft) <= 50_000  # a handful of reviews are too short to continue: skipped and counted
+    assert skipped.read == 50_000 and skipped.count == 50_000 - len(sft)
+    assert list(skipped.reasons) == ["review too short to continue"]
     assert 24_900 < len(pairs) <= 25_000  # one pair per positive and negative review
     assert not any("<br" in row["messages"][1]["content"] for row in sft)
 

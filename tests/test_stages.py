@@ -16,7 +16,7 @@ from stages.models import load_policy, load_tokenizer
 from stages.runner import run_stage
 from stages.store import LocalStore
 from stages.tiny_model import save_tiny_llama
-from tests.conftest import TINY
+from tests.conftest import TINY, forced_token
 
 
 def _tiny(tmp_path):
@@ -75,18 +75,19 @@ def test_builtin_model_is_deterministic_and_round_trips_text(tmp_path):
 
 
 def test_sampled_responses_are_masked_after_end_of_turn(tmp_path):
+    """Every response ends its turn at the third token here (forced): the end token is kept, what follows it is
+    padding and masked; prompts of different lengths are left-padded to end at the same column."""
     source = _tiny(tmp_path)
     tokenizer = load_tokenizer(source)
     policy = load_policy(source, torch.device("cpu"))
     torch.manual_seed(0)
-    prompts = [[{"role": "user", "content": "describe the cat today ."}]] * 6
-    rollout = sample(policy, tokenizer, prompts, GenerationConfig(max_new_tokens=8))
-    assert rollout.response_ids.shape == rollout.response_mask.shape == (6, rollout.response_ids.shape[1])
-    assert (rollout.prompt_mask[:, -1] == 1).all()  # left padding: every prompt ends at the same column
-    for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
-        eos = (ids == tokenizer.eos_token_id).nonzero()
-        if len(eos):
-            assert mask[: eos[0] + 1].all() and not mask[eos[0] + 1 :].any()
+    prompts = [[{"role": "user", "content": "describe the cat today ."}], [{"role": "user", "content": "hi"}]] * 3
+    with forced_token(policy, tokenizer.eos_token_id, step=2):
+        rollout = sample(policy, tokenizer, prompts, GenerationConfig(max_new_tokens=8))
+    assert rollout.prompt_mask[1].tolist().count(0) > 0 and (rollout.prompt_mask[:, -1] == 1).all()
+    assert rollout.finished.all() and (rollout.response_ids[:, 2] == tokenizer.eos_token_id).all()
+    assert rollout.response_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0][: rollout.response_ids.shape[1]]] * 6
+    assert (rollout.response_ids[:, 3:] == tokenizer.pad_token_id).all()
     assert len(decode_responses(tokenizer, rollout)) == 6
 
 
@@ -138,3 +139,10 @@ def test_activation_checkpointing_recomputes_activations_and_trains_to_the_same_
     }.items():
         for key in keys:
             assert runs["checkpointed"][stage][key] == pytest.approx(runs["plain"][stage][key], rel=1e-3, abs=1e-5)
+
+
+def test_win_rate_counts_ties_half():
+    from stages.evaluate import win_rate
+
+    assert win_rate([2.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 0.0]) == (1 + 0.5 + 0 + 0.5) / 4
+    assert win_rate([0.0, 0.0], [1.0, 2.0]) == 0.0

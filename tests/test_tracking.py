@@ -64,7 +64,10 @@ def test_trainer_events_land_in_the_artifact_and_match_the_metrics_table(tracked
     assert sft["train/loss"][5] == pytest.approx(manifests["sft"].metrics["first_loss"], abs=1e-4)
     assert sft["eval/loss"] == {20: pytest.approx(manifests["sft"].metrics["eval_loss"], abs=1e-4)}
     reward = _scalars(store.root / f"artifacts/reward/{manifests['reward'].cache_key}/logs")
-    assert reward["eval/accuracy"] == {8: pytest.approx(manifests["reward"].metrics["eval_accuracy"], abs=1e-4)}
+    assert reward["eval/loss"] == {8: pytest.approx(manifests["reward"].metrics["eval_loss"], abs=1e-4)}
+    # The stage's eval_accuracy is measured through the scoring path every later stage uses, pair by pair;
+    # TRL's logged accuracy is a mean of per-batch means over the same pairs, so the two differ only slightly.
+    assert reward["eval/accuracy"][8] == pytest.approx(manifests["reward"].metrics["eval_accuracy"], abs=0.03)
 
 
 def test_ppo_steps_reach_tensorboard_and_trackers_change_no_cache_key(tracked):

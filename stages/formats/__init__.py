@@ -2,7 +2,8 @@
 
 Kinds: `sft` → `{"messages": [...]}`; `preference` → `{"prompt", "chosen", "rejected"[, "margin"]}`;
 `prompt` → `{"prompt": [...]}`; `rated` → `{"prompt", "response", "ratings": {aspect: [scores]}}`.
-Each seed dataset knows its licence, so runs can record and police it.
+Each seed dataset knows its licence, so runs can record and police it. Rows that are well formed but cannot be
+used are skipped and counted (`Skipped`); a source with more of them than `max_skipped_fraction` is refused.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any, Literal
 
 from stages.errors import InputError
 from stages.formats import conversational, hh_rlhf, imdb, instructions, oasst, shp
-from stages.formats.records import Record, read_records
+from stages.formats.records import Record, Skipped, read_records
 
 Kind = Literal["sft", "preference", "prompt", "rated"]
 KINDS: tuple[Kind, ...] = ("sft", "preference", "prompt", "rated")
-Converter = Callable[[list[Record]], list[dict[str, Any]]]
+Converter = Callable[[list[Record]], tuple[list[dict[str, Any]], Skipped]]
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,20 @@ def get_format(name: str, kind: str) -> Format:
     return found
 
 
-def convert(source: str, format_name: str, kind: str, split: str = "train") -> list[dict[str, Any]]:
-    """Normalized rows of one kind from a file or Hub dataset in the given format."""
+@dataclass(frozen=True)
+class Converted:
+    rows: list[dict[str, Any]]
+    skipped: Skipped
+
+
+def convert(source: str, format_name: str, kind: str, split: str, max_skipped_fraction: float) -> Converted:
+    """Normalized rows of one kind from a file or Hub dataset in the given format, and the rows skipped."""
     converter = get_format(format_name, kind).converters[kind]
-    rows = converter(read_records(source, split))
+    rows, skipped = converter(read_records(source, split))
+    if skipped.count > max_skipped_fraction * skipped.read:
+        raise InputError(
+            f"{source}: {skipped.summary()}, more than data.max_skipped_fraction ({max_skipped_fraction:g}) allows"
+        )
     if not rows:
         raise InputError(f"{source}: no {kind} rows in it (format {format_name})")
-    return rows
+    return Converted(rows, skipped)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
-from stages.formats.records import Record
+from stages.formats.records import Record, Skipped
 
 ROLES = {"prompter": "user", "assistant": "assistant"}
 
@@ -72,7 +72,7 @@ def _messages(nodes: list[Node]) -> list[dict[str, str]]:
     return [{"role": n.role, "content": n.text} for n in nodes]
 
 
-def sft(records: list[Record]) -> list[dict[str, Any]]:
+def sft(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
     rows = []
     for root in build_trees(records):
         path = [root]
@@ -82,10 +82,10 @@ def sft(records: list[Record]) -> list[dict[str, Any]]:
             path.pop()
         if path:
             rows.append({"messages": _messages(path)})
-    return rows
+    return rows, Skipped(len(records))
 
 
-def preference(records: list[Record]) -> list[dict[str, Any]]:
+def preference(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
     rows = []
     stack = build_trees(records)
     while stack:
@@ -99,8 +99,8 @@ def preference(records: list[Record]) -> list[dict[str, Any]]:
                 rows.append(
                     {"prompt": _messages(node.path()), "chosen": _messages([better]), "rejected": _messages([worse])}
                 )
-    return rows
+    return rows, Skipped(len(records))
 
 
-def prompt(records: list[Record]) -> list[dict[str, Any]]:
-    return [{"prompt": _messages([root])} for root in build_trees(records)]
+def prompt(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
+    return [{"prompt": _messages([root])} for root in build_trees(records)], Skipped(len(records))

@@ -2,20 +2,28 @@
 
 Every row keeps where it came from (`file:line` for JSONL and CSV, `file: row N` otherwise), so that a problem
 found while converting it names the file, the line or row, and the field.
+
+Two kinds of problem: a broken file (not JSON, a missing field, a wrong type) is an error that stops the run
+(`Record.error`); a well-formed row that cannot be trained on (an empty answer, chosen identical to rejected, a
+tie) is skipped and counted (`Record.unusable`, collected in `Skipped`), as every real dump has a few.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stages.errors import InputError
 
 MISSING = object()
+
+
+class UnusableRow(Exception):
+    """A well-formed row that cannot be trained on; the message is the reason, as counted."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,11 @@ class Record:
 
     def error(self, field: str, problem: str) -> InputError:
         return InputError(f"{self.where}: field {field!r}: {problem}")
+
+    @property
+    def position(self) -> str:
+        """The line number (JSONL, CSV) or `row N` (JSON arrays, Parquet, the Hub)."""
+        return self.where.rpartition(":")[2].strip()
 
     def get(self, field: str, kind: type | tuple[type, ...] = str, default: Any = MISSING) -> Any:
         """The field's value, checked against `kind`; a missing field is an error unless a default is given."""
@@ -38,6 +51,55 @@ class Record:
             expected = " or ".join(k.__name__ for k in kinds)
             raise self.error(field, f"expected {expected}, got {type(value).__name__}")
         return value
+
+
+SHOWN_POSITIONS = 5
+
+
+@dataclass
+class Skipped:
+    """Rows skipped while converting one source: how many rows were read, and per reason where they were."""
+
+    read: int = 0
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, record: Record) -> None:
+        self.reasons.setdefault(reason, []).append(record.position)
+
+    @property
+    def count(self) -> int:
+        return sum(len(positions) for positions in self.reasons.values())
+
+    def summary(self) -> str:
+        """`skipped 5 of 2312 rows: transcripts share no prompt (lines 1255, 1689, ...); ...`"""
+        parts = []
+        for reason, positions in sorted(self.reasons.items(), key=lambda item: -len(item[1])):
+            shown = positions[:SHOWN_POSITIONS]
+            noun = ("line" if len(positions) == 1 else "lines") if all(p.isdigit() for p in shown) else "at"
+            more = ", ..." if len(positions) > len(shown) else ""
+            parts.append(f"{len(positions)} {reason} ({noun} {', '.join(shown)}{more})")
+        return f"skipped {self.count} of {self.read} rows: " + "; ".join(parts)
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {
+            "skipped": self.count,
+            "skipped_reasons": {r: {"count": len(p), "first": p[:SHOWN_POSITIONS]} for r, p in self.reasons.items()},
+        }
+
+
+def each(convert_one: Callable[[Record], Any]) -> Callable[[list[Record]], tuple[list, Skipped]]:
+    """A converter of whole sources from one that converts a row, skipping and counting unusable rows."""
+
+    def convert(records: list[Record]) -> tuple[list, Skipped]:
+        rows, skipped = [], Skipped(len(records))
+        for record in records:
+            try:
+                rows.append(convert_one(record))
+            except UnusableRow as exc:
+                skipped.add(str(exc), record)
+        return rows, skipped
+
+    return convert
 
 
 def read_records(source: str, split: str = "train") -> list[Record]:

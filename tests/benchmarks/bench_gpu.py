@@ -10,7 +10,15 @@ FLOPs counted (N = all parameters, T = tokens including padding, as the stages r
 - sft, reward: 6·N·T (forward and backward);
 - rl (PPO): per rollout token, generation, the policy's and the reference's log-probs, the value and the reward
   model's scores (5 forwards, 2·N each) plus `ppo_epochs` forward+backward passes of policy and value model
-  (2 · 6·N each): N·T·(10 + 12·ppo_epochs).
+  (2 · 6·N each): N·T·(10 + 12·ppo_epochs);
+- rl with DPO: the policy's forward and backward and the reference's forward on every token: 8·N·T;
+- rl with GRPO or RLOO (T: prompt and completion tokens TRL counts): generation, the reference's and the reward
+  model's forwards and the policy's forward and backward: about 12·N·T;
+- rl with rejection sampling reports no trained-token count (generation dominates): seconds only.
+
+After the pipeline with PPO, every other RL algorithm (rejection sampling, DPO, GRPO, RLOO) runs `rl` and
+`evaluate` on the same prepare/sft/reward artifacts (rows `rl:<algorithm>`, `evaluate:<algorithm>`), so that a
+lent GPU checks them all. The results name the precision: trained weights fp32, bf16 autocast where supported.
 
 Usage: python tests/benchmarks/bench_gpu.py [--hidden 1024 --layers 24 --heads 16 --intermediate 4096]
        [--device cuda] [--variants full checkpointing qlora] [--stages ...] [--out DIR]
@@ -65,6 +73,32 @@ CHECKPOINTING_SETTINGS = [
     "reward.gradient_checkpointing=true",
     "rl.ppo.gradient_checkpointing=true",
 ]
+# The other RL algorithms, each sized like the PPO stage above.
+ALGORITHM_SETTINGS = {
+    "rejection_sampling": [
+        "rl.rejection_sampling.rounds=1",
+        "rl.rejection_sampling.prompts_per_round=256",
+        "rl.rejection_sampling.samples_per_prompt=4",
+        "rl.rejection_sampling.generation.max_new_tokens=32",
+        "rl.rejection_sampling.training.batch_size=64",
+    ],
+    "dpo": ["rl.dpo.max_steps=20", "rl.dpo.batch_size=64"],
+    "grpo": ["rl.grpo.max_steps=10", "rl.grpo.batch_size=64", "rl.grpo.generation.max_new_tokens=32"],
+    "rloo": ["rl.rloo.max_steps=10", "rl.rloo.batch_size=64", "rl.rloo.generation.max_new_tokens=32"],
+}
+SMALL_ALGORITHM_SETTINGS = {
+    "rejection_sampling": [
+        "rl.rejection_sampling.rounds=1",
+        "rl.rejection_sampling.prompts_per_round=4",
+        "rl.rejection_sampling.samples_per_prompt=2",
+        "rl.rejection_sampling.training.max_steps=2",
+    ],
+    "dpo": ["rl.dpo.max_steps=2", "rl.dpo.batch_size=8"],
+    "grpo": ["rl.grpo.max_steps=2", "rl.grpo.batch_size=8", "rl.grpo.num_generations=4"],
+    "rloo": ["rl.rloo.max_steps=2", "rl.rloo.batch_size=8", "rl.rloo.num_generations=4"],
+}
+FLOPS_PER_PARAMETER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "grpo": 12, "rloo": 12}
+
 QLORA_SETTINGS = [
     "sft.lora.quantize=4bit",
     "reward.lora.quantize=4bit",
@@ -112,17 +146,18 @@ def warm_up(base: Path, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def stage_flops(stage: str, metrics: dict, parameters: int, ppo_epochs: int) -> float | None:
+def stage_flops(stage: str, algorithm: str, metrics: dict, parameters: int, ppo_epochs: int) -> float | None:
     tokens = metrics.get("train_tokens")
     if not tokens:
         return None
-    if stage == "rl":
+    if stage == "rl" and algorithm == "ppo":
         return parameters * tokens * (10 + 12 * ppo_epochs)
-    return 6 * parameters * tokens
+    factor = FLOPS_PER_PARAMETER_TOKEN.get(algorithm if stage == "rl" else stage)
+    return factor * parameters * tokens if factor else None
 
 
-def run_pipeline(
-    overrides: list[str], stages: list[str], work: Path, parameters: int, peak: float | None
+def run_stages(
+    overrides: list[str], stages: list[str], work: Path, parameters: int, peak: float | None, label: str = ""
 ) -> list[dict]:
     from stages.config import load_config
     from stages.runner import run_stage
@@ -134,9 +169,14 @@ def run_pipeline(
     for stage in stages:
         started = time.monotonic()
         manifest, _ = run_stage(stage, config, store)
-        row = {"stage": stage, "seconds": round(time.monotonic() - started, 1)}
+        row = {"stage": stage + label, "seconds": round(time.monotonic() - started, 1)}
         metrics = manifest.metrics
-        flops = stage_flops(stage, metrics, parameters, config.rl.ppo.ppo_epochs)
+        if stage == "rl" and "generation_seconds" in metrics:
+            row["phase_seconds"] = {
+                phase: metrics[f"{phase}_seconds"]
+                for phase in ("generation", "scoring", "reference_values", "optimization")
+            }
+        flops = stage_flops(stage, config.rl.algorithm, metrics, parameters, config.rl.ppo.ppo_epochs)
         if flops and metrics.get("train_seconds"):
             row["train_tokens"] = metrics["train_tokens"]
             row["train_seconds"] = metrics["train_seconds"]
@@ -170,6 +210,8 @@ def main() -> None:
 
     import torch
 
+    from stages.models import compute_dtype, weights_dtype
+
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +220,16 @@ def main() -> None:
         print(f"{card}: random Llama, {parameters / 1e9:.3f} B parameters, peak bf16 {peak}", flush=True)
         overrides = [f"model.base={work / 'base'}", f"run.device={args.device}", "evaluate.judge=reward_model"]
         overrides += SMALL_SETTINGS if args.small else GPU_SETTINGS
-        results = {"card": card, "parameters": parameters}
+        device = torch.device(args.device)
+        results = {
+            "card": card,
+            "parameters": parameters,
+            "precision": {
+                "trained_weights": str(weights_dtype(device, train=True)).removeprefix("torch."),
+                "compute": str(compute_dtype(device)).removeprefix("torch."),
+            },
+        }
+        algorithms = SMALL_ALGORITHM_SETTINGS if args.small else ALGORITHM_SETTINGS
         variants = {
             "full": overrides,
             "checkpointing": [*overrides, *CHECKPOINTING_SETTINGS],
@@ -186,7 +237,13 @@ def main() -> None:
         }
         warm_up(work / "base", args.device)
         for variant in args.variants:
-            results[variant] = run_pipeline(variants[variant], args.stages, work / variant, parameters, peak)
+            rows = run_stages(variants[variant], args.stages, work / variant, parameters, peak)
+            if variant == "full" and "evaluate" in args.stages:
+                for algorithm, settings in algorithms.items():
+                    overrides_for = [*variants[variant], *settings, f"rl.algorithm={algorithm}"]
+                    label = f":{algorithm}"
+                    rows += run_stages(overrides_for, ["rl", "evaluate"], work / variant, parameters, peak, label)
+            results[variant] = rows
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "results.json").write_text(json.dumps(results, indent=2))
