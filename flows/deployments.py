@@ -23,7 +23,6 @@ from flows.pipeline import run_pipeline
 from flows.stage_flow import rlhf_stage
 from stages import STAGE_NAMES
 from stages.config import PipelineConfig, dump_config, read_config
-from stages.store import ArtifactStore
 
 # The repository's infra/ folder (the orchestrator image sets RLHF_INFRA_DIR to its copy).
 INFRA = Path(os.environ.get("RLHF_INFRA_DIR", Path(__file__).resolve().parents[1] / "infra"))
@@ -57,7 +56,7 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
             print_next_steps=False,
         )
         names.append(f"{STAGE_FLOW}/{stage}")
-    store = ArtifactStore.from_uri(config.run.store)
+    store = config.run.open_store()
     config_key = f"deployments/{config.run.name}/config.yaml"
     store.write_bytes(config_key, dump_config(config).encode())
     scheduled_pipeline.deploy(

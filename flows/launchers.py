@@ -19,12 +19,15 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from flows.cli import run_forked
 from flows.monitoring import StageMonitor
 from stages import STAGE_NAMES
+from stages.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR
+from stages.progress import LAUNCHER_PID
 
 if TYPE_CHECKING:
     from stages.config import DeployConfig, PipelineConfig
 
-EXIT_INPUT_ERROR = 2
-INPUT_ERROR_STATE = "InputError"  # the name of a stage flow run's Failed state when its input was rejected
+# The names of a stage flow run's Failed state when its input was rejected, or found damaged in the store.
+INPUT_ERROR_STATE = "InputError"
+DAMAGED_INPUT_STATE = "DamagedInput"
 STAGE_FLOW = "rlhf-stage"
 # What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
 # (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
@@ -41,6 +44,11 @@ PRELOADED_MODULES = [
 
 class StageInputError(Exception):
     """The stage rejected its config or data: retrying cannot help."""
+
+
+class StageInputDamaged(Exception):
+    """An input artifact of the stage failed verification and was set aside: its producer must run again
+    first; retrying this stage cannot help."""
 
 
 class StageCrashed(Exception):
@@ -147,7 +155,7 @@ class ProcessLauncher:
 
         config = read_config(config_uri)
         command = stage_command(stage, config, config_uri)
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = os.environ | {"PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
         forked = self.warm and forks_stage(stage, config)
         logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
@@ -171,6 +179,8 @@ class ProcessLauncher:
             return
         if code == EXIT_INPUT_ERROR:
             raise StageInputError(tail[-1] if tail else f"{stage}: bad input")
+        if code == EXIT_DAMAGED_ARTIFACT:
+            raise StageInputDamaged(tail[-1] if tail else f"{stage}: a damaged input")
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         raise StageCrashed(f"stage {stage} {how}: {tail[-1] if tail else 'no output'}")
 
@@ -206,6 +216,8 @@ class DeploymentLauncher:
             return
         if state is not None and state.name == INPUT_ERROR_STATE:
             raise StageInputError(state.message or f"{stage}: bad input")
+        if state is not None and state.name == DAMAGED_INPUT_STATE:
+            raise StageInputDamaged(state.message or f"{stage}: a damaged input")
         how = f"{state.type.value.lower()}: {state.message}" if state else "ended without a state"
         raise StageCrashed(f"stage {stage} flow run {flow_run.name} {how}")
 
@@ -223,5 +235,6 @@ def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str,
     if pool_type == "kubernetes":
         # Left out when not configured, so that the pool's defaults (its GPU-taint toleration) apply.
         placement = {"node_selector": resources.node_selector, "tolerations": resources.tolerations}
-        return {"image": deploy.image(stage), "gpus": resources.gpus} | {k: v for k, v in placement.items() if v}
+        sizes = {"image": deploy.image(stage), "gpus": resources.gpus, "work_storage": resources.work_storage}
+        return sizes | {k: v for k, v in placement.items() if v}
     return {}

@@ -3,14 +3,19 @@ metrics as a table artifact and as `rlhf.metrics` events (for automations, e.g. 
 metric curves as a picture, and the evaluation report (with its score distributions) as a Markdown artifact.
 
 Stages print `rlhf-event {json}` lines (`stages/progress.py`); the launcher hands each line to a StageMonitor.
+Monitoring never stops training: a malformed event line, or a Prefect API that fails or is away, is logged
+and skipped, and the launcher keeps draining the stage's output.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from prefect.artifacts import (
@@ -26,6 +31,8 @@ from flows.run_view import stage_progress
 from stages.plots import CURVES_FILE
 from stages.progress import PREFIX
 from stages.store import ArtifactStore
+
+log = logging.getLogger("rlhf.monitoring")
 
 PROGRESS_INTERVAL_S = 2.0  # at most one progress update per interval (and always 100 %): each is an API call
 
@@ -48,12 +55,25 @@ class StageMonitor:
         """Consume a stage's event line; False for any other output."""
         if not line.startswith(PREFIX):
             return False
-        event = json.loads(line.removeprefix(PREFIX))
-        if event["kind"] == "progress":
-            self.progress(event["percent"])
-        elif event["kind"] == "metrics":
-            self.metrics(event["step"], event["metrics"])
+        try:
+            event = json.loads(line.removeprefix(PREFIX))
+            kind = event["kind"]
+            if kind == "progress":
+                forward = partial(self.progress, float(event["percent"]))
+            else:
+                forward = partial(self.metrics, int(event["step"]), dict(event["metrics"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: malformed event line skipped (%r): %.200s", self.stage, exc, line)
+            return True
+        self._guarded(forward, kind)
         return True
+
+    def _guarded(self, forward: Callable[[], None], what: str) -> None:
+        # Any failure of the Prefect API (unreachable, an error status, a timeout) must not reach the launcher.
+        try:
+            forward()
+        except Exception as exc:
+            log.warning("%s: could not forward %s to Prefect (%s); training goes on", self.stage, what, exc)
 
     def progress(self, percent: float) -> None:
         stage_progress(self.stage, percent)
@@ -77,6 +97,9 @@ class StageMonitor:
         )
 
     def finish(self) -> None:
+        self._guarded(self._publish_table, "the metrics table")
+
+    def _publish_table(self) -> None:
         if self.rows:
             columns = sorted({key for row in self.rows for key in row} - {"step"})
             table = [{"step": row["step"], **{c: row.get(c) for c in columns}} for row in self.rows]

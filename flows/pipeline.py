@@ -3,7 +3,8 @@
 Caching lives in the artifact store, keyed by each stage's inputs, config and code, so it holds across runs,
 machines and Prefect servers: a stage whose artifact exists is `cached` without starting anything. A crashed
 stage process is retried with backoff and resumes from its last checkpoint; a stage that rejects its input is
-not retried.
+not retried. A stage whose input artifact turns out damaged in the store (set aside by the stage) is not
+retried either: the run goes back to the stage that produces it, computes it again, and carries on.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from prefect.states import Completed, Failed
 
-from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputError
+from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputDamaged, StageInputError
 from flows.monitoring import publish_curves, publish_report
 from flows.run_view import stage_finished, stage_started
 from stages import STAGE_NAMES
 from stages.artifacts import read_manifest
 from stages.config import PipelineConfig, dump_config, read_config
-from stages.errors import InputError
+from stages.errors import InputError, MissingInput
 from stages.graph import plan_stage
 from stages.store import ArtifactStore
 
@@ -35,7 +36,7 @@ LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher, "deployment"
 def _retry_unless_input_error(task, task_run, state) -> bool:
     try:
         state.result()
-    except StageInputError:
+    except (StageInputError, StageInputDamaged):
         return False
     except Exception:
         return True
@@ -46,7 +47,10 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
 def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
     logger = get_run_logger()
     store, config = _load(config_uri)
-    plan = plan_stage(store, config, stage)
+    try:
+        plan = plan_stage(store, config, stage)
+    except MissingInput as exc:  # set aside by an earlier attempt of this stage
+        raise StageInputDamaged(str(exc)) from None
     manifest = read_manifest(store, plan.prefix)
     status = "cached"
     if manifest is None:
@@ -74,7 +78,10 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     config_hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:12]
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
     stages: dict[str, Any] = {}
-    for stage in STAGE_NAMES:
+    recomputed: list[dict[str, str]] = []
+    index = 0
+    while index < len(STAGE_NAMES):
+        stage = STAGE_NAMES[index]
         started = time.monotonic()
         task = run_stage.with_options(
             name=stage,
@@ -89,6 +96,13 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
         if state.is_completed():
             stages[stage] = state.result() | {"seconds": seconds}
             stage_finished(stage, stages[stage]["status"])
+            index += 1
+            continue
+        redo = _damaged_upstream(store, config, stage, state)
+        if redo is not None and len(recomputed) < len(STAGE_NAMES):
+            get_run_logger().warning("%s: %s; computing %s again", stage, _error_of(state), redo)
+            recomputed.append({"stage": redo, "because": _error_of(state)})
+            index = STAGE_NAMES.index(redo)
             continue
         stage_finished(stage, "failed")
         stages[stage] = {
@@ -107,6 +121,7 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
         "status": status,
         "store": store.uri,
         "stages": stages,
+        "recomputed": recomputed,
         "finished_at": datetime.now(UTC).isoformat(),
     }
     store.write_json(f"runs/{run_id}/run.json", summary)
@@ -120,7 +135,7 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     """Run the whole pipeline for a validated config and return the run summary. The launcher defaults to
     `deploy.launcher`: stage processes here, or flow runs of the stage deployments."""
     launcher = launcher or config.deploy.launcher
-    store = ArtifactStore.from_uri(config.run.store)
+    store = config.run.open_store()
     _warm_up(store, config, launcher)  # now, so that its imports overlap Prefect's start
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
@@ -141,6 +156,19 @@ def _warm_up(store: ArtifactStore, config: PipelineConfig, launcher: str) -> Non
         ProcessLauncher.warm_up(config)
 
 
+def _damaged_upstream(store: ArtifactStore, config: PipelineConfig, stage: str, state) -> str | None:
+    """Where the stage failed on a damaged input (now set aside), the first stage whose artifact is missing."""
+    if not isinstance(state.result(raise_on_failure=False), StageInputDamaged):
+        return None
+    for upstream in STAGE_NAMES[: STAGE_NAMES.index(stage)]:
+        try:
+            if read_manifest(store, plan_stage(store, config, upstream).prefix) is None:
+                return upstream
+        except MissingInput:
+            return upstream
+    return None
+
+
 def _error_of(state) -> str:
     """The stage's own words (its exception's message: the process's last line of output), without Prefect's
     wrapping or a traceback."""
@@ -150,4 +178,4 @@ def _error_of(state) -> str:
 
 def _load(config_uri: str) -> tuple[ArtifactStore, PipelineConfig]:
     config = read_config(config_uri)
-    return ArtifactStore.from_uri(config.run.store), config
+    return config.run.open_store(), config

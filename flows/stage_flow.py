@@ -3,7 +3,8 @@
 The flow starts the stage's program (`rlhf stage NAME --config URI`); its Completed state's message is the
 URI of the artifact the stage published, which the pipeline's launcher reads back.
 A stage that rejects its config or data ends in a Failed state named `InputError`, which the pipeline does not
-retry; any other failure, or a container that dies, is retried by the pipeline and resumes from a checkpoint.
+retry (nor `DamagedInput`: an input failed verification, and its producer runs again first); any other
+failure, or a container that dies, is retried by the pipeline and resumes from a checkpoint.
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from flows.launchers import INPUT_ERROR_STATE, STAGE_FLOW, ProcessLauncher, StageInputError
+from flows.launchers import (
+    DAMAGED_INPUT_STATE,
+    INPUT_ERROR_STATE,
+    STAGE_FLOW,
+    ProcessLauncher,
+    StageInputDamaged,
+    StageInputError,
+)
 from stages.artifacts import read_manifest
 from stages.config import read_config
 from stages.graph import plan_stage
-from stages.store import ArtifactStore
 
 
 @flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
@@ -24,8 +31,10 @@ def rlhf_stage(stage: str, config_uri: str):
         ProcessLauncher(warm=False).launch(stage, config_uri, get_run_logger())
     except StageInputError as exc:
         return Failed(name=INPUT_ERROR_STATE, message=str(exc))
+    except StageInputDamaged as exc:
+        return Failed(name=DAMAGED_INPUT_STATE, message=str(exc))
     config = read_config(config_uri)
-    store = ArtifactStore.from_uri(config.run.store)
+    store = config.run.open_store()
     prefix = plan_stage(store, config, stage).prefix
     if read_manifest(store, prefix) is None:
         raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")

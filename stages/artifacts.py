@@ -1,26 +1,34 @@
 """Artifacts: directories in the store whose `manifest.json`, written last, proves they are complete.
 
 The manifest lists every file with size and sha256, the stage, its resolved config, its inputs' digests and
-the code version. An artifact without a manifest does not exist; downloads verify every digest.
+the code version. An artifact without a manifest does not exist; nor does one whose manifest cannot be read.
+Nothing from the store is trusted: a manifest naming a file outside its artifact is refused before anything is
+written, downloads verify every digest, and an artifact that fails verification twice is set aside (its
+manifest moved to `manifest.damaged-<time>.json`, nothing deleted) so that its stage is computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from stages.errors import InputError
+from stages.errors import DamagedArtifact, InputError
 from stages.store import ArtifactStore
 
+log = logging.getLogger("rlhf.stage")
+
 MANIFEST = "manifest.json"
+# Pickles (the HF Trainer's `training_args.bin`) are never published: nothing read from the store is unpickled.
+NEVER_PUBLISHED = {"training_args.bin"}
 # What a stage records about its run (tracker event files of `run.report_to`, its metrics history and curves):
 # they hold when and where it ran, so the content digest leaves them out.
 LOGS_DIR = "logs"
@@ -90,11 +98,34 @@ def artifact_prefix(stage: str, key: str) -> str:
 
 
 def read_manifest(store: ArtifactStore, prefix: str) -> Manifest | None:
-    """The manifest of a complete artifact, or None where there is none (yet)."""
+    """The manifest of a complete artifact, or None where there is none (yet), or none that can be read."""
     key = f"{prefix}/{MANIFEST}"
     if not store.exists(key):
         return None
-    return Manifest.model_validate(store.read_json(key))
+    try:
+        manifest = Manifest.model_validate_json(store.read_bytes(key))
+    except ValidationError as exc:
+        log.warning("%s: unreadable manifest, counted as no artifact (%s)", store.uri_of(key), exc.errors()[0]["msg"])
+        return None
+    for entry in manifest.files:
+        if not is_inside(entry.path):
+            raise InputError(f"{store.uri_of(key)}: file entry {entry.path!r} points outside the artifact")
+    return manifest
+
+
+def is_inside(path: str) -> bool:
+    """A relative path that stays inside the directory it is joined to."""
+    parts = PurePosixPath(path).parts
+    return bool(parts) and not path.startswith("/") and "\\" not in path and ".." not in parts
+
+
+def set_aside(store: ArtifactStore, prefix: str, reason: str) -> None:
+    """Move a damaged artifact's manifest out of the way: the artifact no longer exists for the planner, and
+    its files stay where they are for whoever looks into it."""
+    aside = f"{prefix}/manifest.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%f}.json"
+    store.write_bytes(aside, store.read_bytes(f"{prefix}/{MANIFEST}"))
+    store.delete(f"{prefix}/{MANIFEST}")
+    log.error("%s: %s; set aside (manifest moved to %s)", store.uri_of(prefix), reason, aside)
 
 
 def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fields: dict[str, Any]) -> Manifest:
@@ -103,7 +134,7 @@ def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fie
     Files are hashed while they upload (hashlib releases the GIL), so the digests cost no extra time.
     """
     paths = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
-    paths = [p for p in paths if p != MANIFEST]
+    paths = [p for p in paths if p != MANIFEST and Path(p).name not in NEVER_PUBLISHED]
     with ThreadPoolExecutor(max_workers=1) as uploader:
         upload = uploader.submit(store.upload_files, {f"{prefix}/{p}": local_dir / p for p in paths})
         entries = [
@@ -116,15 +147,21 @@ def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fie
 
 
 def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
-    """Download a complete artifact and verify every file against its manifest."""
+    """Download a complete artifact and verify every file against its manifest. A file that does not match is
+    downloaded once more (a transfer can go wrong); if it still does not, the artifact is damaged in the store:
+    it is set aside and DamagedArtifact raised, so that no stage trains on it and its producer runs again."""
     manifest = read_manifest(store, prefix)
     if manifest is None:
         raise InputError(f"{store.uri_of(prefix)}: no complete artifact there (manifest.json missing)")
     store.download_files({f"{prefix}/{e.path}": local_dir / e.path for e in manifest.files})
-    for entry in manifest.files:
-        actual = sha256_file(local_dir / entry.path)
-        if actual != entry.sha256:
-            raise OSError(f"{store.uri_of(prefix)}/{entry.path}: sha256 {actual} does not match manifest")
+    mismatched = [e for e in manifest.files if sha256_file(local_dir / e.path) != e.sha256]
+    if mismatched:
+        store.download_files({f"{prefix}/{e.path}": local_dir / e.path for e in mismatched})
+        damaged = [e.path for e in mismatched if sha256_file(local_dir / e.path) != e.sha256]
+        if damaged:
+            reason = f"sha256 of {', '.join(damaged)} does not match the manifest"
+            set_aside(store, prefix, reason)
+            raise DamagedArtifact(f"{store.uri_of(prefix)}: {reason}; set aside to be computed again")
     return manifest
 
 
@@ -136,5 +173,5 @@ def read_verified(store: ArtifactStore, prefix: str, path: str) -> bytes:
         raise InputError(f"{store.uri_of(prefix)}/{path}: not a file of a complete artifact")
     data = store.read_bytes(f"{prefix}/{path}")
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise OSError(f"{store.uri_of(prefix)}/{path}: sha256 does not match manifest")
+        raise DamagedArtifact(f"{store.uri_of(prefix)}/{path}: sha256 does not match the manifest")
     return data

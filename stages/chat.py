@@ -63,9 +63,24 @@ def fetch_artifact(uri: str, work_dir: Path) -> tuple[Path, Manifest]:
     manifest = fetch_dir(store, prefix, path)
     inputs = {manifest.stage: path}
     if (upstream := adapter_upstream(path)) in manifest.inputs:
-        inputs[upstream] = fetch_artifact(manifest.inputs[upstream].uri, work_dir)[0]
+        inputs[upstream] = fetch_artifact(input_uri(uri, manifest, upstream), work_dir)[0]
     link_adapter_bases(inputs, lambda: base_of(manifest, own_dir))
     return path, manifest
+
+
+def input_uri(uri: str, manifest: Manifest, upstream: str) -> str:
+    """The URI of the artifact's input `upstream` as its manifest names it, followed only where it is an artifact
+    of the same store (`<store>/artifacts/<upstream>/<key>`): a manifest cannot send a download elsewhere."""
+    named = manifest.inputs[upstream].uri
+    root = _normalized(uri).rsplit("/", 3)[0]
+    key = _normalized(named).removeprefix(f"{root}/artifacts/{upstream}/")
+    if key == _normalized(named) or not key or "/" in key or key in (".", ".."):
+        raise InputError(f"{uri}/{MANIFEST}: its input {upstream!r} names {named!r}, outside the artifact's store")
+    return named
+
+
+def _normalized(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
 
 
 def adapter_upstream(model_dir: Path) -> str | None:
@@ -93,7 +108,7 @@ def default_prompts(sources: list[ModelSource], count: int = 4) -> list[Conversa
     """The first held-out prompts of the run that trained the first artifact given; fixed ones without one."""
     for source in sources:
         if source.manifest is not None and "prepare" in source.manifest.inputs:
-            store, prefix = locate(source.manifest.inputs["prepare"].uri)
+            store, prefix = locate(input_uri(source.uri, source.manifest, "prepare"))
             rows = read_verified(store, prefix, PROMPTS_FILE).decode().splitlines()[:count]
             return [json.loads(row)["prompt"] for row in rows]
     return [[{"role": "user", "content": text}] for text in FIXED_PROMPTS]

@@ -1,15 +1,22 @@
 """Training checkpoints in the store, so that a retried or rerun stage resumes where it stopped.
 
 A checkpoint is an artifact like any other (files + manifest written last) under
-`checkpoints/<stage>/<cache key>/step-<N>`; only complete ones count, the newest `keep` are kept.
+`checkpoints/<stage>/<cache key>/step-<N>`; only complete ones count, the newest `keep` are kept. A half
+written one has no manifest and does not count; a damaged one is set aside and the one before it is used.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from stages.artifacts import fetch_dir, publish_dir, read_manifest
+from stages.errors import DamagedArtifact
 from stages.store import ArtifactStore
+
+log = logging.getLogger("rlhf.stage")
 
 
 class CheckpointStore:
@@ -32,12 +39,18 @@ class CheckpointStore:
         steps = [int(name.removeprefix("step-")) for name in names if name.startswith("step-")]
         return sorted(s for s in steps if read_manifest(self.store, self._prefix(s)) is not None)
 
-    def latest(self) -> int | None:
-        steps = self.complete_steps()
-        return steps[-1] if steps else None
-
-    def restore(self, step: int, local_dir: Path) -> None:
-        fetch_dir(self.store, self._prefix(step), local_dir)
+    def restore_latest(self, local_dir: Callable[[int], Path]) -> int | None:
+        """Download the newest checkpoint that verifies into `local_dir(step)` and return its step; None when
+        there is none. A damaged checkpoint is set aside (logged) and the previous one tried."""
+        for step in reversed(self.complete_steps()):
+            try:
+                fetch_dir(self.store, self._prefix(step), local_dir(step))
+            except DamagedArtifact as exc:
+                log.warning("%s; falling back to the checkpoint before it", exc)
+                shutil.rmtree(local_dir(step), ignore_errors=True)
+                continue
+            return step
+        return None
 
     def save(self, step: int, local_dir: Path) -> None:
         publish_dir(

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import InputError
+from stages.store import DEFAULT_RETRIES, ArtifactStore, read_uri
 
 BUILTIN_DEMO = "builtin:demo"
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
@@ -25,7 +26,14 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str = "demo"
     seed: int = 0
-    store: str = ".rlhf/store"
+    store: str = Field(".rlhf/store", description="artifact store: a local directory or s3://bucket/prefix")
+    store_retries: int = Field(
+        DEFAULT_RETRIES,
+        ge=1,
+        description="attempts of each S3 operation while the server is unreachable or busy before the stage "
+        "gives up: 1 s apart, doubling up to 30 s (ten attempts ride out 2.5 minutes of outage); errors no retry "
+        "can cure (no such bucket, access denied) stop the stage at once with exit 2",
+    )
     checkpoint_every: int = Field(50, ge=1, description="training steps between checkpoints in the store")
     keep_checkpoints: int = Field(2, ge=1)
     retries: int = Field(2, ge=0, description="retries of a crashed stage process")
@@ -42,6 +50,9 @@ class RunConfig(Section):
         description="experiment trackers every training stage reports its metrics to, as the HF Trainer's "
         "report_to; TensorBoard writes into the artifact's logs/, MLflow and W&B read their environment variables",
     )
+
+    def open_store(self) -> ArtifactStore:
+        return ArtifactStore.from_uri(self.store, self.store_retries)
 
 
 class TinyModelConfig(Section):
@@ -287,6 +298,11 @@ class StageResources(Section):
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node labels the pod needs")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Kubernetes taints the pod tolerates")
+    work_storage: str = Field(
+        "50Gi",
+        description="Kubernetes ephemeral storage requested (and the limit) for the stage's work directory, "
+        "an emptyDir at /tmp: inputs, checkpoints and the artifact before upload",
+    )
     image: str | None = Field(None, description="the stage's image; default: deploy.image_prefix + stage + tag")
     processes: int | None = Field(
         None,
@@ -435,8 +451,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def read_config(location: str) -> PipelineConfig:
     """The resolved config a run stored (a local path or s3://bucket/key), as stages and flows receive it."""
-    from stages.store import read_uri
-
     try:
         text = read_uri(location).decode()
     except Exception as exc:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from stages.artifacts import Manifest, artifact_prefix, cache_key, read_manifest
 from stages.config import PipelineConfig
-from stages.errors import InputError
+from stages.errors import MissingInput
 from stages.store import ArtifactStore
 
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -47,7 +47,9 @@ def plan_stage(store: ArtifactStore, config: PipelineConfig, stage: str) -> Stag
         plan = plan_stage(store, config, upstream)
         manifest = read_manifest(store, plan.prefix)
         if manifest is None:
-            raise InputError(f"stage {stage}: its input {upstream!r} has not been produced yet (run {upstream} first)")
+            raise MissingInput(
+                f"stage {stage}: its input {upstream!r} has not been produced yet (run {upstream} first)"
+            )
         inputs[upstream] = (plan.prefix, manifest)
     digests = {name: manifest.digest for name, (_, manifest) in inputs.items()}
     return StagePlan(stage, cache_key(stage, config.stage_sections(stage), digests), inputs)

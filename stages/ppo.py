@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,9 +68,9 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(self.sft_dir)
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
-        self.start = ctx.checkpoints.latest() or 0
+        self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
         if self.start:
-            self.restore_checkpoint(self.start)
+            self.load_checkpoint(self.restore_dir(self.start))
         else:
             self.build_trainable()
         self.reference = None
@@ -219,11 +220,13 @@ class PPOTrainer:
         )
         (local / "history.json").write_text(json.dumps(self.history))
         self.ctx.checkpoints.save(step, local)
+        shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
         log.info("rl: checkpoint at step %d saved to the store", step)
 
-    def restore_checkpoint(self, step: int) -> None:
-        local = self.ctx.work_dir / f"ppo-restore-{step}"
-        self.ctx.checkpoints.restore(step, local)
+    def restore_dir(self, step: int) -> Path:
+        return self.ctx.work_dir / f"ppo-restore-{step}"
+
+    def load_checkpoint(self, local: Path) -> None:
         self.build_trainable(local)
         state = torch.load(local / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -123,10 +123,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
-    start = ctx.checkpoints.latest() or 0
+    start = ctx.checkpoints.restore_latest(lambda done: ctx.work_dir / f"round-{done}") or 0
     if start:
         round_dir = ctx.work_dir / f"round-{start}"
-        ctx.checkpoints.restore(start, round_dir)
         history = load_rows(round_dir / "rounds.jsonl")
         ctx.resumed_from = start
         log.info("rl: resuming rejection sampling after round %d", start)
@@ -145,6 +144,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             write_history(out / "rounds.jsonl", history)
             log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
             ctx.checkpoints.save(round_index + 1, out)
+            if round_dir is not None:  # the round before, now in the store: only the newest is needed here
+                shutil.rmtree(round_dir)
             round_dir = out
     save_final(ctx, round_dir)
     return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}

@@ -5,11 +5,14 @@ This is what `rlhf stage NAME` executes, locally or in the stage's container.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +23,7 @@ from stages.checkpoints import CheckpointStore
 from stages.config import PipelineConfig
 from stages.graph import StagePlan, plan_stage
 from stages.lora import link_adapter_bases
-from stages.progress import METRICS_HISTORY
+from stages.progress import METRICS_HISTORY, process_alive
 from stages.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -77,6 +80,26 @@ def save_metrics_history(stage: str, out_dir: Path) -> None:
     save_curves(METRICS_HISTORY, f"{stage}: training metrics", out_dir / CURVES_FILE)
 
 
+@contextlib.contextmanager
+def work_directory(stage: str) -> Iterator[Path]:
+    """The stage process's own local work area, `<tmp>/rlhf-work/<stage>-<pid>`, removed when the stage ends.
+    A killed stage cannot remove its own, so each stage first removes those of processes that are gone: a
+    retry does not find the disk filled by the attempts before it."""
+    root = Path(tempfile.gettempdir()) / "rlhf-work"
+    root.mkdir(exist_ok=True)
+    for leftover in root.iterdir():
+        if not process_alive(int(leftover.name.rpartition("-")[2] or 0)):
+            log.info("removing %s, left behind by a stage process that is gone", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    own = root / f"{stage}-{os.getpid()}"
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir()
+    try:
+        yield own
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
 def stage_context(
     stage: str, config: PipelineConfig, store: ArtifactStore, plan: StagePlan, work_dir: Path
 ) -> StageContext:
@@ -109,8 +132,8 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         log.info("%s: cached at %s", stage, store.uri_of(plan.prefix))
         return existing, True
     module = importlib.import_module(f"stages.{stage}")
-    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-") as tmp:
-        ctx = stage_context(stage, config, store, plan, Path(tmp))
+    with work_directory(stage) as tmp:
+        ctx = stage_context(stage, config, store, plan, tmp)
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
         METRICS_HISTORY.clear()
         metrics: dict[str, Any] = module.run(ctx)

@@ -112,13 +112,11 @@ def train_with_resume(
     log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
     trainer.add_callback(StoreCheckpoints(checkpoints))
     trainer.add_callback(ReportProgress(ctx.stage))
-    step = checkpoints.latest()
+    step = checkpoints.restore_latest(lambda step: Path(trainer.args.output_dir) / f"checkpoint-{step}")
     resume_from = None
     if step is not None:
-        local = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-        checkpoints.restore(step, local)
         ctx.resumed_from = step
-        resume_from = str(local)
+        resume_from = str(Path(trainer.args.output_dir) / f"checkpoint-{step}")
         log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
     trainer.train(resume_from_checkpoint=resume_from)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from stages.config import BUILTIN_DEMO, BUILTIN_TINY_MODEL, PipelineConfig
 from stages.errors import InputError
 from stages.sources import CONFIG_FIELD, check_licenses, load_kind
-from stages.store import ArtifactStore
 
 
 def validate_inputs(config: PipelineConfig) -> list[str]:
@@ -23,7 +22,7 @@ def validate_inputs(config: PipelineConfig) -> list[str]:
             line = f"{where}: {source.path} ({len(part.rows)} {kind} rows, {licenses[source.path]})"
             checked.append(line + (f"; {part.skipped.summary()}" if part.skipped.count else ""))
     checked.append(f"model.base: {_check_model(config.model.base)}")
-    store = ArtifactStore.from_uri(config.run.store)
+    store = config.run.open_store()
     store.check_access()
     checked.append(f"run.store: {store.uri}")
     return checked

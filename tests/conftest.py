@@ -1,12 +1,15 @@
-"""Shared fixtures: a real S3 protocol server (moto) and one Prefect test server per session."""
+"""Shared fixtures: two real S3 protocol servers (moto, in memory; localbucket, objects on disk, which can be
+stopped and started again mid-run) and one Prefect test server per session."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -48,6 +51,13 @@ TINY = [
 ]
 
 
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
 def tiny_args(*extra: str) -> list[str]:
     return [arg for override in [*TINY, *extra] for arg in ("--set", override)]
 
@@ -78,12 +88,7 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = dict(os.environ)
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, **S3_TEST_CREDENTIALS)
     yield endpoint
     server.stop()
     os.environ.clear()
@@ -92,6 +97,56 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3_bucket(s3_endpoint) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+class LocalBucketServer:
+    """localbucket, an S3 server that keeps its objects as files, on a loopback port: a second S3 implementation
+    beside moto (it answers NotImplemented to DeleteObjects, as Google Cloud Storage does), and one that can go
+    away and come back with its objects, like a restarted MinIO."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [str(Path(sys.executable).parent / "localbucket"), str(self.data_dir), "--host", "127.0.0.1"]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"localbucket did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, grace=5)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def localbucket(tmp_path_factory):
+    server = LocalBucketServer(tmp_path_factory.mktemp("localbucket"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def localbucket_bucket(localbucket, monkeypatch) -> str:
+    """A fresh bucket on localbucket, with the AWS variables pointing at it for this test (and its children)."""
+    for name, value in S3_TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", localbucket.endpoint)
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name

@@ -206,6 +206,10 @@ def test_kubernetes_job_template_renders_gpu_limits_node_selector_and_toleration
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in rl["tolerations"]
     assert container["envFrom"] == [{"secretRef": {"name": "rlhf-s3"}}]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    # The work directory (inputs, checkpoints, the artifact before upload) has disk of its own, bounded.
+    assert container["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    assert {"name": "work", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "work", "emptyDir": {"sizeLimit": "50Gi"}} in rl["volumes"]
     assert prepare["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 0
     assert prepare["containers"][0]["image"] == "rlhf-prepare:latest"
 

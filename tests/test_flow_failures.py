@@ -1,16 +1,24 @@
-"""How the flow treats failures: a crashed stage process is retried with backoff, bad input is not, and the
-run summary says which stage failed and why. Real child processes for the launcher; the flow runs on the
-session's Prefect test server."""
+"""How the flow treats failures: a crashed stage process is retried with backoff, bad input is not, a damaged
+input sends the run back to the stage that produces it, and the run summary says which stage failed and why.
+Real child processes for the launcher; the flow runs on the session's Prefect test server."""
 
 from __future__ import annotations
 
+import errno
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from flows import launchers, pipeline
-from flows.launchers import ProcessLauncher, StageCrashed, StageInputError
-from stages.config import dump_config, load_config
+from flows import cli, launchers, pipeline
+from flows.launchers import ProcessLauncher, StageCrashed, StageInputDamaged, StageInputError
+from flows.monitoring import StageMonitor
+from stages import STAGE_NAMES, runner
+from stages.artifacts import publish_dir, read_manifest, set_aside
+from stages.config import dump_config, load_config, read_config
+from stages.graph import plan_stage
+from stages.runner import run_stage
 from stages.store import LocalStore
 
 
@@ -67,6 +75,49 @@ def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch, confi
     assert any("missing field" in line for line in log.lines)
 
 
+def test_a_real_stage_whose_input_is_damaged_sets_it_aside_and_exits_3(tmp_path):
+    """`rlhf stage sft` on a `prepare` artifact with a flipped byte: no training on it, the artifact set aside."""
+    path = tmp_path / "config.yaml"
+    config = load_config(None, [f"run.store={tmp_path / 'store'}", "data.demo.sft_rows=40"])
+    path.write_text(dump_config(config))
+    store = config.run.open_store()
+    prepared, _ = run_stage("prepare", config, store)
+    damaged = tmp_path / "store" / plan_stage(store, config, "prepare").prefix / "sft_train.jsonl"
+    damaged.write_bytes(damaged.read_bytes().replace(b"the", b"The", 1))
+    with pytest.raises(StageInputDamaged, match="sha256 of sft_train.jsonl does not match the manifest; set aside"):
+        ProcessLauncher().launch("sft", str(path), _Log())
+    assert read_manifest(store, plan_stage(store, config, "prepare").prefix) is None
+    assert prepared is not None and damaged.exists()
+
+
+def test_monitoring_failures_never_stop_the_stage(monkeypatch, config_file, caplog):
+    """Malformed event lines and a Prefect API that fails: logged and skipped, the stage's output still drained."""
+    lines = ["rlhf-event {not json", 'rlhf-event {"kind": "metrics"}', 'rlhf-event {"kind": "progress", "percent": 50}']
+    _fake_stage(monkeypatch, "; ".join([*(f"print({line!r})" for line in lines), "print('trained to the end')"]))
+
+    class PrefectAway(StageMonitor):
+        def progress(self, percent):
+            raise ConnectionError("the Prefect API is unreachable")
+
+    monkeypatch.setattr(StageMonitor, "in_run_context", classmethod(lambda cls, stage: PrefectAway(stage)))
+    log = _Log()
+    ProcessLauncher().launch("sft", config_file, log)  # exits 0: no exception
+    assert log.lines[-1] == "trained to the end"
+    assert caplog.text.count("malformed event line skipped") == 2
+    assert "could not forward progress to Prefect (the Prefect API is unreachable); training goes on" in caplog.text
+
+
+def test_a_full_disk_is_reported_as_such(monkeypatch, config_file, capsys):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/rlhf-work/sft-1/artifact/model.safetensors")
+
+    monkeypatch.setattr(runner, "run_stage", no_space)
+    assert cli.main(["stage", "sft", "--config", config_file]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("error: no space left on the device writing /tmp/rlhf-work/sft-1/artifact/model.")
+    assert "Traceback" not in message and "work_storage" in message
+
+
 def test_a_killed_process_is_a_crash(monkeypatch, config_file):
     _fake_stage(monkeypatch, "import os, signal; print('training'); os.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(StageCrashed, match="killed by SIGKILL"):
@@ -116,3 +167,37 @@ def test_crashes_are_retried_and_input_errors_are_not(prefect_api, monkeypatch, 
     assert summary["stages"]["sft"]["status"] == "failed"
     assert summary["stages"]["sft"]["error"] == f"stage sft failed on attempt {attempts}"
     assert state.message == f"stage sft failed: stage sft failed on attempt {attempts}"  # the UI's run message
+
+
+class _Publishing:
+    """A launcher whose stages publish a small artifact at once; the first `sft` finds `prepare` damaged and sets
+    it aside, as the real stage does."""
+
+    launched: list[str] = []
+
+    def launch(self, stage, config_uri, logger):
+        config = read_config(config_uri)
+        store = config.run.open_store()
+        type(self).launched.append(stage)
+        if stage == "sft" and type(self).launched.count("sft") == 1:
+            set_aside(store, plan_stage(store, config, "prepare").prefix, "a flipped byte")
+            raise StageInputDamaged("artifacts/prepare/...: sha256 of sft_train.jsonl does not match the manifest")
+        plan = plan_stage(store, config, stage)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "report.md").write_text(f"# {stage}")
+            publish_dir(store, Path(tmp), plan.prefix, {"stage": stage, "cache_key": plan.key, "config": {}})
+
+
+def test_a_damaged_input_is_computed_again_and_the_run_completes(prefect_api, monkeypatch, stored_config):
+    _Publishing.launched = []
+    monkeypatch.setitem(pipeline.LAUNCHERS, "publishing", _Publishing)
+    state = pipeline.rlhf_pipeline(stored_config.uri_of("runs/r/config.yaml"), "r", "publishing", return_state=True)
+    assert state.is_completed(), state.message
+    # sft is not retried on the damaged input: the run goes back to prepare, then on through every stage.
+    assert _Publishing.launched == ["sft", "prepare", *STAGE_NAMES[1:]]
+    summary = stored_config.read_json("runs/r/run.json")
+    assert summary["status"] == "completed"
+    assert summary["recomputed"] == [
+        {"stage": "prepare", "because": "artifacts/prepare/...: sha256 of sft_train.jsonl does not match the manifest"}
+    ]
+    assert summary["stages"]["prepare"]["status"] == "ran" and summary["stages"]["sft"]["attempts"] == 1

@@ -1,6 +1,7 @@
 """The whole pipeline through `rlhf run`, against moto's S3 server and one Prefect server for the session:
 a full run, a rerun that is all cache hits, a change of RL algorithm that reruns only `rl` and `evaluate`,
-and an `rl` stage process SIGKILLed mid-run that the same run retries and resumes."""
+a damaged artifact computed again, and an `rl` stage process SIGKILLed mid-run that the same run retries and
+resumes."""
 
 from __future__ import annotations
 
@@ -93,6 +94,29 @@ def test_switching_rl_algorithm_reruns_only_rl_and_evaluate(first_run, bucket):
     assert rl["algorithm"] == "rejection_sampling" and rl["steps"] == 2
 
 
+def test_a_damaged_artifact_is_set_aside_and_computed_again(first_run, bucket):
+    """A byte flipped in the stored SFT model: the `rl` stage that downloads it refuses it and sets it aside, the
+    run goes back to `sft`, computes the same bytes again (CPU training is deterministic), and completes."""
+    store = S3Store(f"s3://{bucket}/runs")
+    sft_prefix = store.key_of(first_run["stages"]["sft"]["artifact"])
+    original = read_manifest(store, sft_prefix)
+    weights = bytearray(store.read_bytes(f"{sft_prefix}/model.safetensors"))
+    weights[len(weights) // 2] ^= 0xFF
+    store.write_bytes(f"{sft_prefix}/model.safetensors", bytes(weights))
+    overrides = ("rl.algorithm=rejection_sampling", "rl.rejection_sampling.rounds=1")
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args(*overrides))
+    summary = summary_of(result)
+    assert summary["status"] == "completed", result.stderr[-3000:]
+    assert [r["stage"] for r in summary["recomputed"]] == ["sft"]
+    assert "sha256 of model.safetensors does not match the manifest" in summary["recomputed"][0]["because"]
+    statuses = {name: s["status"] for name, s in summary["stages"].items()}
+    assert statuses == {"prepare": "cached", "sft": "ran", "reward": "cached", "rl": "ran", "evaluate": "ran"}
+    assert read_manifest(store, sft_prefix).digest == original.digest
+    assert any(name.startswith("manifest.damaged-") for name in store.list_children(sft_prefix))
+    rl_files = {f.path for f in read_manifest(store, store.key_of(summary["stages"]["rl"]["artifact"])).files}
+    assert "model.safetensors" in rl_files and not any(p.endswith("training_args.bin") for p in rl_files)
+
+
 def _stage_pid(stage: str, marker: str) -> int | None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -107,8 +131,19 @@ def _stage_pid(stage: str, marker: str) -> int | None:
     return None
 
 
-def test_killed_rl_process_is_retried_and_resumes(first_run, bucket):
-    """SIGKILL the `rl` stage process after its first checkpoint; the same run retries it and it resumes."""
+def _newest_checkpoint(store: S3Store, stage: str) -> int:
+    steps = [
+        int(step.removeprefix("step-"))
+        for key in store.list_children(f"checkpoints/{stage}")
+        for step in store.list_children(f"checkpoints/{stage}/{key}")
+        if store.exists(f"checkpoints/{stage}/{key}/{step}/manifest.json")
+    ]
+    return max(steps, default=0)
+
+
+def test_killed_rl_process_is_retried_and_resumes(first_run, bucket, tmp_path):
+    """SIGKILL the `rl` stage process twice, each time after a new checkpoint; the same run retries it, it
+    resumes, and the work areas the killed processes left on disk are cleared."""
     store = S3Store(f"s3://{bucket}/runs")
     overrides = tiny_args("rl.ppo.steps=60", "run.checkpoint_every=5")
     process = subprocess.Popen(
@@ -116,30 +151,69 @@ def test_killed_rl_process_is_retried_and_resumes(first_run, bucket):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
     )
-    killed = None
+    killed: list[int] = []
+    killed_after = 0
     deadline = time.monotonic() + 300
-    while killed is None and time.monotonic() < deadline and process.poll() is None:
+    while len(killed) < 2 and time.monotonic() < deadline and process.poll() is None:
         pid = _stage_pid("rl", f"s3://{bucket}/runs/runs/")
-        keys = store.list_children("checkpoints/rl")
-        if pid and any(store.list_children(f"checkpoints/rl/{key}") for key in keys):
-            steps = [s for key in keys for s in store.list_children(f"checkpoints/rl/{key}")]
-            if any(store.exists(f"checkpoints/rl/{key}/{s}/manifest.json") for key in keys for s in steps):
-                os.kill(pid, signal.SIGKILL)
-                killed = pid
+        newest = _newest_checkpoint(store, "rl")
+        if pid and pid not in killed and newest > killed_after:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            killed_after = newest
         time.sleep(0.1)
     stdout, stderr = process.communicate(timeout=600)
-    assert killed is not None, "never saw the rl stage with a checkpoint"
+    assert len(killed) == 2, "never saw the rl stage with a new checkpoint twice"
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed", stderr[-3000:]
     rl = summary["stages"]["rl"]
     assert rl["status"] == "ran"
-    assert rl["attempts"] >= 2
-    assert rl["resumed_from"] is not None and rl["resumed_from"] > 0
+    assert rl["attempts"] == 3
+    assert rl["resumed_from"] is not None and rl["resumed_from"] >= killed_after
     assert rl["metrics"]["steps"] == 60  # the resumed run still trained every step once
-    assert "killed by SIGKILL" in stderr
+    assert stderr.count("killed by SIGKILL") >= 2
     assert summary["stages"]["evaluate"]["status"] == "ran"
     assert store.list_children(f"checkpoints/rl/{store.key_of(rl['artifact']).rsplit('/', 1)[1]}") == []
+    # What the killed attempts left on disk is gone too: the run's temporary space is back to what it was.
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("rlhf-") and p.name != "rlhf-work"]
+    assert [*leftovers, *(tmp_path / "rlhf-work").iterdir()] == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_killed_orchestrator_leaves_no_stage_running_and_the_rerun_resumes(first_run, bucket):
+    """SIGKILL `rlhf run` itself (not its stage) while `rl` trains: the stage sees its launcher gone and stops;
+    the same command again finds the finished stages cached and resumes `rl` from its checkpoint."""
+    store = S3Store(f"s3://{bucket}/runs")
+    command = [RLHF, "run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args("rl.ppo.steps=40")]
+    orchestrator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = None
+    deadline = time.monotonic() + 300
+    while stage is None and time.monotonic() < deadline and orchestrator.poll() is None:
+        pid = _stage_pid("rl", f"s3://{bucket}/runs/runs/")
+        if pid and _newest_checkpoint(store, "rl") > 0:
+            stage = pid
+        time.sleep(0.1)
+    assert stage is not None, "never saw the rl stage with a checkpoint"
+    orchestrator.kill()
+    orchestrator.wait()
+    deadline = time.monotonic() + 15
+    while _running(stage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(stage), "the rl stage trained on after its orchestrator died"
+    result = subprocess.run([*command], capture_output=True, text=True, timeout=600)
+    summary = summary_of(result)
+    assert summary["status"] == "completed", result.stderr[-3000:]
+    statuses = {name: s["status"] for name, s in summary["stages"].items()}
+    assert statuses == {"prepare": "cached", "sft": "cached", "reward": "cached", "rl": "ran", "evaluate": "ran"}
+    assert summary["stages"]["rl"]["resumed_from"] > 0 and summary["stages"]["rl"]["metrics"]["steps"] == 40
 
 
 PROMPTS = ("tell me about the cat today", "describe the river at night")

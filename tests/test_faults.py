@@ -1,0 +1,70 @@
+"""Faults a long run meets, done for real: the S3 server restarted under a running stage (localbucket keeps its
+objects on disk, so it comes back with them), with and without the store's retries."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.artifacts import fetch_dir, read_manifest
+from stages.config import dump_config, load_config
+from stages.graph import plan_stage
+from tests.conftest import RLHF, TINY, LocalBucketServer, rlhf
+
+pytestmark = pytest.mark.e2e
+
+OUTAGE_SECONDS = 6
+
+
+def _stage_config(tmp_path: Path, bucket: str, *overrides: str):
+    config = load_config(
+        None, [*TINY, f"run.store=s3://{bucket}/faults", "run.checkpoint_every=5", "sft.max_steps=30", *overrides]
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    return config, path
+
+
+def _restart_during_checkpoints(server: LocalBucketServer, bucket: str, sft: subprocess.Popen) -> bool:
+    """Stop the server once the stage has saved its first checkpoint, start it again OUTAGE_SECONDS later;
+    whether the stage was still running when the server came back."""
+    checkpoints = server.data_dir / bucket / "faults" / "checkpoints" / "sft"
+    deadline = time.monotonic() + 300
+    while not checkpoints.exists() and sft.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoints.exists(), "the stage saved no checkpoint"
+    server.stop()
+    time.sleep(OUTAGE_SECONDS)
+    running = sft.poll() is None
+    server.start()
+    return running
+
+
+@pytest.mark.parametrize(("retries", "completes"), [(10, True), (1, False)])
+def test_a_stage_rides_out_an_s3_server_restart(localbucket, localbucket_bucket, tmp_path, retries, completes):
+    """With the store's retries the `sft` stage waits for the server and publishes an artifact that verifies;
+    with one attempt per request (no retries) the same outage kills the stage."""
+    config, path = _stage_config(tmp_path, localbucket_bucket, f"run.store_retries={retries}")
+    assert rlhf("stage", "prepare", "--config", str(path)).returncode == 0
+    sft = subprocess.Popen(
+        [RLHF, "stage", "sft", "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        still_running = _restart_during_checkpoints(localbucket, localbucket_bucket, sft)
+        output, _ = sft.communicate(timeout=300)
+    finally:
+        if sft.poll() is None:
+            sft.kill()
+    store = config.run.open_store()
+    prefix = plan_stage(store, config, "sft").prefix
+    if completes:
+        assert still_running, output[-3000:]
+        assert sft.returncode == 0, output[-3000:]
+        manifest = fetch_dir(store, prefix, tmp_path / "sft")  # every file verifies
+        assert manifest.metrics["steps"] == 30
+    else:
+        assert sft.returncode != 0 and "endpoint URL" in output, output[-3000:]  # connection refused or cut
+        assert read_manifest(store, prefix) is None
