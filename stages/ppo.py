@@ -261,7 +261,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trainer.train()
     base = AdapterBase(trainer.sft_dir, "artifact:sft")
     save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
-    write_history(ctx.out_dir / "ppo_history.jsonl", trainer.history)
+    # Wall-clock seconds differ from run to run: they go to logs/ (left out of the digest), not into the record
+    # of what was trained, so that a resumed run's artifact has the digest of an uninterrupted one.
+    timeless = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in trainer.history]
+    write_history(ctx.out_dir / "ppo_history.jsonl", timeless)
     throughput = {
         "train_tokens": sum(h["tokens"] for h in trainer.history),
         "train_seconds": round(sum(h["seconds"] for h in trainer.history), 2),

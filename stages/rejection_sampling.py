@@ -65,12 +65,15 @@ class BestAnswer:
 
 
 def best_of_n(
-    ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig
+    ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig, seed: int
 ) -> tuple[list[BestAnswer], dict]:
-    """The reward model's favourite of `samples_per_prompt` responses to each prompt."""
+    """The reward model's favourite of `samples_per_prompt` responses to each prompt. Sampling is seeded by the
+    round (`seed`), not by what the rounds before left in the RNG: a run resumed after round k samples what the
+    uninterrupted run sampled."""
     tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
     policy = load_round_policy(ctx, round_dir, trainable=False).eval()
     reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
+    torch.manual_seed(seed)
     n = config.samples_per_prompt
     per_batch = max(1, ROLLOUT_BATCH // n)
     max_length = ctx.config.model.max_length
@@ -133,7 +136,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for round_index in range(start, config.rounds):
             rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-            kept, stats = best_of_n(ctx, round_dir, chosen, config)
+            kept, stats = best_of_n(ctx, round_dir, chosen, config, seed=rng.getrandbits(63))
             out = ctx.work_dir / f"round-{round_index + 1}"
             fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index)
             history.append({"round": round_index + 1, **stats})

@@ -303,7 +303,7 @@ def test_best_of_n_keeps_the_highest_scored_answer(name, pipelines, tmp_path):
     ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
     prompts = [json.loads(line)["prompt"] for line in (ctx.inputs["prepare"] / "prompt_train.jsonl").open()][:6]
     torch.manual_seed(0)
-    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, config.rl.rejection_sampling)
+    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, config.rl.rejection_sampling, seed=0)
     tokenizer = load_tokenizer(str(ctx.inputs["reward"]))
     reward_model = load_reward_model(str(ctx.inputs["reward"]), CPU, tokenizer.pad_token_id)
     rescored = response_scores(reward_model, tokenizer, prompts, [a.response for a in kept], [a.finished for a in kept])
