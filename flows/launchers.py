@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -188,9 +189,10 @@ class ProcessLauncher:
 class DeploymentLauncher:
     """Each stage as a flow run of its deployment `rlhf-stage/<stage>`, started with `run_deployment` and awaited.
 
-    `run_deployment` returns the child's flow run whatever its end, so its final state decides: completed is
-    success, a Failed state named InputError is not retried, anything else (failed, crashed, cancelled: a
-    container that died) raises StageCrashed for the pipeline task to retry with backoff.
+    The child's final state decides: completed is success, a Failed state named InputError is not retried,
+    anything else (failed, crashed, cancelled: a container that died) raises StageCrashed for the pipeline task
+    to retry with backoff. A flow run that no worker starts within `deploy.start_timeout_seconds` is cancelled
+    and is a crash too, with a message naming the work pool that has no worker.
     """
 
     def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
@@ -208,9 +210,9 @@ class DeploymentLauncher:
             f"{STAGE_FLOW}/{stage}",
             parameters={"stage": stage, "config_uri": config_uri},
             job_variables=variables,
-            timeout=None,
+            timeout=0,  # returns once the flow run exists: waiting for it is below, with a start deadline
         )
-        state = flow_run.state
+        state = await_flow_run(flow_run, stage, deploy.work_pool, deploy.start_timeout_seconds)
         if state is not None and state.is_completed():
             logger.info("stage flow run %s completed: %s", flow_run.name, state.message)
             return
@@ -220,6 +222,25 @@ class DeploymentLauncher:
             raise StageInputDamaged(state.message or f"{stage}: a damaged input")
         how = f"{state.type.value.lower()}: {state.message}" if state else "ended without a state"
         raise StageCrashed(f"stage {stage} flow run {flow_run.name} {how}")
+
+
+def await_flow_run(flow_run, stage: str, pool: str, start_timeout: float, poll: float = 1.0):
+    """The flow run's final state; a run still waiting for a worker after `start_timeout` s is cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    state, started = flow_run.state, time.monotonic()
+    with get_client(sync_client=True) as client:
+        while state is None or not state.is_final():
+            if (state is None or state.is_scheduled()) and time.monotonic() - started > start_timeout:
+                client.set_flow_run_state(flow_run.id, Cancelled(message="no worker started it"), force=True)
+                raise StageCrashed(
+                    f"stage {stage}: no worker of work pool {pool!r} started its flow run {flow_run.name} within "
+                    f"{start_timeout:g} s (start one: prefect worker start --pool {pool})"
+                )
+            time.sleep(poll)
+            state = client.read_flow_run(flow_run.id).state
+    return state
 
 
 def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str, Any]:

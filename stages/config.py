@@ -321,6 +321,12 @@ class DeployConfig(Section):
         "Prefect deployment `rlhf-stage/<stage>` on deploy.work_pool",
     )
     work_pool: str = "rlhf"
+    start_timeout_seconds: float = Field(
+        600,
+        gt=0,
+        description="how long a stage's flow run may wait for a worker of deploy.work_pool to start it; then it "
+        "is cancelled and the stage retried, with a message naming the pool",
+    )
     image_prefix: str = Field("rlhf-", description="stage images are <prefix><stage>:<tag>")
     image_tag: str = "latest"
     schedule: str | None = Field(None, description="cron schedule of the pipeline deployment, e.g. '0 2 * * *'")

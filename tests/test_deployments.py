@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -158,6 +159,22 @@ def test_the_child_flow_runs_final_state_decides_retry_or_fail_fast(prefect_api,
         with pytest.raises(error, match=state.message):
             launch()
     assert calls == [("rlhf-stage/sft", {"stage": "sft", "config_uri": str(config)})]
+
+
+def test_a_stage_flow_run_no_worker_starts_times_out_naming_the_pool(prefect_api, tmp_path):
+    """A deployment on a pool without a worker: cancelled after deploy.start_timeout_seconds, not waited on for
+    ever, and the message says which pool needs a worker."""
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    config = load_config(None, [f"deploy.work_pool={pool}", "deploy.start_timeout_seconds=3"])
+    deploy(config, "process")
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    started = time.monotonic()
+    with pytest.raises(StageCrashed, match=f"no worker of work pool '{pool}' started its flow run .* within 3 s"):
+        DeploymentLauncher().launch("sft", str(path), logging.getLogger("test"))
+    assert time.monotonic() - started < 30
+    (run,) = _stage_runs(pool, "sft")
+    assert run.state.is_cancelled()
 
 
 def test_docker_pool_gets_gpu_device_requests_and_shared_memory():
