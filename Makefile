@@ -26,10 +26,11 @@ assets: install
 demo: install
 	$(VENV)/bin/rlhf run examples/demo.yaml
 
-# The browser test opens the Prefect UI in Debian's headless Chromium (needs root to install).
+# The browser test opens the Prefect UI in Debian's headless Chromium; the tests' Prefect servers run on Debian's
+# PostgreSQL, as the compose stack does (both need root to install).
 test: install assets
-	command -v chromium >/dev/null || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -167,14 +168,21 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from flows.heartbeats import heartbeat_key, is_dead
     from flows.run_view import headline
 
     store = ArtifactStore.from_uri(args.store)
     store.check_access()
     rows = []
+    now = datetime.now(UTC)
     for run_id in store.list_children("runs"):
-        key = f"runs/{run_id}/run.json"
-        summary = store.read_json(key) if store.exists(key) else {"status": "running or stopped", "stages": {}}
+        key, beat = f"runs/{run_id}/run.json", heartbeat_key(run_id)
+        if store.exists(key):
+            summary = store.read_json(key)
+        elif store.exists(beat):
+            summary = {"status": "crashed" if is_dead(store.read_json(beat), now) else "running", "stages": {}}
+        else:
+            summary = {"status": "stopped", "stages": {}}
         metrics = {name: stage["metrics"] for name, stage in summary["stages"].items()}
         rows.append((summary.get("finished_at", ""), run_id, summary["status"], headline(metrics)))
     if not rows:

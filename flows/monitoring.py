@@ -28,6 +28,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 
 from flows.run_view import stage_progress
+from stages.artifacts import Manifest, read_verified
 from stages.plots import CURVES_FILE
 from stages.progress import PREFIX
 from stages.store import ArtifactStore
@@ -114,18 +115,18 @@ IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\((plots/[\w.-]+\.png)\)")
 def publish_report(store: ArtifactStore, prefix: str) -> None:
     """The evaluation's report.md (headline numbers, score distributions, side-by-side answers) as the run's
     Markdown artifact, its pictures inlined: the UI cannot reach the store."""
-    report = store.read_bytes(f"{prefix}/report.md").decode()
+    report = read_verified(store, prefix, "report.md").decode()
     inlined = IMAGE_LINK.sub(lambda link: image_markdown(store, prefix, link[2], link[1]), report)
     create_markdown_artifact(inlined, key="evaluation-report", description="RLHF evaluation")
 
 
-def publish_curves(store: ArtifactStore, stage: str, prefix: str) -> None:
+def publish_curves(store: ArtifactStore, stage: str, prefix: str, manifest: Manifest) -> None:
     """A training stage's metric curves as a Markdown artifact, where the stage drew them."""
-    if store.exists(f"{prefix}/{CURVES_FILE}"):
+    if any(entry.path == CURVES_FILE for entry in manifest.files):
         picture = image_markdown(store, prefix, CURVES_FILE, f"{stage} training metrics")
         create_markdown_artifact(picture, key=f"{stage}-curves", description=f"{stage}: metrics against the step")
 
 
 def image_markdown(store: ArtifactStore, prefix: str, path: str, caption: str) -> str:
-    encoded = base64.b64encode(store.read_bytes(f"{prefix}/{path}")).decode()
+    encoded = base64.b64encode(read_verified(store, prefix, path)).decode()
     return f"![{caption}](data:image/png;base64,{encoded})"

@@ -17,9 +17,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, Failed
 
+from flows.heartbeats import RunHeartbeat, mark_dead_runs
 from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputDamaged, StageInputError
 from flows.monitoring import publish_curves, publish_report
 from flows.run_view import stage_finished, stage_started
@@ -60,7 +61,7 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
             raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
         status = "ran"
     logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
-    publish_curves(store, stage, plan.prefix)
+    publish_curves(store, stage, plan.prefix, manifest)
     if stage == "evaluate":
         publish_report(store, plan.prefix)
     return {
@@ -76,6 +77,33 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
 def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
     store, config = _load(config_uri)
     config_hash = hashlib.sha256(dump_config(config).encode()).hexdigest()[:12]
+    resumes = next((dead["run_id"] for dead in mark_dead_runs(store) if dead["config_hash"] == config_hash), None)
+    if resumes is not None:
+        get_run_logger().info(
+            "resuming run %s, which crashed: its finished stages are cached, the one it stopped in resumes from its "
+            "checkpoint",
+            resumes,
+        )
+    with RunHeartbeat(store, run_id, flow_run.id, config_hash) as heartbeat:
+        summary = run_stages(store, config, config_uri, launcher, config_hash, heartbeat)
+        summary = {"run_id": run_id, **summary, "resumes": resumes, "finished_at": datetime.now(UTC).isoformat()}
+        store.write_json(f"runs/{run_id}/run.json", summary)
+    if summary["status"] == "failed":
+        failed = next(name for name, s in summary["stages"].items() if s["status"] == "failed")
+        return Failed(message=f"stage {failed} failed: {summary['stages'][failed]['error']}", data=summary)
+    return Completed(data=summary)
+
+
+def run_stages(
+    store: ArtifactStore,
+    config: PipelineConfig,
+    config_uri: str,
+    launcher: str,
+    config_hash: str,
+    heartbeat: RunHeartbeat,
+) -> dict[str, Any]:
+    """Each stage in order, as a task; a stage whose input turned out damaged sends the run back to the
+    stage that produces it. The heartbeat carries the stages done so far."""
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
     stages: dict[str, Any] = {}
     recomputed: list[dict[str, str]] = []
@@ -96,6 +124,7 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
         if state.is_completed():
             stages[stage] = state.result() | {"seconds": seconds}
             stage_finished(stage, stages[stage]["status"])
+            heartbeat.update(stages)
             index += 1
             continue
         redo = _damaged_upstream(store, config, stage, state)
@@ -116,19 +145,7 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
         }
         break
     status = "completed" if all(s["status"] != "failed" for s in stages.values()) else "failed"
-    summary = {
-        "run_id": run_id,
-        "status": status,
-        "store": store.uri,
-        "stages": stages,
-        "recomputed": recomputed,
-        "finished_at": datetime.now(UTC).isoformat(),
-    }
-    store.write_json(f"runs/{run_id}/run.json", summary)
-    if status == "failed":
-        failed = next(name for name, s in stages.items() if s["status"] == "failed")
-        return Failed(message=f"stage {failed} failed: {stages[failed]['error']}", data=summary)
-    return Completed(data=summary)
+    return {"status": status, "store": store.uri, "stages": stages, "recomputed": recomputed}
 
 
 def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[str, Any]:

@@ -105,6 +105,8 @@ def print_summary(summary: dict[str, Any], file=None) -> None:
     """The run's stages as a table (status, seconds, attempts, key numbers), then its headline."""
     file = file or sys.stdout
     print(f"run {summary['run_id']}: {summary['status']} (store {summary['store']})", file=file)
+    if summary.get("resumes"):
+        print(f"  resumes run {summary['resumes']}, which crashed", file=file)
     print(f"  {'stage':<9} {'status':<7} {'seconds':>8} {'tries':>5}  key numbers", file=file)
     for name, stage in summary["stages"].items():
         attempts = stage.get("attempts") or "-"

@@ -2,6 +2,10 @@
 
 The manifest lists every file with size and sha256, the stage, its resolved config, its inputs' digests and
 the code version. An artifact without a manifest does not exist; nor does one whose manifest cannot be read.
+Two runs may compute the same artifact at once (two users, or a retry racing its predecessor): each attempt
+uploads its files under its own folder of the artifact, and the manifest is created only where there is none
+yet (an atomic create), naming the folder it vouches for. The first manifest wins and is never overwritten;
+the later attempt removes its own upload and uses the winner's artifact.
 Nothing from the store is trusted: a manifest naming a file outside its artifact is refused before anything is
 written, downloads verify every digest, and an artifact that fails verification twice is set aside (its
 manifest moved to `manifest.damaged-<time>.json`, nothing deleted) so that its stage is computed again.
@@ -13,6 +17,7 @@ import hashlib
 import json
 import logging
 import platform
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
@@ -52,6 +57,7 @@ class Manifest(BaseModel):
     config: dict[str, Any]
     inputs: dict[str, InputRef] = {}
     files: list[FileEntry]
+    files_at: str = Field("", description="the attempt's folder, under the artifact's prefix, holding the files")
     metrics: dict[str, Any] = {}
     licenses: list[str] = Field([], description="licences of all data this artifact was trained on")
     resumed_from: int | None = None
@@ -66,6 +72,10 @@ class Manifest(BaseModel):
         files = [f.model_dump() for f in self.files if not f.path.startswith(f"{LOGS_DIR}/")]
         listing = json.dumps(files, sort_keys=True)
         return hashlib.sha256(listing.encode()).hexdigest()
+
+    def location(self, prefix: str, path: str) -> str:
+        """The store key of one of the artifact's files."""
+        return f"{prefix}/{self.files_at}/{path}" if self.files_at else f"{prefix}/{path}"
 
 
 def sha256_file(path: Path) -> str:
@@ -110,6 +120,8 @@ def read_manifest(store: ArtifactStore, prefix: str) -> Manifest | None:
     for entry in manifest.files:
         if not is_inside(entry.path):
             raise InputError(f"{store.uri_of(key)}: file entry {entry.path!r} points outside the artifact")
+    if manifest.files_at and not (is_inside(manifest.files_at) and "/" not in manifest.files_at):
+        raise InputError(f"{store.uri_of(key)}: files_at {manifest.files_at!r} is not a folder of the artifact")
     return manifest
 
 
@@ -128,22 +140,38 @@ def set_aside(store: ArtifactStore, prefix: str, reason: str) -> None:
     log.error("%s: %s; set aside (manifest moved to %s)", store.uri_of(prefix), reason, aside)
 
 
+def attempt_folder() -> str:
+    """A name no other attempt at the same artifact uses, wherever and whenever it runs."""
+    return f"attempt-{uuid.uuid4().hex[:12]}"
+
+
 def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fields: dict[str, Any]) -> Manifest:
-    """Upload every file of `local_dir`, then the manifest: the artifact exists only once that lands.
+    """Upload every file of `local_dir` under a folder of this attempt's own, then create the manifest: the
+    artifact exists only once that lands. Where another attempt's manifest landed first, this attempt's files
+    are removed and the other's manifest is returned: the artifact that exists is never changed.
 
     Files are hashed while they upload (hashlib releases the GIL), so the digests cost no extra time.
     """
     paths = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
     paths = [p for p in paths if p != MANIFEST and Path(p).name not in NEVER_PUBLISHED]
+    folder = attempt_folder()
     with ThreadPoolExecutor(max_workers=1) as uploader:
-        upload = uploader.submit(store.upload_files, {f"{prefix}/{p}": local_dir / p for p in paths})
+        upload = uploader.submit(store.upload_files, {f"{prefix}/{folder}/{p}": local_dir / p for p in paths})
         entries = [
             FileEntry(path=p, size=(local_dir / p).stat().st_size, sha256=sha256_file(local_dir / p)) for p in paths
         ]
         upload.result()
-    manifest = Manifest(files=entries, code_version=code_version(), **manifest_fields)
-    store.write_json(f"{prefix}/{MANIFEST}", manifest.model_dump(mode="json"))
-    return manifest
+    manifest = Manifest(files=entries, files_at=folder, code_version=code_version(), **manifest_fields)
+    if store.create(f"{prefix}/{MANIFEST}", manifest.model_dump_json(indent=2).encode()):
+        return manifest
+    existing = read_manifest(store, prefix)
+    if existing is not None and existing.files_at == folder:  # ours after all: the reply to the create was lost
+        return existing
+    store.delete_prefix(f"{prefix}/{folder}")
+    log.info("%s: published first by another attempt; using it, this attempt's upload removed", store.uri_of(prefix))
+    if existing is None:
+        raise DamagedArtifact(f"{store.uri_of(prefix)}: another attempt's manifest is there but cannot be read")
+    return existing
 
 
 def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
@@ -153,10 +181,10 @@ def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
     manifest = read_manifest(store, prefix)
     if manifest is None:
         raise InputError(f"{store.uri_of(prefix)}: no complete artifact there (manifest.json missing)")
-    store.download_files({f"{prefix}/{e.path}": local_dir / e.path for e in manifest.files})
+    store.download_files({manifest.location(prefix, e.path): local_dir / e.path for e in manifest.files})
     mismatched = [e for e in manifest.files if sha256_file(local_dir / e.path) != e.sha256]
     if mismatched:
-        store.download_files({f"{prefix}/{e.path}": local_dir / e.path for e in mismatched})
+        store.download_files({manifest.location(prefix, e.path): local_dir / e.path for e in mismatched})
         damaged = [e.path for e in mismatched if sha256_file(local_dir / e.path) != e.sha256]
         if damaged:
             reason = f"sha256 of {', '.join(damaged)} does not match the manifest"
@@ -171,7 +199,7 @@ def read_verified(store: ArtifactStore, prefix: str, path: str) -> bytes:
     entry = next((e for e in manifest.files if e.path == path), None) if manifest is not None else None
     if entry is None:
         raise InputError(f"{store.uri_of(prefix)}/{path}: not a file of a complete artifact")
-    data = store.read_bytes(f"{prefix}/{path}")
+    data = store.read_bytes(manifest.location(prefix, path))
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise DamagedArtifact(f"{store.uri_of(prefix)}/{path}: sha256 does not match the manifest")
     return data

@@ -3,6 +3,9 @@
 A checkpoint is an artifact like any other (files + manifest written last) under
 `checkpoints/<stage>/<cache key>/step-<N>`; only complete ones count, the newest `keep` are kept. A half
 written one has no manifest and does not count; a damaged one is set aside and the one before it is used.
+Attempts at the same artifact (two runs at once, a retry racing its predecessor) share its checkpoints: each
+resumes from the newest that any of them completed (they train the same thing, so it is theirs as well), and
+each step's first manifest wins, as for artifacts. They are deleted once the artifact they lead to exists.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ class CheckpointStore:
                 fetch_dir(self.store, self._prefix(step), local_dir(step))
             except DamagedArtifact as exc:
                 log.warning("%s; falling back to the checkpoint before it", exc)
+                shutil.rmtree(local_dir(step), ignore_errors=True)
+                continue
+            except Exception:
+                if read_manifest(self.store, self._prefix(step)) is not None:
+                    raise
+                log.info("checkpoint at step %d pruned by another attempt while it downloaded", step)
                 shutil.rmtree(local_dir(step), ignore_errors=True)
                 continue
             return step

@@ -194,6 +194,18 @@ class GenerationConfig(Section):
     top_k: int = Field(
         0, ge=0, description="sample from the k likeliest tokens (0: all); PPO scores the same top-k distribution"
     )
+    min_new_tokens: int = Field(
+        0,
+        ge=0,
+        description="no end of turn before this many new tokens, in sampling and in the log-probabilities PPO "
+        "scores: takes length out of the policy's hands, so that a reward cannot be gained by answering shorter",
+    )
+
+    @model_validator(mode="after")
+    def _minimum_within_budget(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
 
 
 class PPOConfig(Section):
@@ -261,11 +273,12 @@ class GroupRLConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _scored_as_sampled(self) -> GroupRLConfig:
-        if self.generation.top_k:
-            raise ValueError(
-                "generation.top_k: TRL's GRPO and RLOO compute log-probabilities over the full softmax, so top-k "
-                "sampling would train on another distribution than the one sampled; set top_k: 0"
-            )
+        for field in ("top_k", "min_new_tokens"):
+            if getattr(self.generation, field):
+                raise ValueError(
+                    f"generation.{field}: TRL's GRPO and RLOO compute log-probabilities over the full softmax, so "
+                    f"it would train on another distribution than the one sampled; set {field}: 0"
+                )
         return self
 
 

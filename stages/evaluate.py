@@ -127,8 +127,8 @@ def kl_rl_to_sft(ctx: StageContext, sources: dict[str, str], rl_rollouts: list[R
     generation = ctx.config.evaluate.generation
     total, count = 0.0, 0
     for rollout in rl_rollouts:
-        rl_logprobs, support = response_logprobs(rl_policy, rollout, generation.temperature, generation.top_k)
-        difference = rl_logprobs - reference_logprobs(sft_policy, rollout, generation.temperature, support)
+        rl_logprobs, support = response_logprobs(rl_policy, rollout, generation)
+        difference = rl_logprobs - reference_logprobs(sft_policy, rollout, generation, support)
         total += (difference * rollout.response_mask).sum().item()
         count += rollout.response_ids.shape[0]
     return total / count

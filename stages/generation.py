@@ -33,6 +33,7 @@ class Rollout:
     response_ids: torch.Tensor  # (B, R), pad after the first end-of-turn token
     response_mask: torch.Tensor
     finished: torch.Tensor  # (B,), bool: the response ended with an end-of-turn token
+    end_ids: tuple[int, ...]  # the end-of-turn ids generation stopped at
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -54,6 +55,7 @@ class Rollout:
             self.response_ids[index],
             self.response_mask[index],
             self.finished[index],
+            self.end_ids,
         )
 
 
@@ -128,6 +130,25 @@ def own_generation_config(policy: PreTrainedModel):
         model.generation_config = saved
 
 
+def sampling_config(
+    tokenizer: PreTrainedTokenizerBase, config: GenerationConfig | None, end_ids: list[int], new_tokens: int
+) -> HFGenerationConfig:
+    """Everything transformers samples with, and nothing else: temperature, top-k and the minimum of new
+    tokens from `config` (greedy when it is None), stopping at every end-of-turn id."""
+    settings: dict[str, Any] = {"do_sample": False}
+    if config is not None:
+        settings = {
+            "do_sample": True,
+            "temperature": config.temperature,
+            "top_k": config.top_k,
+            "top_p": 1.0,
+            "min_new_tokens": config.min_new_tokens,
+        }
+    return HFGenerationConfig(
+        max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids, **settings
+    )
+
+
 @torch.no_grad()
 def sample(
     policy: PreTrainedModel,
@@ -137,18 +158,13 @@ def sample(
     max_length: int | None = None,
     max_new_tokens: int | None = None,
 ) -> Rollout:
-    """Responses to `prompts`: sampled as `config` says (temperature, top-k), or greedy when it is None.
-    Prompt and response together stay within `max_length` tokens."""
+    """Responses to `prompts`: sampled as `config` says (temperature, top-k, minimum length), or greedy when
+    it is None. Prompt and response together stay within `max_length` tokens."""
     new_tokens = max_new_tokens or config.max_new_tokens
     budget = max_length - new_tokens if max_length else None
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, policy.device, budget)
     end_ids = end_of_turn_ids(tokenizer, policy)
-    settings: dict[str, Any] = {"do_sample": False}
-    if config is not None:
-        settings = {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k, "top_p": 1.0}
-    generation = HFGenerationConfig(
-        max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids, **settings
-    )
+    generation = sampling_config(tokenizer, config, end_ids, new_tokens)
     with own_generation_config(policy):
         output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
     response_ids = output[:, prompt_ids.shape[1] :]
@@ -157,7 +173,7 @@ def sample(
         dim=1
     )
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask, finished)
+    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask, finished, tuple(end_ids))
 
 
 def response_mask_until_end(response_ids: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
@@ -194,22 +210,36 @@ def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     return logits[:, rollout.prompt_ids.shape[1] - 1 : -1]
 
 
+def without_early_ends(logits: torch.Tensor, end_ids: tuple[int, ...], min_new_tokens: int) -> torch.Tensor:
+    """The logits with every end-of-turn id impossible at the first `min_new_tokens` response positions: what
+    transformers' `min_new_tokens` does before temperature and top-k, so the scored distribution is the
+    sampled one."""
+    if min_new_tokens == 0:
+        return logits
+    early = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    early[:min_new_tokens, list(end_ids)] = True
+    return logits.masked_fill(early, float("-inf"))
+
+
 def response_logprobs(
-    policy: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, top_k: int = 0
+    policy: PreTrainedModel, rollout: Rollout, generation: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(response token | prefix) for every response position, (B, R), of the distribution that was
-    sampled (temperature, and the policy's own top k renormalised), and that top k's token ids."""
-    logits = response_logits(policy, rollout)
-    support = top_k_support(logits, top_k)
-    return support_logprobs(logits, rollout.response_ids, temperature, support), support
+    sampled (no end of turn before the minimum length, temperature, the policy's own top k renormalised), and
+    that top k's token ids."""
+    logits = without_early_ends(response_logits(policy, rollout), rollout.end_ids, generation.min_new_tokens)
+    support = top_k_support(logits, generation.top_k)
+    return support_logprobs(logits, rollout.response_ids, generation.temperature, support), support
 
 
 def reference_logprobs(
-    model: PreTrainedModel, rollout: Rollout, temperature: float, support: torch.Tensor | None
+    model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig, support: torch.Tensor | None
 ) -> torch.Tensor:
-    """A reference model's log-probabilities restricted to the sampling policy's top k (`support`): KL(π ‖ π_ref)
-    then compares two distributions over the same tokens, and is exactly 0 while the policy is the reference."""
-    return support_logprobs(response_logits(model, rollout), rollout.response_ids, temperature, support)
+    """A reference model's log-probabilities over what the sampling policy could sample (its top k, `support`,
+    and no early end of turn): KL(π ‖ π_ref) then compares two distributions over the same tokens, and is
+    exactly 0 while the policy is the reference."""
+    logits = without_early_ends(response_logits(model, rollout), rollout.end_ids, generation.min_new_tokens)
+    return support_logprobs(logits, rollout.response_ids, generation.temperature, support)
 
 
 def token_values(value_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:

@@ -108,19 +108,18 @@ class PPOTrainer:
         return [p for model in (self.policy, self.value_model) for p in model.parameters() if p.requires_grad]
 
     def policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log-probabilities of the distribution that was sampled (temperature and top-k applied), and the
-        top-k token ids they are renormalised over."""
-        generation = self.config.generation
-        return response_logprobs(self.policy, rollout, generation.temperature, generation.top_k)
+        """log-probabilities of the distribution that was sampled (minimum length, temperature and top-k
+        applied), and the top-k token ids they are renormalised over."""
+        return response_logprobs(self.policy, rollout, self.config.generation)
 
     def reference_logprobs(self, rollout: Rollout, support: torch.Tensor | None) -> torch.Tensor:
         """The SFT model's distribution over the same top-k tokens as the policy's: the KL penalty measures how
         far the policy moved, and is 0 on the first rollout."""
-        temperature = self.config.generation.temperature
+        generation = self.config.generation
         if self.reference is not None:
-            return reference_logprobs(self.reference, rollout, temperature, support)
+            return reference_logprobs(self.reference, rollout, generation, support)
         with self.policy.disable_adapter():
-            return reference_logprobs(self.policy, rollout, temperature, support)
+            return reference_logprobs(self.policy, rollout, generation, support)
 
     def prompts_for_step(self, step: int) -> list[list[dict[str, str]]]:
         """Deterministic per step, so that a resumed run sees the same data it would have seen."""

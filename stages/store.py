@@ -34,7 +34,17 @@ DEFAULT_RETRIES = 10
 MAX_RETRY_DELAY = 30
 # S3 error codes worth another attempt (the server is busy or restarting), and those that mean the request will
 # never succeed as it is: refused at once, with a reason to fix.
-TRANSIENT_S3_ERRORS = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+TRANSIENT_S3_ERRORS = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "ConditionalRequestConflict",  # another conditional write of the key is in flight: ask again
+}
 PERMANENT_S3_ERRORS = {
     "NoSuchBucket": "no such bucket",
     "AccessDenied": "access denied",
@@ -77,6 +87,11 @@ class ArtifactStore(ABC):
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write small objects (manifests, configs) atomically."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write a small object only where there is none yet, atomically: True if this call created it, False
+        if it existed (another writer was first; its object is left as it is)."""
 
     @abstractmethod
     def upload_files(self, files: dict[str, Path]) -> None:
@@ -133,11 +148,28 @@ class LocalStore(ArtifactStore):
         """Written beside the target and renamed over it; created with the umask's permissions like any other
         file (a named temporary file would be private to its owner), so a shared store works across users."""
         path = self._path(key)
+        tmp = self._written_beside(path, data)
+        os.replace(tmp, path)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Written beside the target and hard-linked to its name, which fails where the name exists."""
+        path = self._path(key)
+        tmp = self._written_beside(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        return True
+
+    @staticmethod
+    def _written_beside(path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
             handle.write(data)
-        os.replace(tmp, path)
+        return tmp
 
     def upload_files(self, files: dict[str, Path]) -> None:
         self._copy_all((src, self._path(key)) for key, src in files.items())
@@ -265,6 +297,20 @@ class S3Store(ArtifactStore):
     @_retried
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    @_retried
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional put (`If-None-Match: *`): the server refuses it where the key exists. A server that
+        ignores the condition overwrites; MinIO, AWS S3 and Ceph honour it."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "412"):
+                return False
+            raise
+        return True
 
     @_retried
     def upload_files(self, files: dict[str, Path]) -> None:

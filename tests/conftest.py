@@ -1,15 +1,19 @@
 """Shared fixtures: two real S3 protocol servers (moto, in memory; localbucket, objects on disk, which can be
-stopped and started again mid-run) and one Prefect test server per session."""
+stopped and started again mid-run) and one Prefect server per session, on PostgreSQL as in infra/compose.yaml."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -102,6 +106,23 @@ def s3_bucket(s3_endpoint) -> str:
     return name
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server on port {port} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
 class LocalBucketServer:
     """localbucket, an S3 server that keeps its objects as files, on a loopback port: a second S3 implementation
     beside moto (it answers NotImplemented to DeleteObjects, as Google Cloud Storage does), and one that can go
@@ -109,9 +130,7 @@ class LocalBucketServer:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -120,12 +139,7 @@ class LocalBucketServer:
         self.process = subprocess.Popen(
             [*command, "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"localbucket did not start on port {self.port}")
+        wait_for_port(self.port, 30, self.process)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -152,21 +166,117 @@ def localbucket_bucket(localbucket, monkeypatch) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One Prefect server for the whole session; child `rlhf run` processes reach it through PREFECT_API_URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+class PostgresServer:
+    """Debian's PostgreSQL (`make test` installs it) in its own data directory, on a loopback port, trusting
+    local connections. As root, it runs as the `postgres` user (PostgreSQL refuses to run as root)."""
 
-    with prefect_test_harness(server_startup_timeout=120):
-        url = PREFECT_API_URL.value()
+    def __init__(self, data_dir: Path) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not found:
+            raise RuntimeError("PostgreSQL is not installed (make test installs Debian's postgresql)")
+        self.bin = Path(found[-1])
+        self.data_dir = data_dir
+        self.port = free_port()
+
+    def _run(self, *command: str) -> None:
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_user, *command], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.data_dir, "postgres", "postgres")
+        self._run(str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1"
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.data_dir / "server.log"),
+            "start",
+        )
+
+    def database(self, name: str) -> str:
+        """A new database on this server, as the URL Prefect's server connects to."""
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """In a directory of its own under /tmp: the `postgres` user cannot enter pytest's private ones."""
+    root = Path(tempfile.mkdtemp(prefix="rlhf-postgres-"))
+    server = PostgresServer(root / "data")
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+        server.start()
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(postgres, tmp_path_factory):
+    """One Prefect server for the whole session, on its own PostgreSQL database (a server on SQLite hit
+    "database is locked" under load); child `rlhf run` processes reach it through PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.database("prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    log = (home / "server.log").open("w")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen([*command, "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for_health(url, server, home / "server.log")
         saved = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url
-        yield url
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+            drain_prefect_workers()
         if saved is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = saved
+    finally:
+        stop(server)
+        log.close()
+
+
+def drain_prefect_workers() -> None:
+    """Send this process's queued logs and events before its server stops (as Prefect's test harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
+def wait_for_health(api_url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the Prefect server exited: {log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no Prefect server at {api_url} after {timeout} s: {log.read_text()[-3000:]}")
 
 
 @pytest.fixture(autouse=True)
@@ -179,16 +289,17 @@ def isolated_prefect_home(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def forced_token(model, token_id: int, step: int):
-    """Make `model` emit `token_id` as the `step`-th generated token (0-based) of every sequence: a forward hook
-    on its output layer that counts generation steps (the prompt's forward pass is step 0). Random test models
-    otherwise almost never sample a given special token."""
+def forced_token(model, token_id: int, step: int | None, bias: float = 1e4):
+    """Make `model` emit `token_id` as the `step`-th generated token (0-based) of every sequence, or favour it by
+    `bias` in every forward pass where `step` is None: a forward hook on its output layer that counts generation
+    steps (the prompt's forward pass is step 0). Random test models otherwise almost never sample a given
+    special token."""
     calls = []
 
     def hook(module, inputs, output):
         calls.append(1)
-        if len(calls) == step + 1:
-            output[..., token_id] += 1e4
+        if step is None or len(calls) == step + 1:
+            output[..., token_id] += bias
         return output
 
     handle = model.get_output_embeddings().register_forward_hook(hook)

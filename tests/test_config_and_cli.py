@@ -195,6 +195,11 @@ def test_settings_that_would_train_on_another_distribution_or_leave_no_prompt_ar
     path.write_text("rl:\n  algorithm: grpo\n  grpo:\n    generation: {max_new_tokens: 8, top_k: 50}\n")
     with pytest.raises(InputError, match=r"grpo.yaml:3: rl.grpo: .*generation.top_k: TRL's GRPO and RLOO compute"):
         load_config(path)
+    with pytest.raises(InputError, match=r"rl.rloo: .*generation.min_new_tokens: TRL's GRPO and RLOO compute"):
+        load_config(None, ["rl.rloo.generation.min_new_tokens=4"])
+    with pytest.raises(InputError, match=r"min_new_tokens must not exceed max_new_tokens"):
+        load_config(None, ["rl.ppo.generation.min_new_tokens=30", "rl.ppo.generation.max_new_tokens=20"])
+    assert load_config(None, ["rl.ppo.generation.min_new_tokens=4"]).rl.ppo.generation.min_new_tokens == 4
     with pytest.raises(InputError, match=r"rl.ppo.generation.max_new_tokens \(64\) leaves no room for the prompt"):
         load_config(None, ["rl.ppo.generation.max_new_tokens=64"])
     assert load_config(None, ["rl.ppo.generation.top_k=50"]).rl.ppo.generation.top_k == 50  # PPO scores top-k

@@ -5,13 +5,19 @@ Real child processes for the launcher; the flow runs on the session's Prefect te
 from __future__ import annotations
 
 import errno
+import os
+import platform
+import subprocess
 import sys
 import tempfile
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from flows import cli, launchers, pipeline
+from flows import cli, heartbeats, launchers, pipeline
+from flows.heartbeats import STALE_SECONDS, RunHeartbeat, heartbeat_key, mark_dead_runs
 from flows.launchers import ProcessLauncher, StageCrashed, StageInputDamaged, StageInputError
 from flows.monitoring import StageMonitor
 from stages import STAGE_NAMES, runner
@@ -82,7 +88,7 @@ def test_a_real_stage_whose_input_is_damaged_sets_it_aside_and_exits_3(tmp_path)
     path.write_text(dump_config(config))
     store = config.run.open_store()
     prepared, _ = run_stage("prepare", config, store)
-    damaged = tmp_path / "store" / plan_stage(store, config, "prepare").prefix / "sft_train.jsonl"
+    damaged = tmp_path / "store" / prepared.location(plan_stage(store, config, "prepare").prefix, "sft_train.jsonl")
     damaged.write_bytes(damaged.read_bytes().replace(b"the", b"The", 1))
     with pytest.raises(StageInputDamaged, match="sha256 of sft_train.jsonl does not match the manifest; set aside"):
         ProcessLauncher().launch("sft", str(path), _Log())
@@ -201,3 +207,48 @@ def test_a_damaged_input_is_computed_again_and_the_run_completes(prefect_api, mo
         {"stage": "prepare", "because": "artifacts/prepare/...: sha256 of sft_train.jsonl does not match the manifest"}
     ]
     assert summary["stages"]["prepare"]["status"] == "ran" and summary["stages"]["sft"]["attempts"] == 1
+
+
+def _heartbeat(store: LocalStore, run_id: str, host: str, pid: int, seconds_ago: float) -> None:
+    beat_at = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat()
+    record = {"run_id": run_id, "flow_run_id": None, "config_hash": "c", "host": host, "pid": pid}
+    store.write_json(heartbeat_key(run_id), record | {"stages": {"prepare": {"status": "ran"}}, "beat_at": beat_at})
+
+
+def test_runs_whose_heartbeat_stopped_are_marked_crashed_and_live_ones_are_left(tmp_path):
+    """Dead: its process gone (this host), or no heartbeat for STALE_SECONDS (any host). Alive otherwise."""
+    store = LocalStore(tmp_path / "store")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, stale = platform.node(), STALE_SECONDS + 5
+    _heartbeat(store, "killed-here", here, gone.pid, 1)
+    _heartbeat(store, "lost-machine", "elsewhere", 1, stale)
+    _heartbeat(store, "alive-elsewhere", "elsewhere", 1, 1)
+    _heartbeat(store, "alive-here", here, os.getpid(), 1)
+    _heartbeat(store, "finished", "elsewhere", 1, stale)
+    store.write_json("runs/finished/run.json", {"status": "completed"})
+    dead = mark_dead_runs(store)
+    assert sorted(h["run_id"] for h in dead) == ["killed-here", "lost-machine"]
+    for run_id in ("killed-here", "lost-machine"):
+        record = store.read_json(f"runs/{run_id}/run.json")
+        assert record["status"] == "crashed" and record["stages"] == {"prepare": {"status": "ran"}}
+        assert "no heartbeat since" in record["error"] and not store.exists(heartbeat_key(run_id))
+    for run_id in ("alive-elsewhere", "alive-here"):
+        assert store.exists(heartbeat_key(run_id)) and not store.exists(f"runs/{run_id}/run.json")
+    assert store.read_json("runs/finished/run.json") == {"status": "completed"}
+    assert mark_dead_runs(store) == []
+
+
+def test_a_run_keeps_its_heartbeat_fresh_and_removes_it_when_it_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(heartbeats, "BEAT_SECONDS", 0.05)
+    store = LocalStore(tmp_path / "store")
+    with RunHeartbeat(store, "r", None, "c") as heartbeat:
+        first = store.read_json(heartbeat_key("r"))["beat_at"]
+        time.sleep(0.3)
+        assert store.read_json(heartbeat_key("r"))["beat_at"] > first
+        heartbeat.update({"prepare": {"status": "ran"}})
+        assert store.read_json(heartbeat_key("r"))["stages"] == {"prepare": {"status": "ran"}}
+    assert not store.exists(heartbeat_key("r"))
+    with pytest.raises(RuntimeError), RunHeartbeat(store, "broken", None, "c"):
+        raise RuntimeError("the flow itself failed")
+    assert store.exists(heartbeat_key("broken"))  # for the next run to find and mark

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import REPO, RLHF, rlhf, stop, tiny_args
+from tests.conftest import REPO, RLHF, free_port, rlhf, stop, tiny_args, wait_for_health
 
 SHORT = ["sft.max_steps=20", "reward.max_steps=20", "rl.ppo.steps=4", "evaluate.prompts=16"]
 TRAINING_STAGES = ("sft", "reward", "rl")
@@ -33,35 +32,23 @@ PNG_DATA = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
-    """`rlhf ui` on a free port with its own Prefect home (database); stopped by its PID."""
+def ui_server(postgres, tmp_path_factory):
+    """`rlhf ui` on a free port with its own Prefect home and its own PostgreSQL database; stopped by its PID."""
     home = tmp_path_factory.mktemp("prefect-ui")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.database("prefect_ui"),
+    }
     output = (home / "ui.log").open("w")
     server = subprocess.Popen([RLHF, "ui", "--port", str(port)], stdout=output, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, server, home / "ui.log")
+        wait_for_health(f"{url}/api", server, home / "ui.log")
         yield url, (home / "ui.log")
     finally:
         stop(server)
         output.close()
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"rlhf ui exited: {log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"no Prefect server at {url} after {timeout} s: {log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")

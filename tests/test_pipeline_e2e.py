@@ -14,9 +14,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.objects import StateType
 
+from flows.heartbeats import heartbeat_key
 from stages import STAGE_NAMES
-from stages.artifacts import fetch_dir, read_manifest
+from stages.artifacts import fetch_dir, read_manifest, read_verified
 from stages.store import S3Store
 from tests.conftest import RLHF, rlhf, tiny_args
 
@@ -66,10 +70,10 @@ def test_full_run_trains_every_stage_into_s3(first_run, bucket):
 def test_evaluate_artifact_holds_the_report(first_run, bucket, tmp_path):
     store = S3Store(f"s3://{bucket}/runs")
     prefix = store.key_of(first_run["stages"]["evaluate"]["artifact"])
-    report = json.loads(store.read_bytes(f"{prefix}/report.json"))
+    report = json.loads(read_verified(store, prefix, "report.json"))
     assert report["win_rate_vs_sft"] == first_run["stages"]["evaluate"]["metrics"]["win_rate_vs_sft"]
     assert len(report["samples"]) == 5 and {"prompt", "base", "sft", "rl"} <= set(report["samples"][0])
-    assert "win rate of RL over SFT" in store.read_bytes(f"{prefix}/report.md").decode()
+    assert "win rate of RL over SFT" in read_verified(store, prefix, "report.md").decode()
 
 
 def test_rerun_with_nothing_changed_is_all_cached(first_run, bucket):
@@ -100,9 +104,10 @@ def test_a_damaged_artifact_is_set_aside_and_computed_again(first_run, bucket):
     store = S3Store(f"s3://{bucket}/runs")
     sft_prefix = store.key_of(first_run["stages"]["sft"]["artifact"])
     original = read_manifest(store, sft_prefix)
-    weights = bytearray(store.read_bytes(f"{sft_prefix}/model.safetensors"))
+    weights_key = original.location(sft_prefix, "model.safetensors")
+    weights = bytearray(store.read_bytes(weights_key))
     weights[len(weights) // 2] ^= 0xFF
-    store.write_bytes(f"{sft_prefix}/model.safetensors", bytes(weights))
+    store.write_bytes(weights_key, bytes(weights))
     overrides = ("rl.algorithm=rejection_sampling", "rl.rejection_sampling.rounds=1")
     result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args(*overrides))
     summary = summary_of(result)
@@ -208,12 +213,23 @@ def test_a_killed_orchestrator_leaves_no_stage_running_and_the_rerun_resumes(fir
     while _running(stage) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(stage), "the rl stage trained on after its orchestrator died"
+    (killed,) = [run for run in store.list_children("runs") if store.exists(heartbeat_key(run))]
     result = subprocess.run([*command], capture_output=True, text=True, timeout=600)
     summary = summary_of(result)
     assert summary["status"] == "completed", result.stderr[-3000:]
     statuses = {name: s["status"] for name, s in summary["stages"].items()}
     assert statuses == {"prepare": "cached", "sft": "cached", "reward": "cached", "rl": "ran", "evaluate": "ran"}
     assert summary["stages"]["rl"]["resumed_from"] > 0 and summary["stages"]["rl"]["metrics"]["steps"] == 40
+    # The dead run is no longer "Running": crashed in the store and in Prefect, and the new run says it resumes it.
+    assert summary["resumes"] == killed and f"resumes run {killed}, which crashed" in result.stdout
+    crashed = store.read_json(f"runs/{killed}/run.json")
+    assert crashed["status"] == "crashed" and list(crashed["stages"]) == ["prepare", "sft", "reward"]
+    assert not store.exists(heartbeat_key(killed)) and not store.exists(heartbeat_key(summary["run_id"]))
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[killed])))
+    assert flow_run.state.type == StateType.CRASHED and killed in flow_run.state.message
+    listed = rlhf("runs", "--store", f"s3://{bucket}/runs").stdout
+    assert next(line for line in listed.splitlines() if line.startswith(killed)).split()[1] == "crashed"
 
 
 PROMPTS = ("tell me about the cat today", "describe the river at night")
@@ -254,7 +270,7 @@ def test_compare_defaults_to_the_runs_held_out_prompts(first_run, bucket):
     result = rlhf("compare", rl, "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     store = S3Store(f"s3://{bucket}/runs")
-    rows = store.read_bytes(f"{store.key_of(first_run['stages']['prepare']['artifact'])}/prompt_eval.jsonl")
+    rows = read_verified(store, store.key_of(first_run["stages"]["prepare"]["artifact"]), "prompt_eval.jsonl")
     for i, row in enumerate(rows.decode().splitlines()[:4]):
         assert f"[{i + 1}] {json.loads(row)['prompt'][-1]['content']}\n  {label_of(rl)}  " in result.stdout
 

@@ -25,7 +25,16 @@ from transformers import (
 
 from stages import rejection_sampling
 from stages.config import GenerationConfig, load_config
-from stages.generation import Rollout, end_of_turn_ids, fit_prompt, prompt_ids, sample
+from stages.generation import (
+    Rollout,
+    end_of_turn_ids,
+    fit_prompt,
+    own_generation_config,
+    prompt_ids,
+    response_logprobs,
+    sample,
+    sampling_config,
+)
 from stages.graph import plan_stage
 from stages.lengths import answerable, whole_pairs
 from stages.models import load_policy, load_scorer, load_tokenizer, unwrap_adapter, weights_dtype
@@ -104,6 +113,7 @@ def rollout_of(tokenizer, prompts: list, answers: list[str], finished: list[bool
         response_ids,
         response_mask,
         torch.tensor(finished),
+        tuple(end_of_turn_ids(tokenizer)),
     )
 
 
@@ -170,6 +180,39 @@ def test_sampling_ignores_the_models_own_generation_config(tokenizer_dirs, tmp_p
     torch.manual_seed(0)
     assert torch.equal(sample(tuned, tokenizer, PROMPTS * 4, config).response_ids, expected)
     assert tuned.generation_config.repetition_penalty == 50.0  # the model keeps its own config
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_sampled_tokens_are_scored_by_the_distribution_transformers_sampled_from(name, tokenizer_dirs, tmp_path):
+    """sampled = scored, checked against transformers itself: the log-probability PPO computes for each
+    sampled token equals the one of the scores transformers sampled it from (after its minimum length,
+    temperature and top-k processing), for a model that would end its turn at once."""
+    source = random_llama(tokenizer_dirs[name], tmp_path / "p")
+    policy, tokenizer = load_policy(source, CPU).eval(), load_tokenizer(source)
+    end = end_of_turn_ids(tokenizer, policy)[0]
+    free = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20)
+    config = GenerationConfig(max_new_tokens=8, min_new_tokens=5, temperature=0.7, top_k=20)
+    with forced_token(policy, end, step=None, bias=8.0):  # the model would end its turn at once
+        assert sample(policy, tokenizer, PROMPTS * 2, free).response_mask.sum(dim=1).tolist() == [1] * 4
+        torch.manual_seed(0)
+        rollout = sample(policy, tokenizer, PROMPTS * 2, config)
+        with own_generation_config(policy):
+            torch.manual_seed(0)
+            output = policy.generate(
+                input_ids=rollout.prompt_ids,
+                attention_mask=rollout.prompt_mask,
+                generation_config=sampling_config(tokenizer, config, list(rollout.end_ids), 8),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        with torch.no_grad():
+            scored = response_logprobs(policy, rollout, config)[0]
+    assert rollout.response_mask.sum(dim=1).tolist() == [6] * 4  # the end of turn as soon as it is allowed
+    mask = rollout.response_mask.bool()
+    assert torch.equal(output.sequences[:, rollout.prompt_ids.shape[1] :][mask], rollout.response_ids[mask])
+    sampled_from = torch.stack(output.scores, dim=1).log_softmax(-1)
+    expected = sampled_from.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    assert scored[mask] == pytest.approx(expected[mask], abs=1e-4)
 
 
 def test_prompts_are_limited_to_leave_room_for_the_answer(tokenizer_dirs):
@@ -276,6 +319,22 @@ def test_first_ppo_update_sees_the_sampling_policy_ratio_one_and_kl_zero(name, l
     assert rollout.input_ids.shape[1] <= config.model.max_length
     assert {p.dtype for p in trainer.trainable_parameters()} == {torch.float32}
     assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.float32}
+
+
+def test_minimum_length_keeps_the_first_rollouts_kl_zero_over_the_full_softmax(pipelines, tmp_path):
+    """With no top k, only the reference scored without early ends as well makes the KL of the first rollout
+    0: the policy's distribution there has no end of turn, a reference's that kept one would differ."""
+    store, overrides = pipelines["gpt2"]  # pad == eos: pads after the end must not turn into -inf
+    settings = ["rl.ppo.generation.top_k=0", "rl.ppo.generation.min_new_tokens=6"]
+    config = load_config(None, overrides + settings)
+    ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
+    trainer = PPOTrainer(ctx, config.rl.ppo)
+    timer = PhaseTimer(CPU)
+    rollout, batch, stats = trainer.rollout(0, timer)
+    assert (rollout.response_mask.sum(dim=1) >= 6).all()
+    assert abs(stats["kl"]) <= 1e-6 and torch.isfinite(batch["advantages"]).all()
+    updates = trainer.optimize(rollout, batch, timer)
+    assert updates["first_ratio_error"] <= 1e-6 and updates["policy_loss"] == updates["policy_loss"]
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)

@@ -56,6 +56,46 @@ def test_publish_then_fetch_round_trips_and_verifies(store, tmp_path):
         assert sha256_file(tmp_path / "dst" / entry.path) == sha256_file(source / entry.path) == entry.sha256
 
 
+def test_only_the_first_create_of_a_key_lands(store):
+    """Eight writers race to create one key: exactly one succeeds, and what it wrote stays."""
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def create(i: int) -> None:
+        barrier.wait()
+        results[i] = store.create("runs/race.json", f"writer {i}".encode())
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [i for i, created in results.items() if created]
+    assert len(winners) == 1 and store.read_bytes("runs/race.json") == f"writer {winners[0]}".encode()
+    assert store.list_children("runs") == ["race.json"]  # no temporary file left behind
+
+
+def test_two_attempts_at_one_artifact_the_first_manifest_wins(store, tmp_path):
+    """Two runs compute the same artifact at once (different bytes, as on a GPU): each uploads under its own
+    folder, the first manifest wins, the second attempt removes its upload and gets the winner's manifest;
+    the winner's files are never touched, and they verify."""
+    first = publish_dir(store, _make_dir(tmp_path / "first"), "artifacts/sft/k", FIELDS)
+    second = publish_dir(store, _make_dir(tmp_path / "second"), "artifacts/sft/k", FIELDS)
+    assert second == first
+    assert store.list_children("artifacts/sft/k") == sorted([first.files_at, MANIFEST])
+    fetched = fetch_dir(store, "artifacts/sft/k", tmp_path / "dst")
+    assert fetched.digest == first.digest
+    assert sha256_file(tmp_path / "dst" / "model/weights.bin") == sha256_file(tmp_path / "first/model/weights.bin")
+
+
+def test_a_manifest_whose_files_folder_leaves_the_artifact_is_refused(store, tmp_path):
+    manifest = publish_dir(store, _make_dir(tmp_path / "src"), "artifacts/sft/k", FIELDS)
+    for folder in ("../other", "/etc", "a/b"):
+        store.write_json(f"artifacts/sft/k/{MANIFEST}", manifest.model_dump(mode="json") | {"files_at": folder})
+        with pytest.raises(InputError, match=f"files_at {folder!r} is not a folder of the artifact"):
+            read_manifest(store, "artifacts/sft/k")
+
+
 def test_artifact_without_manifest_does_not_exist(store, tmp_path):
     source = _make_dir(tmp_path / "src")
     store.upload_files({f"artifacts/x/k/{p.name}": p for p in source.rglob("*") if p.is_file()})
@@ -66,7 +106,7 @@ def test_artifact_without_manifest_does_not_exist(store, tmp_path):
 
 def test_a_damaged_artifact_is_set_aside_not_deleted(store, tmp_path):
     manifest = publish_dir(store, _make_dir(tmp_path / "src"), "artifacts/sft/k", FIELDS)
-    _damage(store, "artifacts/sft/k/model/weights.bin")
+    _damage(store, manifest.location("artifacts/sft/k", "model/weights.bin"))
     with pytest.raises(DamagedArtifact, match="sha256 of model/weights.bin does not match the manifest"):
         fetch_dir(store, "artifacts/sft/k", tmp_path / "dst")
     assert read_manifest(store, "artifacts/sft/k") is None  # the planner computes it again
@@ -74,7 +114,7 @@ def test_a_damaged_artifact_is_set_aside_not_deleted(store, tmp_path):
     assert len(aside) == 1 and json.loads(store.read_bytes(f"artifacts/sft/k/{aside[0]}"))["files"] == [
         f.model_dump() for f in manifest.files
     ]
-    assert store.exists("artifacts/sft/k/model/weights.bin")  # nothing deleted
+    assert store.exists(manifest.location("artifacts/sft/k", "model/weights.bin"))  # nothing deleted
 
 
 def test_a_file_damaged_in_transfer_is_downloaded_again(tmp_path):
@@ -125,14 +165,14 @@ def test_an_input_uri_outside_the_artifacts_store_is_not_followed(tmp_path, name
     store = LocalStore(tmp_path / "store")
     inside = f"{store.uri}/artifacts/sft/abc"
     named = named.format(tmp=tmp_path, store=store.uri)
-    for uri, expected in ((inside, inside), (named, None)):
+    for key, (uri, expected) in enumerate(((inside, inside), (named, None))):
         fields = FIELDS | {"stage": "rl", "inputs": {"sft": {"uri": uri, "digest": "d"}}}
-        manifest = publish_dir(store, _make_dir(tmp_path / uri.replace("/", "_")), "artifacts/rl/k", fields)
+        manifest = publish_dir(store, _make_dir(tmp_path / uri.replace("/", "_")), f"artifacts/rl/{key}", fields)
         if expected is not None:
-            assert input_uri(store.uri_of("artifacts/rl/k"), manifest, "sft") == expected
+            assert input_uri(store.uri_of(f"artifacts/rl/{key}"), manifest, "sft") == expected
             continue
         with pytest.raises(InputError, match="outside the artifact's store"):
-            input_uri(store.uri_of("artifacts/rl/k"), manifest, "sft")
+            input_uri(store.uri_of(f"artifacts/rl/{key}"), manifest, "sft")
 
 
 def test_a_key_outside_the_local_store_is_refused(tmp_path):
@@ -165,7 +205,8 @@ def test_pickles_are_never_published(store, tmp_path):
     (source / "model" / "training_args.bin").write_bytes(b"\x80\x04 a pickle")
     manifest = publish_dir(store, source, "artifacts/rl/k", FIELDS)
     assert {f.path for f in manifest.files} == {"model/weights.bin", "metrics.json"}
-    assert not store.exists("artifacts/rl/k/training_args.bin")
+    assert not store.exists(manifest.location("artifacts/rl/k", "training_args.bin"))
+    assert store.list_children(f"artifacts/rl/k/{manifest.files_at}") == ["metrics.json", "model"]
 
 
 def test_manifest_is_written_last(tmp_path):
@@ -216,7 +257,8 @@ def test_checkpoints_keep_the_newest_complete_ones(store, tmp_path):
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(store, tmp_path, caplog):
     checkpoints = _save_checkpoints(store, tmp_path, (5, 10), keep=2)
-    _damage(store, f"checkpoints/rl/key/step-{10:08d}/state.txt")
+    newest = f"checkpoints/rl/key/step-{10:08d}"
+    _damage(store, read_manifest(store, newest).location(newest, "state.txt"))
     assert checkpoints.restore_latest(lambda step: tmp_path / f"restored-{step}") == 5
     assert (tmp_path / "restored-5" / "state.txt").read_text() == "the state at step 5"
     assert not (tmp_path / "restored-10").exists()

@@ -55,15 +55,20 @@ def tracked(tmp_path_factory) -> tuple[LocalStore, dict[str, Manifest], str]:
     return store, manifests, output.getvalue()
 
 
+def _files_of(store: LocalStore, manifest) -> Path:
+    """Where a local store keeps the artifact's files: the folder of the attempt that published it."""
+    return store.root / "artifacts" / manifest.stage / manifest.cache_key / manifest.files_at
+
+
 def test_trainer_events_land_in_the_artifact_and_match_the_metrics_table(tracked):
     store, manifests, output = tracked
-    sft = _scalars(store.root / f"artifacts/sft/{manifests['sft'].cache_key}/logs")
+    sft = _scalars(_files_of(store, manifests["sft"]) / "logs")
     losses = {step: m["loss"] for step, m in _reported(output, "sft").items() if "loss" in m}
     assert sorted(losses) == [5, 10, 15, 20]
     assert sft["train/loss"] == pytest.approx(losses, abs=1e-6)
     assert sft["train/loss"][5] == pytest.approx(manifests["sft"].metrics["first_loss"], abs=1e-4)
     assert sft["eval/loss"] == {20: pytest.approx(manifests["sft"].metrics["eval_loss"], abs=1e-4)}
-    reward = _scalars(store.root / f"artifacts/reward/{manifests['reward'].cache_key}/logs")
+    reward = _scalars(_files_of(store, manifests["reward"]) / "logs")
     assert reward["eval/loss"] == {8: pytest.approx(manifests["reward"].metrics["eval_loss"], abs=1e-4)}
     # The stage's eval_accuracy is measured through the scoring path every later stage uses, pair by pair;
     # TRL's logged accuracy is a mean of per-batch means over the same pairs, so the two differ only slightly.
@@ -74,7 +79,7 @@ def test_ppo_steps_reach_tensorboard_and_trackers_change_no_cache_key(tracked):
     store = tracked[0]
     plain, config = _config(store), _config(store, "run.report_to=[tensorboard]")
     manifest = run_stage("rl", config, store)[0]
-    rl_dir = store.root / f"artifacts/rl/{manifest.cache_key}"
+    rl_dir = _files_of(store, manifest)
     history = [json.loads(line) for line in (rl_dir / "ppo_history.jsonl").read_text().splitlines()]
     ppo = _scalars(rl_dir / "logs")
     for key in ("score", "kl", "policy_loss", "value_loss"):
@@ -87,7 +92,7 @@ def test_ppo_steps_reach_tensorboard_and_trackers_change_no_cache_key(tracked):
 def test_rejection_sampling_reports_each_round(tracked):
     store = tracked[0]
     config = _config(store, "run.report_to=[tensorboard]", "rl.algorithm=rejection_sampling")
-    rl_dir = store.root / f"artifacts/rl/{run_stage('rl', config, store)[0].cache_key}"
+    rl_dir = _files_of(store, run_stage("rl", config, store)[0])
     rounds = [json.loads(line) for line in (rl_dir / "rounds.jsonl").read_text().splitlines()]
     scalars = _scalars(rl_dir / "logs")
     assert scalars["train/score"] == pytest.approx({r["round"]: r["score"] for r in rounds}, abs=1e-6)
