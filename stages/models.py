@@ -122,6 +122,9 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise InputError(f"model.base: cannot load a tokenizer from {source!r} ({exc})") from None
+    # transformers records whether this process could reach the Hub (HF_HUB_OFFLINE): saved with the tokenizer,
+    # it would make an artifact's bytes, and every cache key after it, depend on the environment.
+    tokenizer.init_kwargs.pop("local_files_only", None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:

@@ -65,6 +65,11 @@ def watched(ui_server, tmp_path_factory):
         yield {"summary": summary, "result": result, "store": store, "started": started, "url": url}
 
 
+def _files(artifact: str) -> Path:
+    """Where a local store's artifact keeps its files: the folder its manifest names."""
+    return Path(artifact) / json.loads((Path(artifact) / "manifest.json").read_text())["files_at"]
+
+
 def _artifacts_by_key(flow_run_id) -> dict[str, list]:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [flow_run_id]}))
@@ -121,7 +126,7 @@ def test_a_run_shows_progress_metrics_events_curves_and_the_report(watched):
     headlines = [f"win rate of RL over SFT: **{win_rate:.3f}**", "reward model held-out accuracy", "## Side by side"]
     assert all(headline in report.data for headline in headlines)
     (distributions,) = PNG_DATA.findall(report.data)  # the score distributions, inlined from the artifact
-    evaluation = Path(summary["stages"]["evaluate"]["artifact"])
+    evaluation = _files(summary["stages"]["evaluate"]["artifact"])
     assert base64.b64decode(distributions) == (evaluation / "plots" / "rewards.png").read_bytes()
 
     events = _events_named("rlhf.metrics", since=watched["started"], expected=len(sft_rows) + len(rl_rows))
@@ -149,7 +154,7 @@ def _events_named(name: str, since: str, expected: int, timeout: float = 30) -> 
 
 def test_training_artifacts_keep_their_metric_history_and_curves(watched):
     for stage in TRAINING_STAGES:
-        artifact = Path(watched["summary"]["stages"][stage]["artifact"])
+        artifact = _files(watched["summary"]["stages"][stage]["artifact"])
         rows = [json.loads(line) for line in (artifact / "logs" / "metrics-history.jsonl").read_text().splitlines()]
         assert len(rows) >= 2 and all("step" in row for row in rows)
         assert (artifact / "logs" / "curves.png").read_bytes().startswith(b"\x89PNG")

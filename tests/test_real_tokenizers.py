@@ -413,3 +413,15 @@ def test_grpo_stops_and_scores_at_the_end_of_turn_through_trl(pipelines, monkeyp
     too_long = sum(len(prompt_ids(tokenizer, prompt)) > 40 for prompt in rows)
     assert rl["steps"] == 2 and rl["prompts_too_long"] == too_long > 0
     assert len(seen) == 2 and all(len(flags) == 8 for flags in seen)
+
+
+def test_a_saved_tokenizer_does_not_depend_on_hub_access(tokenizer_dirs, tmp_path, monkeypatch):
+    """transformers writes whether the Hub was reachable (HF_HUB_OFFLINE) into tokenizer_config.json: the same
+    training run on a machine with network and one without would publish different bytes, and every cache key
+    downstream of them would differ."""
+    saved = []
+    for offline in (False, True):
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+        load_tokenizer(str(tokenizer_dirs["smollm2"])).save_pretrained(tmp_path / str(offline))
+        saved.append((tmp_path / str(offline) / "tokenizer_config.json").read_bytes())
+    assert saved[0] == saved[1] and b"local_files_only" not in saved[0]
