@@ -168,7 +168,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from flows.heartbeats import heartbeat_key, is_dead
+    from flows.heartbeats import heartbeat_of
     from flows.run_view import headline
 
     store = ArtifactStore.from_uri(args.store)
@@ -176,11 +176,11 @@ def _runs(args: argparse.Namespace) -> int:
     rows = []
     now = datetime.now(UTC)
     for run_id in store.list_children("runs"):
-        key, beat = f"runs/{run_id}/run.json", heartbeat_key(run_id)
+        key = f"runs/{run_id}/run.json"
         if store.exists(key):
             summary = store.read_json(key)
-        elif store.exists(beat):
-            summary = {"status": "crashed" if is_dead(store.read_json(beat), now) else "running", "stages": {}}
+        elif found := heartbeat_of(store, run_id, now):
+            summary = {"status": "crashed" if found[1] else "running", "stages": {}}
         else:
             summary = {"status": "stopped", "stages": {}}
         metrics = {name: stage["metrics"] for name, stage in summary["stages"].items()}

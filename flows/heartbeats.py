@@ -85,22 +85,32 @@ def is_dead(heartbeat: dict[str, Any], now: datetime) -> bool:
     return now - datetime.fromisoformat(heartbeat["beat_at"]) > timedelta(seconds=STALE_SECONDS)
 
 
+def heartbeat_of(store: ArtifactStore, run_id: str, now: datetime) -> tuple[dict[str, Any], bool] | None:
+    """A run's heartbeat and whether it stopped; None where the run has none, or one that cannot be read
+    (logged and left as it is)."""
+    key = heartbeat_key(run_id)
+    if not store.exists(key):
+        return None
+    try:
+        heartbeat = store.read_json(key)
+        return heartbeat, is_dead(heartbeat, now)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable heartbeat, left as it is (%s)", store.uri_of(key), exc)
+        return None
+
+
 def mark_dead_runs(store: ArtifactStore) -> list[dict[str, Any]]:
     """Every run of the store whose heartbeat stopped, marked crashed (its `run.json` written, its heartbeat
     removed, its Prefect flow run set Crashed); their heartbeats are returned."""
     now = datetime.now(UTC)
     dead = []
     for run_id in store.list_children("runs"):
-        key = heartbeat_key(run_id)
-        if store.exists(f"runs/{run_id}/run.json") or not store.exists(key):
+        if store.exists(f"runs/{run_id}/run.json"):
             continue
-        try:
-            heartbeat = store.read_json(key)
-            if not is_dead(heartbeat, now):
-                continue
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: unreadable heartbeat, left as it is (%s)", store.uri_of(key), exc)
+        found = heartbeat_of(store, run_id, now)
+        if found is None or not found[1]:
             continue
+        heartbeat = found[0]
         reason = f"no heartbeat since {heartbeat['beat_at'][:19]} (host {heartbeat['host']}, pid {heartbeat['pid']})"
         store.write_json(
             f"runs/{run_id}/run.json",
@@ -114,7 +124,7 @@ def mark_dead_runs(store: ArtifactStore) -> list[dict[str, Any]]:
                 "error": reason,
             },
         )
-        store.delete(key)
+        store.delete(heartbeat_key(run_id))
         mark_flow_run_crashed(heartbeat["flow_run_id"], f"run {run_id}: {reason}")
         log.warning("run %s crashed: %s", run_id, reason)
         dead.append(heartbeat)

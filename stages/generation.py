@@ -221,13 +221,18 @@ def without_early_ends(logits: torch.Tensor, end_ids: tuple[int, ...], min_new_t
     return logits.masked_fill(early, float("-inf"))
 
 
+def sampled_logits(model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig) -> torch.Tensor:
+    """The model's logits for each response position as sampling saw them before temperature and top-k."""
+    return without_early_ends(response_logits(model, rollout), rollout.end_ids, generation.min_new_tokens)
+
+
 def response_logprobs(
     policy: PreTrainedModel, rollout: Rollout, generation: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(response token | prefix) for every response position, (B, R), of the distribution that was
     sampled (no end of turn before the minimum length, temperature, the policy's own top k renormalised), and
     that top k's token ids."""
-    logits = without_early_ends(response_logits(policy, rollout), rollout.end_ids, generation.min_new_tokens)
+    logits = sampled_logits(policy, rollout, generation)
     support = top_k_support(logits, generation.top_k)
     return support_logprobs(logits, rollout.response_ids, generation.temperature, support), support
 
@@ -238,7 +243,7 @@ def reference_logprobs(
     """A reference model's log-probabilities over what the sampling policy could sample (its top k, `support`,
     and no early end of turn): KL(π ‖ π_ref) then compares two distributions over the same tokens, and is
     exactly 0 while the policy is the reference."""
-    logits = without_early_ends(response_logits(model, rollout), rollout.end_ids, generation.min_new_tokens)
+    logits = sampled_logits(model, rollout, generation)
     return support_logprobs(logits, rollout.response_ids, generation.temperature, support)
 
 

@@ -239,6 +239,17 @@ def test_runs_whose_heartbeat_stopped_are_marked_crashed_and_live_ones_are_left(
     assert mark_dead_runs(store) == []
 
 
+def test_an_unreadable_heartbeat_is_left_as_it_is_and_listed_without_a_traceback(tmp_path, capsys):
+    store = LocalStore(tmp_path / "store")
+    store.write_bytes(heartbeat_key("garbled"), b'{"host": "elsewhere"')
+    store.write_json(heartbeat_key("no-beat"), {"host": "elsewhere", "pid": 1})
+    assert mark_dead_runs(store) == []
+    assert store.exists(heartbeat_key("garbled")) and not store.exists("runs/garbled/run.json")
+    assert cli.main(["runs", "--store", str(tmp_path / "store")]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {"garbled": "stopped", "no-beat": "stopped"}
+
+
 def test_a_run_keeps_its_heartbeat_fresh_and_removes_it_when_it_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(heartbeats, "BEAT_SECONDS", 0.05)
     store = LocalStore(tmp_path / "store")
