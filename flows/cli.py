@@ -9,7 +9,6 @@ The Prefect side and the training side are imported only by the subcommands that
 from __future__ import annotations
 
 import argparse
-import atexit
 import errno
 import json
 import logging
@@ -17,14 +16,14 @@ import os
 import sys
 import tempfile
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
 
-from stages import STAGE_NAMES
-from stages.config import DataConfig, PipelineConfig, RunConfig, apply_overrides, load_config, read_config
-from stages.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, DamagedArtifact, InputError
-from stages.progress import stop_with_launcher
-from stages.store import ArtifactStore
+from rlhf_pipeline.stages.core.config import DataConfig, PipelineConfig, RunConfig
+from rlhf_pipeline.stages.core.config_loading import apply_overrides, load_config, read_config
+from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, DamagedArtifact, InputError
+from rlhf_pipeline.stages.core.progress import stop_with_launcher
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
+from rlhf_pipeline.stages.core.store import ArtifactStore
 
 DISK_FULL_ADVICE = (
     "free space in the work directory's file system (TMPDIR), or give the stage more "
@@ -130,9 +129,9 @@ def _resolve(args: argparse.Namespace) -> PipelineConfig:
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.pipeline import run_pipeline
-    from flows.run_view import print_summary, watching
-    from stages.validation import validate_inputs
+    from rlhf_pipeline.flows.monitoring.run_view import print_summary, watching
+    from rlhf_pipeline.flows.pipeline import run_pipeline
+    from rlhf_pipeline.stages.tools.validate import validate_inputs
 
     config = _resolve(args)
     validate_inputs(config)
@@ -146,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.deployments import deploy
+    from rlhf_pipeline.flows.deployments import deploy
 
     config = _resolve(args)
     for name in deploy(config, args.pool_type):
@@ -168,8 +167,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from flows.heartbeats import heartbeat_of
-    from flows.run_view import headline
+    from rlhf_pipeline.flows.monitoring.heartbeats import heartbeat_of
+    from rlhf_pipeline.flows.monitoring.run_view import headline
 
     store = ArtifactStore.from_uri(args.store)
     store.check_access()
@@ -193,7 +192,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from flows.run_view import print_summary
+    from rlhf_pipeline.flows.monitoring.run_view import print_summary
 
     store = ArtifactStore.from_uri(args.store)
     store.check_access()
@@ -210,7 +209,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from stages.runner import run_stage
+    from rlhf_pipeline.stages.runner import run_stage
 
     stop_with_launcher()
     config = read_config(args.config)
@@ -221,31 +220,8 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_forked(arguments: list[str], env: dict[str, str], output: Connection) -> None:
-    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as a fresh one would run it:
-    output into the launcher's pipe, line-buffered; the launcher's environment; `rlhf stage ...` as the command
-    line `ps` shows; exit handlers run at exit (a forked child leaves with os._exit)."""
-    from setproctitle import setproctitle
-
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os.dup2(output.fileno(), sys.stdout.fileno())
-    os.dup2(output.fileno(), sys.stderr.fileno())
-    output.close()
-    sys.stdout.reconfigure(line_buffering=True)
-    setproctitle(" ".join(["rlhf", *arguments]))  # before the environment changes: it needs the original block
-    os.environ.clear()
-    os.environ.update(env)
-    sys.argv = ["rlhf", *arguments]
-    try:
-        code = main(arguments)
-    finally:
-        atexit._run_exitfuncs()
-    sys.exit(code)
-
-
 def _convert(args: argparse.Namespace) -> int:
-    from stages.formats import convert
+    from rlhf_pipeline.stages.data.formats import convert
 
     converted = convert(args.path, args.format, args.kind, args.split, args.max_skipped_fraction)
     for row in converted.rows:
@@ -256,7 +232,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from stages.validation import validate_inputs
+    from rlhf_pipeline.stages.tools.validate import validate_inputs
 
     config = _resolve(args)
     for line in validate_inputs(config):
@@ -289,7 +265,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from stages.chat import ChatModel, default_prompts, fetch_model
+    from rlhf_pipeline.stages.tools.chat import ChatModel, default_prompts, fetch_model
 
     with tempfile.TemporaryDirectory(prefix="rlhf-compare-") as tmp:
         sources = [fetch_model(uri, Path(tmp)) for uri in args.models]
@@ -329,7 +305,7 @@ def _distinct(labels: list[str]) -> list[str]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from stages.chat import ChatModel, fetch_model
+    from rlhf_pipeline.stages.tools.chat import ChatModel, fetch_model
 
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     prompt = "you> " if sys.stdin.isatty() else ""

@@ -1,8 +1,9 @@
 """Prefect deployments: `rlhf-stage/<stage>` for each stage and `rlhf-scheduled/<run.name>` for the whole
 pipeline (with the config's cron schedule), on a work pool of type process, docker or kubernetes.
 
-Stage deployments load their flow by module path (`flows.stage_flow.rlhf_stage`), so a process pool runs them
-from this installation and a Docker or Kubernetes pool from the stage's image, where the package is installed.
+Stage deployments load their flow by module path (`rlhf_pipeline.flows.stage_flow.rlhf_stage`), so a process
+pool runs them from this installation and a Docker or Kubernetes pool from the stage's image, where the package
+is installed.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectNotFound
 
-from flows.launchers import STAGE_FLOW
-from flows.pipeline import run_pipeline
-from flows.stage_flow import rlhf_stage
-from stages import STAGE_NAMES
-from stages.config import PipelineConfig, dump_config, read_config
+from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW
+from rlhf_pipeline.flows.pipeline import run_pipeline
+from rlhf_pipeline.flows.stage_flow import rlhf_stage
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 
-# The repository's infra/ folder (the orchestrator image sets RLHF_INFRA_DIR to its copy).
-INFRA = Path(os.environ.get("RLHF_INFRA_DIR", Path(__file__).resolve().parents[1] / "infra"))
-POOL_TYPES = ("process", "docker", "kubernetes")
+# infra/ beside flows/: the repository's folder, or in an installed wheel the package data rlhf_pipeline/infra.
+INFRA = Path(__file__).resolve().parents[1] / "infra"
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 S3_SECRETS = {"AWS_ACCESS_KEY_ID": "rlhf-s3-access-key-id", "AWS_SECRET_ACCESS_KEY": "rlhf-s3-secret-access-key"}
 

@@ -20,16 +20,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, Failed
 
-from flows.heartbeats import RunHeartbeat, mark_dead_runs
-from flows.launchers import DeploymentLauncher, Launcher, ProcessLauncher, StageInputDamaged, StageInputError
-from flows.monitoring import publish_curves, publish_report
-from flows.run_view import stage_finished, stage_started
-from stages import STAGE_NAMES
-from stages.artifacts import read_manifest
-from stages.config import PipelineConfig, dump_config, read_config
-from stages.errors import InputError, MissingInput
-from stages.graph import plan_stage
-from stages.store import ArtifactStore
+from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher
+from rlhf_pipeline.flows.launchers.launcher import Launcher, StageInputDamaged, StageInputError, published
+from rlhf_pipeline.flows.launchers.process import ProcessLauncher
+from rlhf_pipeline.flows.monitoring.heartbeats import RunHeartbeat, mark_dead_runs
+from rlhf_pipeline.flows.monitoring.run_view import stage_finished, stage_started
+from rlhf_pipeline.flows.monitoring.stage_monitor import publish_curves, publish_report
+from rlhf_pipeline.stages.core.artifacts import read_manifest
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
+from rlhf_pipeline.stages.core.errors import InputError, MissingInput
+from rlhf_pipeline.stages.core.planner import plan_stage
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
+from rlhf_pipeline.stages.core.store import ArtifactStore
 
 LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher, "deployment": DeploymentLauncher}
 
@@ -56,9 +59,7 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
     status = "cached"
     if manifest is None:
         LAUNCHERS[launcher]().launch(stage, config_uri, logger)
-        manifest = read_manifest(store, plan.prefix)
-        if manifest is None:
-            raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
+        manifest = published(store, stage, plan.prefix)
         status = "ran"
     logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
     publish_curves(store, stage, plan.prefix, manifest)

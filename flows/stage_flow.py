@@ -12,17 +12,17 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from flows.launchers import (
+from rlhf_pipeline.flows.launchers.launcher import (
     DAMAGED_INPUT_STATE,
     INPUT_ERROR_STATE,
     STAGE_FLOW,
-    ProcessLauncher,
     StageInputDamaged,
     StageInputError,
+    published,
 )
-from stages.artifacts import read_manifest
-from stages.config import read_config
-from stages.graph import plan_stage
+from rlhf_pipeline.flows.launchers.process import ProcessLauncher
+from rlhf_pipeline.stages.core.config_loading import read_config
+from rlhf_pipeline.stages.core.planner import plan_stage
 
 
 @flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
@@ -36,6 +36,5 @@ def rlhf_stage(stage: str, config_uri: str):
     config = read_config(config_uri)
     store = config.run.open_store()
     prefix = plan_stage(store, config, stage).prefix
-    if read_manifest(store, prefix) is None:
-        raise RuntimeError(f"stage {stage} exited cleanly but published no artifact")
+    published(store, stage, prefix)
     return Completed(message=store.uri_of(prefix))

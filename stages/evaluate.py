@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from stages import demo_task
-from stages.data import load_rows
-from stages.generation import Rollout, decode_responses, reference_logprobs, response_logprobs, sample
-from stages.models import load_policy, load_tokenizer, materialize_base
-from stages.plots import REWARDS_FILE, save_distributions
-from stages.reward_models import load_reward_model
-from stages.runner import StageContext
-from stages.scoring import response_scores
+from rlhf_pipeline.stages.core.plots import REWARDS_FILE, save_distributions
+from rlhf_pipeline.stages.data import demo_task
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
+from rlhf_pipeline.stages.rlhf.rollout import Rollout, decode_responses, reference_logprobs, response_logprobs, sample
+from rlhf_pipeline.stages.rlhf.scoring import response_scores
 
 POLICIES = ("base", "sft", "rl")
 BATCH = 64

@@ -13,11 +13,11 @@ import logging
 import random
 from typing import Any
 
-from stages.agreement import category_counts, fleiss_kappa, item_agreement
-from stages.data import write_jsonl
-from stages.errors import InputError
-from stages.runner import StageContext
-from stages.sources import CONFIG_FIELD, SourceRows, check_licenses, load_kind, weighted
+from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.data.agreement import category_counts, fleiss_kappa, item_agreement
+from rlhf_pipeline.stages.data.rows import write_jsonl
+from rlhf_pipeline.stages.data.sources import CONFIG_FIELD, SourceRows, check_licenses, load_kind, weighted
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
 log = logging.getLogger("rlhf.stage")
 

@@ -3,9 +3,9 @@
 `reward.kind: pairwise` (default): TRL's RewardTrainer on preference pairs, with the pairwise ranking loss
 -log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin loss
 -log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
-`reward.kind: multi_aspect`: one regression head per rated aspect, see `stages.multi_aspect`.
+`reward.kind: multi_aspect`: one regression head per rated aspect, see `rlhf.multi_aspect`.
 With safety pairs (`data.safety`), a second pairwise model is trained on them into `safety/`, and the reward
-becomes Llama 2's gated combination (`stages.reward_models.GatedReward`).
+becomes Llama 2's gated combination (`rlhf.reward_signal.GatedReward`).
 """
 
 from __future__ import annotations
@@ -18,21 +18,20 @@ from datasets import Dataset
 from transformers import Trainer
 from trl import RewardConfig, RewardTrainer
 
-from stages.checkpoints import CheckpointStore
-from stages.data import load_rows
-from stages.lengths import whole_pairs
-from stages.lora import AdapterBase, adapter_config, quantization_config
-from stages.models import load_scorer, load_tokenizer
-from stages.reward_models import GATE_FILE, SAFETY_DIR
-from stages.runner import StageContext
-from stages.scoring import pairwise_accuracy
-from stages.training import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.lengths import whole_pairs
+from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.rlhf import multi_aspect
+from rlhf_pipeline.stages.rlhf.reward_signal import GATE_FILE, SAFETY_DIR
+from rlhf_pipeline.stages.rlhf.scoring import pairwise_accuracy
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.config.reward.kind == "multi_aspect":
-        from stages import multi_aspect
-
         return multi_aspect.run(ctx)
     metrics = train_pairwise(ctx, "preference", ctx.out_dir, ctx.checkpoints)
     if load_rows(ctx.inputs["prepare"] / "safety_train.jsonl"):

@@ -1,4 +1,4 @@
-"""rl: optimise the SFT policy, with `rl.algorithm` one of
+"""rl: optimise the SFT policy with `rl.algorithm`, one of the registry's algorithms (stages/core/registry.py):
 `ppo` and `rejection_sampling` (written here, against the reward model), `grpo` and `rloo` (TRL trainers,
 rewarded by the reward model), or `dpo` (TRL's DPOTrainer, from the preference pairs directly)."""
 
@@ -7,18 +7,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from stages.runner import StageContext
-
-MODULES = {
-    "ppo": "stages.ppo",
-    "rejection_sampling": "stages.rejection_sampling",
-    "dpo": "stages.dpo",
-    "grpo": "stages.group_rl",
-    "rloo": "stages.group_rl",
-}
+from rlhf_pipeline.stages.core.registry import ALGORITHMS
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     # Imported by name so that each algorithm pays only for the libraries it uses.
-    algorithm = importlib.import_module(MODULES[ctx.config.rl.algorithm])
+    algorithm = importlib.import_module(ALGORITHMS[ctx.config.rl.algorithm].module)
     return {"algorithm": ctx.config.rl.algorithm} | algorithm.run(ctx)

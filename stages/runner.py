@@ -13,52 +13,30 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.artifacts import LOGS_DIR, InputRef, Manifest, fetch_dir, publish_dir, read_manifest
-from stages.checkpoints import CheckpointStore
-from stages.config import PipelineConfig
-from stages.graph import StagePlan, plan_stage
-from stages.lora import link_adapter_bases
-from stages.progress import METRICS_HISTORY, process_alive
-from stages.store import ArtifactStore
+from rlhf_pipeline.stages.core.artifacts import LOGS_DIR, InputRef, Manifest, fetch_dir, publish_dir, read_manifest
+from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.planner import StagePlan, key_sections, plan_stage
+from rlhf_pipeline.stages.core.progress import METRICS_HISTORY, process_alive
+from rlhf_pipeline.stages.core.registry import STAGES
+from rlhf_pipeline.stages.core.store import ArtifactStore
+from rlhf_pipeline.stages.modeling.lora import link_adapter_bases
+from rlhf_pipeline.stages.modeling.model_card import write_model_card
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger("rlhf.stage")
 
 
-@dataclass
-class StageContext:
-    """Everything a stage's `run` needs; it writes its artifact's files into `out_dir`."""
-
-    stage: str
-    config: PipelineConfig
-    plan: StagePlan
-    work_dir: Path
-    out_dir: Path
-    inputs: dict[str, Path]
-    checkpoints: CheckpointStore
-    resumed_from: int | None = field(default=None)
-    licenses: set[str] = field(default_factory=set)
-
-    @cached_property
-    def device(self) -> torch.device:
-        """Importing torch is paid only by the stages that train or generate (not `prepare`)."""
-        from stages.models import init_torch
-
-        return init_torch(self.config.run)
-
-    def input_manifest(self, name: str) -> Manifest:
-        return self.plan.inputs[name][1]
-
-
 def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
-    from stages.models import materialize_base
+    """The base model as a local directory, for a kept adapter that names it; loading imports torch, which
+    only such stages pay."""
+    from rlhf_pipeline.stages.modeling.loading import materialize_base
 
     return materialize_base(config.model, config.run.seed, work_dir)
 
@@ -72,7 +50,7 @@ def save_metrics_history(stage: str, out_dir: Path) -> None:
     """The metrics the stage reported while training, as rows and as curves, kept in its artifact."""
     if not METRICS_HISTORY:
         return
-    from stages.plots import CURVES_FILE, save_curves
+    from rlhf_pipeline.stages.core.plots import CURVES_FILE, save_curves
 
     (out_dir / LOGS_DIR).mkdir(exist_ok=True)
     with (out_dir / LOGS_DIR / "metrics-history.jsonl").open("w") as handle:
@@ -131,7 +109,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
     if existing is not None:
         log.info("%s: cached at %s", stage, store.uri_of(plan.prefix))
         return existing, True
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(STAGES[stage].program)
     with work_directory(stage) as tmp:
         ctx = stage_context(stage, config, store, plan, tmp)
         log.info("%s: running, artifact %s", stage, store.uri_of(plan.prefix))
@@ -140,6 +118,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
         if not is_main_process():
             return None, False
         save_metrics_history(stage, ctx.out_dir)
+        write_model_card(config, plan, ctx.out_dir, metrics)
         manifest = publish_dir(
             store,
             ctx.out_dir,
@@ -147,7 +126,8 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
             {
                 "stage": stage,
                 "cache_key": plan.key,
-                "config": config.stage_sections(stage),
+                "code_version": plan.code_version,
+                "config": key_sections(config, stage),
                 "inputs": {
                     name: InputRef(uri=store.uri_of(prefix), digest=m.digest)
                     for name, (prefix, m) in plan.inputs.items()

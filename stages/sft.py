@@ -11,12 +11,12 @@ from typing import Any
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from stages.data import load_rows, sft_as_prompt_completion
-from stages.lengths import answerable
-from stages.lora import BASE_MODEL, AdapterBase, adapter_config, quantization_config
-from stages.models import load_policy, load_tokenizer, materialize_base
-from stages.runner import StageContext
-from stages.training import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.data.rows import load_rows, sft_as_prompt_completion
+from rlhf_pipeline.stages.modeling.lengths import answerable
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
+from rlhf_pipeline.stages.modeling.lora import BASE_MODEL, AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
 
 
 def sft_dataset(rows: list[dict[str, Any]]) -> Dataset:

@@ -23,6 +23,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
+
+def artifact_key(store, uri: str) -> str:
+    """The store key of an artifact URI that a run summary gives."""
+    root = store.uri.rstrip("/") + "/"
+    assert uri.startswith(root), (uri, store.uri)
+    return uri[len(root) :]
+
+
 # A pipeline small enough for tests on 2 CPU cores, with the same code paths as the demo.
 TINY = [
     "model.tiny.hidden_size=32",

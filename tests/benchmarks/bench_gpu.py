@@ -1,6 +1,6 @@
 """GPU figures per stage, for a machine with a CUDA GPU (not part of `make test`).
 
-Runs the demo pipeline's stages (`stages.runner.run_stage`, a local store, no Prefect: the GPU machine needs only
+Runs the demo pipeline's stages (`runner.run_stage`, a local store, no Prefect: the GPU machine needs only
 the training stack) on a randomly initialised Llama of about 0.5 B parameters in bf16, with GPT-2's BPE
 tokenizer from `make assets`, and reports per training stage the tokens trained on per second and the MFU
 (model FLOPs utilisation) against the card's dense bf16 peak, naming the card. `--variants full checkpointing qlora`
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from stages import STAGE_NAMES  # noqa: E402
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES  # noqa: E402
 
 # Dense bf16 peak of the cards this project is measured on (no sparsity), by name as CUDA reports it.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -159,9 +159,9 @@ def stage_flops(stage: str, algorithm: str, metrics: dict, parameters: int, ppo_
 def run_stages(
     overrides: list[str], stages: list[str], work: Path, parameters: int, peak: float | None, label: str = ""
 ) -> list[dict]:
-    from stages.config import load_config
-    from stages.runner import run_stage
-    from stages.store import LocalStore
+    from rlhf_pipeline.stages.core.config_loading import load_config
+    from rlhf_pipeline.stages.core.store import LocalStore
+    from rlhf_pipeline.stages.runner import run_stage
 
     config = load_config(None, [*overrides, f"run.store={work / 'store'}"])
     store = LocalStore(work / "store")
@@ -210,7 +210,7 @@ def main() -> None:
 
     import torch
 
-    from stages.models import compute_dtype, weights_dtype
+    from rlhf_pipeline.stages.modeling.loading import compute_dtype, weights_dtype
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)

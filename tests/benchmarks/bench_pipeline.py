@@ -43,13 +43,13 @@ CHECKPOINT_FILES = {
 
 def in_process(config_path: str | None, overrides: list[str], work: Path) -> tuple[float, dict]:
     """Every stage's `run` in this process; inputs are the previous stages' output directories."""
-    from stages import STAGE_NAMES
-    from stages.artifacts import Manifest
-    from stages.checkpoints import CheckpointStore
-    from stages.config import load_config
-    from stages.graph import STAGE_INPUTS, StagePlan
-    from stages.runner import StageContext
-    from stages.store import LocalStore
+    from rlhf_pipeline.stages.core.artifacts import Manifest
+    from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
+    from rlhf_pipeline.stages.core.config_loading import load_config
+    from rlhf_pipeline.stages.core.planner import StagePlan
+    from rlhf_pipeline.stages.core.registry import STAGE_NAMES, STAGES
+    from rlhf_pipeline.stages.core.store import LocalStore
+    from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
     # Checkpoints every 10^9 steps: none are written, this side never touches a store.
     config = load_config(config_path, [*overrides, "run.checkpoint_every=1000000000"])
@@ -61,19 +61,19 @@ def in_process(config_path: str | None, overrides: list[str], work: Path) -> tup
         stage_started = time.monotonic()
         manifests = {
             name: ("", Manifest(stage=name, cache_key="", code_version="", config={}, files=[], metrics=metrics[name]))
-            for name in STAGE_INPUTS[stage]
+            for name in STAGES[stage].inputs_for(config)
         }
         ctx = StageContext(
             stage=stage,
             config=config,
-            plan=StagePlan(stage, "in-process", manifests),
+            plan=StagePlan(stage, "in-process", "in-process", manifests),
             work_dir=work / stage,
             out_dir=work / stage / "artifact",
-            inputs={name: outputs[name] for name in STAGE_INPUTS[stage]},
+            inputs={name: outputs[name] for name in STAGES[stage].inputs_for(config)},
             checkpoints=CheckpointStore(LocalStore(work / "never-used"), stage, "in-process", 1),
         )
         ctx.out_dir.mkdir(parents=True)
-        metrics[stage] = importlib.import_module(f"stages.{stage}").run(ctx)
+        metrics[stage] = importlib.import_module(STAGES[stage].program).run(ctx)
         outputs[stage] = ctx.out_dir
         timings[stage] = round(time.monotonic() - stage_started, 1)
     return time.monotonic() - started, {"stages": timings, "metrics": metrics}
@@ -115,8 +115,8 @@ def transfer(mode: str, bucket: str, source: Path, target: Path) -> dict:
     """One side of (b), in a fresh process: upload then download, with this process's peak RSS."""
     import boto3
 
-    from stages.artifacts import fetch_dir, publish_dir
-    from stages.store import S3Store
+    from rlhf_pipeline.stages.core.artifacts import fetch_dir, publish_dir
+    from rlhf_pipeline.stages.core.store import S3Store
 
     client = boto3.client("s3")
     client.create_bucket(Bucket=bucket)

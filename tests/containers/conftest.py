@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import STAGE_NAMES
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from tests.conftest import REPO
 
 DOCKER_ROOT = Path(os.environ.get("RLHF_DOCKER_ROOT", "/var/tmp/rlhf-docker"))

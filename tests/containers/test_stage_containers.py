@@ -13,12 +13,12 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
 
-from flows.deployments import deploy
-from flows.launchers import STAGE_FLOW
-from flows.pipeline import run_pipeline
-from stages import STAGE_NAMES
-from stages.config import load_config
-from stages.store import ArtifactStore
+from rlhf_pipeline.flows.deployments import deploy
+from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW
+from rlhf_pipeline.flows.pipeline import run_pipeline
+from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
+from rlhf_pipeline.stages.core.store import ArtifactStore
 from tests.conftest import TINY, stop
 from tests.containers.conftest import IMAGE_TAG, docker
 

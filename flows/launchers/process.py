@@ -1,0 +1,190 @@
+"""Stages in local OS processes: a fresh `rlhf stage` (under `torchrun` for several processes), or a child forked
+from a warm interpreter that has imported the training stack once."""
+
+from __future__ import annotations
+
+import atexit
+import io
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from collections import deque
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, cast
+
+from setproctitle import setproctitle
+
+from rlhf_pipeline.flows.launchers.launcher import StageCrashed, StageInputDamaged, StageInputError
+from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.config_loading import read_config
+from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR
+from rlhf_pipeline.stages.core.progress import LAUNCHER_PID
+from rlhf_pipeline.stages.core.registry import ALGORITHM_MODULES, STAGE_MODULES, STAGE_NAMES
+
+CLI = "rlhf_pipeline.flows.cli"
+# What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
+# (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
+PRELOADED_MODULES = [
+    CLI,
+    *STAGE_MODULES,
+    *ALGORITHM_MODULES,
+    "peft",
+    "transformers.models.llama.modeling_llama",
+    "matplotlib.figure",
+]
+
+
+def rlhf_command() -> list[str]:
+    """The `rlhf` console script of this environment, else the one on PATH."""
+    beside_python = Path(sys.executable).parent / "rlhf"
+    if beside_python.exists():
+        return [str(beside_python)]
+    found = shutil.which("rlhf")
+    return [found] if found else [sys.executable, "-m", CLI]
+
+
+def stage_arguments(stage: str, config_uri: str) -> list[str]:
+    return ["stage", stage, "--config", config_uri]
+
+
+def stage_command(stage: str, config: PipelineConfig, config_uri: str) -> list[str]:
+    """`rlhf stage NAME --config URI`; under `torchrun` (DDP, one process per GPU, NCCL; gloo on CPU) where the
+    config gives the stage several processes."""
+    arguments = stage_arguments(stage, config_uri)
+    processes = config.deploy.processes(stage)
+    if processes == 1:
+        return [*rlhf_command(), *arguments]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [sys.executable, *torchrun, "-m", CLI, *arguments]
+
+
+def gpu_visible() -> bool:
+    """Whether `run.device: auto` will find a GPU, judged without importing torch: an NVIDIA or ROCm driver
+    with devices, and CUDA_VISIBLE_DEVICES not hiding them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
+
+
+def forks_stage(stage: str, config: PipelineConfig) -> bool:
+    """Fork from the warm interpreter only where that is safe and worth it: one process on a Linux CPU. CUDA
+    must be initialised in a fresh process, and on a GPU the import is a small part of a stage."""
+    if config.run.stage_start != "fork" or sys.platform != "linux" or config.deploy.processes(stage) > 1:
+        return False
+    return config.run.device == "cpu" or (config.run.device == "auto" and not gpu_visible())
+
+
+def warm_interpreter() -> multiprocessing.context.ForkServerContext:
+    """multiprocessing's fork server with PRELOADED_MODULES imported: one per orchestrator process, started on
+    first use (in the background: it imports while the caller goes on) and gone when that process ends."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED_MODULES)
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def run_forked(arguments: list[str], env: dict[str, str], output: Connection) -> None:
+    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as a fresh one would run it:
+    the CLI module run as `__main__`, output into the launcher's pipe, line-buffered; the launcher's environment;
+    `rlhf stage ...` as the command line `ps` shows; exit handlers run at exit (a forked child leaves with
+    os._exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(output.fileno(), sys.stdout.fileno())
+    os.dup2(output.fileno(), sys.stderr.fileno())
+    output.close()
+    cast(io.TextIOWrapper, sys.stdout).reconfigure(line_buffering=True)
+    setproctitle(" ".join(["rlhf", *arguments]))  # before the environment changes: it needs the original block
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["rlhf", *arguments]
+    try:
+        runpy.run_module(CLI, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+
+
+class ForkedStage:
+    """`rlhf stage ...` as a child of the warm interpreter, with what the launcher uses of a Popen: `pid`, its
+    output as `stdout`, `wait()` with the same exit codes (negative: killed by that signal)."""
+
+    def __init__(self, arguments: list[str], env: dict[str, str]) -> None:
+        context = warm_interpreter()
+        reader, writer = context.Pipe(duplex=False)
+        self._process = context.Process(target=run_forked, args=(arguments, env, writer))
+        self._process.start()
+        writer.close()
+        self.pid = self._process.pid
+        self.stdout: IO[str] = open(os.dup(reader.fileno()), encoding="utf-8", errors="replace")  # noqa: SIM115
+        reader.close()
+
+    def wait(self) -> int:
+        self._process.join()
+        assert self._process.exitcode is not None  # joined
+        return self._process.exitcode
+
+    def __enter__(self) -> ForkedStage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stdout.close()
+        self.wait()
+        self._process.close()
+
+
+class ProcessLauncher:
+    """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger.
+    With `warm` (the pipeline's several stages) a CPU stage is forked from the warm interpreter
+    (`run.stage_start`); otherwise, and where one stage is all a process runs, it is a fresh `rlhf stage`."""
+
+    def __init__(self, warm: bool = True) -> None:
+        self.warm = warm
+
+    @staticmethod
+    def warm_up(config: PipelineConfig) -> None:
+        """Start the warm interpreter's imports now, beside whatever the caller does next (Prefect starting)."""
+        if any(forks_stage(stage, config) for stage in STAGE_NAMES):
+            warm_interpreter()
+
+    def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        config = read_config(config_uri)
+        command = stage_command(stage, config, config_uri)
+        env = os.environ | {"PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
+        forked = self.warm and forks_stage(stage, config)
+        logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
+        tail: deque[str] = deque(maxlen=5)
+        monitor = StageMonitor.in_run_context(stage)
+        started: ForkedStage | subprocess.Popen[str]
+        if forked:
+            started = ForkedStage(stage_arguments(stage, config_uri), env)
+        else:
+            started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        with started as proc:
+            logger.info("stage process pid %d", proc.pid)
+            assert proc.stdout is not None  # piped
+            for line in proc.stdout:
+                line = line.rstrip()
+                if not line or (monitor is not None and monitor.handle(line)):
+                    continue
+                tail.append(line)
+                logger.info(line)
+            code = proc.wait()
+        if monitor is not None:
+            monitor.finish()
+        if code == 0:
+            return
+        if code == EXIT_INPUT_ERROR:
+            raise StageInputError(tail[-1] if tail else f"{stage}: bad input")
+        if code == EXIT_DAMAGED_ARTIFACT:
+            raise StageInputDamaged(tail[-1] if tail else f"{stage}: a damaged input")
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        raise StageCrashed(f"stage {stage} {how}: {tail[-1] if tail else 'no output'}")

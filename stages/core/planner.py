@@ -1,0 +1,55 @@
+"""The stage graph, and how each stage's cache key follows from the artifacts upstream of it.
+
+Both sides use this: the flow to decide whether a stage is cached, the stage process to find its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, cache_key, read_manifest
+from rlhf_pipeline.stages.core.code_version import code_version
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.errors import MissingInput
+from rlhf_pipeline.stages.core.registry import STAGES
+from rlhf_pipeline.stages.core.store import ArtifactStore
+
+
+def key_sections(config: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The parts of the config a stage's output depends on: what goes into its cache key."""
+    dumped = config.model_dump(mode="json")
+    # rl: only the chosen algorithm's section, so that editing another's settings reruns nothing.
+    dumped["rl"] = {"algorithm": config.rl.algorithm, config.rl.algorithm: dumped["rl"][config.rl.algorithm]}
+    sections = {"seed": config.run.seed} | {name: dumped[name] for name in STAGES[stage].sections}
+    # Several data-parallel processes multiply the batch a step trains on: a different model.
+    processes = config.deploy.processes(stage)
+    return sections | ({"processes": processes} if processes > 1 else {})
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    key: str
+    code_version: str  # of the modules the stage runs
+    inputs: dict[str, tuple[str, Manifest]]  # upstream stage -> (store prefix, manifest)
+
+    @property
+    def prefix(self) -> str:
+        return artifact_prefix(self.stage, self.key)
+
+
+def plan_stage(store: ArtifactStore, config: PipelineConfig, stage: str) -> StagePlan:
+    """The stage's cache key and its complete inputs; fails if an upstream artifact is missing."""
+    inputs: dict[str, tuple[str, Manifest]] = {}
+    for upstream in STAGES[stage].inputs_for(config):
+        plan = plan_stage(store, config, upstream)
+        manifest = read_manifest(store, plan.prefix)
+        if manifest is None:
+            raise MissingInput(
+                f"stage {stage}: its input {upstream!r} has not been produced yet (run {upstream} first)"
+            )
+        inputs[upstream] = (plan.prefix, manifest)
+    digests = {name: manifest.digest for name, (_, manifest) in inputs.items()}
+    code = code_version(STAGES[stage].modules_for(config))
+    return StagePlan(stage, cache_key(stage, key_sections(config, stage), digests, code), code, inputs)

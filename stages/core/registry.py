@@ -1,0 +1,101 @@
+"""The stages and the RL algorithms, each declared once: the config schema, the planner and its cache keys, the
+launchers, the CLI and the docs all read them from here.
+
+Adding an RL algorithm is one module under `stages/rlhf/` with a `run(ctx)`, one entry in ALGORITHMS and, when
+it has settings, its section in `RLConfig` (`rl.<name>`), which is the only part of `rl` in its cache key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PACKAGE = "rlhf_pipeline.stages"
+RUNNER = f"{PACKAGE}.runner"  # runs every stage's program (`rlhf stage NAME`)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    module: str  # under stages/rlhf/: its run(ctx) trains the policy
+    needs_reward_model: bool  # False: it learns from the preference pairs directly
+    distributes: bool  # its trainer runs on several data-parallel processes (torchrun)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    algorithm.name: algorithm
+    for algorithm in (
+        Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True, distributes=False),
+        Algorithm(
+            "rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True, distributes=False
+        ),
+        Algorithm("dpo", f"{PACKAGE}.rlhf.dpo", needs_reward_model=False, distributes=True),
+        Algorithm("grpo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True, distributes=True),
+        Algorithm("rloo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True, distributes=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]  # the upstream stages whose artifacts it reads
+    sections: tuple[str, ...]  # the config sections in its cache key (besides run.seed)
+    # Whether the stage of a config (a PipelineConfig, which is built on this registry) may run on several processes.
+    distributes: Callable[[Any], bool]
+    model: str | None = None  # what model its artifact holds (it then carries a model card), if any
+    pipeline_tag: str | None = None  # that model's task, as the Hugging Face Hub names it
+
+    @property
+    def program(self) -> str:
+        """The stage program's module: its run(ctx) is the stage."""
+        return f"{PACKAGE}.{self.name}"
+
+    def inputs_for(self, config: Any) -> tuple[str, ...]:
+        if self.name == "rl" and not ALGORITHMS[config.rl.algorithm].needs_reward_model:
+            return tuple(name for name in self.inputs if name != "reward")
+        return self.inputs
+
+    def modules_for(self, config: Any) -> tuple[str, ...]:
+        """The modules the stage runs, besides what they import: the runner, the stage's program, and for rl
+        the chosen algorithm's module (each loaded by name)."""
+        algorithm = (ALGORITHMS[config.rl.algorithm].module,) if self.name == "rl" else ()
+        return RUNNER, self.program, *algorithm
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("prepare", (), ("data", "prepare"), lambda config: False),
+        Stage(
+            "sft",
+            ("prepare",),
+            ("model", "sft"),
+            lambda config: True,
+            model="a policy fine-tuned on demonstrations (supervised fine-tuning)",
+            pipeline_tag="text-generation",
+        ),
+        Stage(
+            "reward",
+            ("prepare", "sft"),
+            ("model", "reward"),
+            lambda config: config.reward.kind == "pairwise",
+            model="a reward model: one score per conversation, higher for the preferred answer",
+            pipeline_tag="text-classification",
+        ),
+        Stage(
+            "rl",
+            ("prepare", "sft", "reward"),
+            ("model", "rl"),
+            lambda config: ALGORITHMS[config.rl.algorithm].distributes,
+            model="a policy optimised towards human preferences",
+            pipeline_tag="text-generation",
+        ),
+        Stage("evaluate", ("prepare", "sft", "reward", "rl"), ("model", "evaluate"), lambda config: False),
+    )
+}
+STAGE_NAMES = tuple(STAGES)
+# The modules a warm interpreter imports so that a forked stage starts at once (flows/launchers/process.py).
+STAGE_MODULES = (RUNNER, *(stage.program for stage in STAGES.values()))
+ALGORITHM_MODULES = tuple(dict.fromkeys(a.module for a in ALGORITHMS.values()))

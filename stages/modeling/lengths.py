@@ -1,0 +1,48 @@
+"""Rows that `model.max_length` leaves nothing to learn from, left out of training and counted.
+
+TRL's SFT and DPO trainers keep the first `max_length` tokens of a row: where the prompt alone fills them, the
+answer is cut away entirely and the row's loss mask is empty (a batch of such rows divides by zero). TRL's
+RewardTrainer drops every pair longer than `max_length` without saying so. Each stage therefore filters its
+rows itself, by the same token counts, and reports how many it left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_pipeline.stages.modeling.chat_template import prompt_ids
+
+Row = dict[str, Any]
+
+
+def conversation_length(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]) -> int:
+    return len(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+
+
+def leaves_room(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, Any]], max_length: int) -> bool:
+    """Whether at least one answer token fits after the prompt."""
+    return len(prompt_ids(tokenizer, prompt)) < max_length
+
+
+def answerable(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int, kind: str) -> tuple[list, int]:
+    """The rows whose answer keeps at least one token within `max_length` (`kind`: `sft`, a `messages` row, or
+    `preference`), and how many were left out."""
+    if kind == "sft":
+        kept = [row for row in rows if leaves_room(tokenizer, row["messages"][:-1], max_length)]
+    else:
+        kept = [row for row in rows if leaves_room(tokenizer, row["prompt"], max_length)]
+    return kept, len(rows) - len(kept)
+
+
+def whole_pairs(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, int]:
+    """The preference pairs whose chosen and rejected conversations both fit `max_length` (what TRL's
+    RewardTrainer trains on), and how many were left out."""
+    kept = [
+        row
+        for row in rows
+        if max(conversation_length(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected"))
+        <= max_length
+    ]
+    return kept, len(rows) - len(kept)

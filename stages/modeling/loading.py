@@ -1,0 +1,180 @@
+"""Loading models and tokenizers from a local directory, a Hub id, a GGUF file or the built-in tiny Llama.
+
+On CUDA: SDPA attention and the model on the stage's GPU; a model that trains keeps fp32 master weights and
+computes in bf16 under autocast where the card supports it (as the HF Trainer's `bf16=True` does), so that small
+updates do not round away; a frozen model (reference, reward model, evaluation) is loaded in bf16. QLoRA keeps
+its own scheme (a 4/8-bit base, bf16 compute). On CPU everything is fp32.
+A directory that holds a kept LoRA adapter loads as its base with the adapter merged in (`modeling.lora`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
+from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.modeling.lora import adapter_base_of
+
+# Used when a base model's tokenizer brings no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def init_torch(run: RunConfig) -> torch.device:
+    """Seed every generator, quiet the progress bars (logs go to the orchestrator) and pick the device."""
+    import datasets
+    import transformers
+
+    transformers.set_seed(run.seed)
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per DDP process
+    else:
+        device = torch.device("cpu")
+    logging.getLogger("rlhf.stage").info("running on %s", device)
+    return device
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What the stage computes in: bf16 on a CUDA card that supports it, else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def weights_dtype(device: torch.device, train: bool) -> torch.dtype:
+    """Trained weights (and so their gradients and optimizer state) are fp32; frozen ones the compute dtype."""
+    return torch.float32 if train else compute_dtype(device)
+
+
+def autocast(device: torch.device):
+    """Mixed precision for hand-written training loops (PPO): bf16 matmuls over fp32 weights on a GPU."""
+    dtype = compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere in the model: nn.Dropout layers (LoRA's included) and the attention dropout that
+    attention modules read from a float attribute. PPO needs it: old log-probabilities are computed once, and
+    the first update must see the same model (ratio 1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def materialize_base(config: ModelConfig, seed: int, work_dir: Path) -> str:
+    """Where `from_pretrained` finds the base model. The built-in one is written to `work_dir` first; a GGUF
+    file is dequantized and saved there again as an ordinary checkpoint, so every later load is the usual one."""
+    out = work_dir / "base-model"
+    if out.exists():
+        return str(out)
+    if config.base == BUILTIN_TINY_MODEL:
+        from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
+
+        save_tiny_llama(config, seed, out)
+        return str(out)
+    if config.base.startswith("builtin:"):
+        raise InputError(f"model.base: unknown built-in model {config.base!r} (known: {BUILTIN_TINY_MODEL})")
+    if config.base.endswith(".gguf"):
+        save_from_gguf(Path(config.base), out)
+        return str(out)
+    return config.base
+
+
+def save_from_gguf(path: Path, out: Path) -> None:
+    """transformers dequantizes GGUF weights on load but will not save a model marked as GGUF-quantized:
+    the weights go into a model rebuilt from the same config without that mark."""
+    if not path.is_file():
+        raise InputError(f"model.base: GGUF file {path} not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model.base: cannot read GGUF file {path} ({exc})") from None
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise InputError(f"model.base: cannot load a tokenizer from {source!r} ({exc})") from None
+    # transformers records whether this process could reach the Hub (HF_HUB_OFFLINE): saved with the tokenizer,
+    # it would make an artifact's bytes, and every cache key after it, depend on the environment.
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_policy(source: str, device: torch.device, quantization=None, train: bool = False) -> PreTrainedModel:
+    """A causal LM; `quantization` (bitsandbytes, from `modeling.lora.quantization_config`) for a QLoRA base;
+    `train`: its weights will be trained (fp32 master weights)."""
+    base = adapter_base_of(source)
+    if base is not None:
+        return merged_adapter(load_policy(base, device, quantization, train), source)
+    return place(AutoModelForCausalLM, source, device, quantization, train)
+
+
+def load_scorer(
+    source: str, device: torch.device, pad_token_id: int, quantization=None, train: bool = False, num_labels: int = 1
+) -> PreTrainedModel:
+    """A sequence model with scalar heads (one: the reward model, and the PPO value model initialised from it)."""
+    base = adapter_base_of(source)
+    if base is not None:
+        model = load_scorer(base, device, pad_token_id, quantization, train, num_labels)
+        return merged_adapter(model, source, "SEQ_CLS")
+    model = place(AutoModelForSequenceClassification, source, device, quantization, train, num_labels=num_labels)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def place(model_class, source: str, device: torch.device, quantization, train: bool, **kwargs) -> PreTrainedModel:
+    kwargs |= {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
+    kwargs["attn_implementation"] = "sdpa"
+    if quantization is not None:
+        return model_class.from_pretrained(
+            source, quantization_config=quantization, device_map={"": device.index or 0}, **kwargs
+        )
+    return model_class.from_pretrained(source, **kwargs).to(device)
+
+
+def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a peft model (where its config, generation config and heads live)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """The adapter merged into its base. A policy's (causal LM) adapter also loads into a scorer built from
+    that policy, where it adapts the same transformer layers and the score head stays as the scorer has it."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if config.task_type != task_type:
+        config.task_type = None
+    return PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()

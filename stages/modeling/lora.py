@@ -1,0 +1,123 @@
+"""LoRA and QLoRA (peft): adapter configs, quantized bases, and adapters that are merged or kept.
+
+A kept adapter is saved without its base weights; its `adapter_config.json` names the base portably, as
+`artifact:<stage>` (an upstream artifact) or `model:base` (the config's `model.base`). A stage that fetches
+such an artifact points that name at the local copy (`link_adapter_bases`), and the model loaders then apply
+the adapter to its base (`modeling.loading`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from rlhf_pipeline.stages.core.config import LoraConfig
+from rlhf_pipeline.stages.core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_MODEL = "model:base"
+TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
+
+
+@dataclass(frozen=True)
+class AdapterBase:
+    """The model an adapter is trained on: its local directory, and how a kept adapter names it."""
+
+    path: str
+    ref: str
+
+
+def adapter_config(lora: LoraConfig | None, task_type: TaskType = "CAUSAL_LM"):
+    """peft's LoraConfig, or None for full fine-tuning. SEQ_CLS also trains (and saves) the score head."""
+    if lora is None:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+def quantization_config(lora: LoraConfig | None, device: torch.device, field: str):
+    """bitsandbytes settings for a QLoRA base; refused (exit 2) where there is no CUDA GPU or no bitsandbytes."""
+    if lora is None or lora.quantize is None:
+        return None
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            f"{field}.lora.quantize: QLoRA needs a CUDA GPU and the bitsandbytes package (pip install "
+            f"'rlhf-pipeline[qlora]'); this stage runs on {device.type}. Remove `quantize` for plain LoRA."
+        )
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if lora.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
+def with_adapter(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = "CAUSAL_LM") -> PreTrainedModel:
+    """A fresh trainable adapter on a frozen base (prepared for k-bit training when the base is quantized)."""
+    from peft import get_peft_model
+
+    return get_peft_model(prepared_for_training(model), adapter_config(lora, task_type))
+
+
+def resume_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """An adapter saved by a checkpoint, trainable again, on the same (equally prepared) base."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(prepared_for_training(model), str(adapter_dir), is_trainable=True)
+
+
+def prepared_for_training(model: PreTrainedModel) -> PreTrainedModel:
+    """A quantized base gets peft's k-bit preparation before an adapter trains on it; others are unchanged.
+    Activation checkpointing is left to the stage's `gradient_checkpointing` setting."""
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_quantized", False):
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def adapter_base_of(model_dir: str | Path) -> str | None:
+    """The base model directory of a kept adapter, or None when `model_dir` holds a full model."""
+    config = Path(model_dir) / ADAPTER_CONFIG
+    if not config.exists():
+        return None
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def link_adapter_bases(inputs: dict[str, Path], materialize_base: Callable[[], str]) -> None:
+    """Point each fetched kept adapter (and a safety model's under it) at the local copy of its base."""
+    for model_dir in [path for root in inputs.values() for path in (root, *root.iterdir()) if path.is_dir()]:
+        config_path = model_dir / ADAPTER_CONFIG
+        if not config_path.exists():
+            continue
+        config = json.loads(config_path.read_text())
+        ref = config["base_model_name_or_path"]
+        if ref == BASE_MODEL:
+            config["base_model_name_or_path"] = materialize_base()
+        elif ref.startswith("artifact:"):
+            stage = ref.removeprefix("artifact:")
+            if stage not in inputs:
+                raise InputError(f"{model_dir}: the adapter's base {ref!r} is not an input of this stage")
+            config["base_model_name_or_path"] = str(inputs[stage])
+        config_path.write_text(json.dumps(config, indent=2))

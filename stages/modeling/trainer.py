@@ -1,0 +1,167 @@
+"""What the Trainer-based stages share: TrainingArguments from the config, LoRA, and checkpoints that go
+to the store every `run.checkpoint_every` steps and come back when a stage is retried."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+
+from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
+from rlhf_pipeline.stages.core.config import TrainingConfig
+from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
+from rlhf_pipeline.stages.modeling.loading import compute_dtype
+from rlhf_pipeline.stages.modeling.lora import AdapterBase
+from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.tracking import logs_dir, report_to, run_name
+
+log = logging.getLogger("rlhf.stage")
+
+
+# transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing (after 5.17).
+CHECKPOINTING_ARGUMENT = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
+
+
+def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path) -> dict[str, Any]:
+    """Keyword arguments shared by TRL's trainer configs. Activation checkpointing is off unless configured
+    (TRL turns it on by default)."""
+    run = ctx.config.run
+    return {
+        CHECKPOINTING_ARGUMENT: config.gradient_checkpointing,
+        f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": False},
+        "output_dir": str(output_dir),
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps,
+        "learning_rate": config.learning_rate,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "warmup_steps": config.warmup,
+        "logging_steps": config.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": run.checkpoint_every,
+        "save_total_limit": run.keep_checkpoints,
+        "seed": run.seed,
+        # Mixed precision: bf16 autocast over the fp32 weights the stages load for training.
+        "bf16": compute_dtype(ctx.device) == torch.bfloat16,
+        "use_cpu": ctx.device.type == "cpu",
+        "report_to": report_to(ctx),
+        "run_name": run_name(ctx),
+        "include_num_input_tokens_seen": "all",
+        "disable_tqdm": True,
+        "max_length": ctx.config.model.max_length,
+    }
+
+
+class StoreCheckpoints(TrainerCallback):
+    """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store."""
+
+    def __init__(self, checkpoints: CheckpointStore) -> None:
+        self.checkpoints = checkpoints
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.checkpoints.save(state.global_step, local)
+        log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
+
+
+class ReportProgress(TrainerCallback):
+    """A Trainer's steps (each whole percent) and logged metrics, from the main process only."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.percent = -1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        percent = int(100 * state.global_step / max(state.max_steps, 1))
+        if state.is_world_process_zero and percent > self.percent:
+            self.percent = percent
+            report_progress(self.stage, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            report_metrics(self.stage, state.global_step, logs)
+
+
+def log_tensorboard_into(trainer: Trainer, directory: Path) -> None:
+    """Point the Trainer's TensorBoard callback (if `report_to` made one) at `directory`: transformers 5 has no
+    `logging_dir` argument, only TENSORBOARD_LOGGING_DIR read when the callback is made, and defaults to the
+    Trainer's output_dir, which is not part of the artifact."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(directory)
+
+
+def train_with_resume(
+    trainer: Trainer, ctx: StageContext, checkpoints: CheckpointStore | None = None, out_dir: Path | None = None
+) -> None:
+    """Train, resuming from the newest complete checkpoint in the store if there is one; TensorBoard logs go
+    into the artifact (`out_dir`: where the model is saved, if not `ctx.out_dir`)."""
+    checkpoints = checkpoints or ctx.checkpoints
+    log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
+    trainer.add_callback(StoreCheckpoints(checkpoints))
+    trainer.add_callback(ReportProgress(ctx.stage))
+    step = checkpoints.restore_latest(lambda step: Path(trainer.args.output_dir) / f"checkpoint-{step}")
+    resume_from = None
+    if step is not None:
+        ctx.resumed_from = step
+        resume_from = str(Path(trainer.args.output_dir) / f"checkpoint-{step}")
+        log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+
+def save_trained(trainer: Trainer, config: TrainingConfig, base: AdapterBase, out_dir: Path) -> None:
+    """The trained model and tokenizer: full, LoRA merged, or the adapter kept (`config.lora.merge`)."""
+    save_model(trainer.model, trainer.processing_class, out_dir, config.lora, base)
+
+
+def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
+    """First and last logged training loss (the numbers that show whether training worked), the step count,
+    and the tokens trained on (padding included: what the FLOPs were spent on) with the training time."""
+    history = trainer.state.log_history
+    losses = [entry[key] for entry in history if key in entry]
+    runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
+    summary = {"steps": trainer.state.global_step, "train_tokens": int(trainer.state.num_input_tokens_seen)}
+    if runtime is not None:
+        summary["train_seconds"] = round(runtime, 2)
+    if trainer.args.world_size > 1:
+        summary["processes"] = trainer.args.world_size
+    if losses:
+        summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
+    return summary
+
+
+def train_evaluate_save(
+    trainer: Trainer,
+    ctx: StageContext,
+    config: TrainingConfig,
+    base: AdapterBase,
+    reported: dict[str, str],
+    out_dir: Path | None = None,
+    checkpoints: CheckpointStore | None = None,
+    measure: Callable[[Trainer], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train (resuming if a checkpoint exists), evaluate on the held-out set and save the model.
+
+    Returns the loss curve, the step count, the evaluation metrics named in `reported` ({name: key}) and
+    what `measure` finds on the trained model before it is saved.
+    """
+    train_with_resume(trainer, ctx, checkpoints, out_dir)
+    evaluation = trainer.evaluate()
+    held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
+    if measure is not None:
+        held_out |= measure(trainer)
+    save_trained(trainer, config, base, out_dir or ctx.out_dir)
+    return training_summary(trainer) | held_out

@@ -1,0 +1,42 @@
+"""DPO with TRL's DPOTrainer: the SFT model learns from the preference pairs directly; the frozen SFT model is
+the reference. The reward model then serves evaluation only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.lengths import answerable
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.rl.dpo
+    sft_dir = str(ctx.inputs["sft"])
+    prepared = ctx.inputs["prepare"]
+    tokenizer = load_tokenizer(sft_dir)
+    max_length = ctx.config.model.max_length
+    train, train_dropped = answerable(load_rows(prepared / "preference_train.jsonl"), tokenizer, max_length, "pairs")
+    held_out, eval_dropped = answerable(load_rows(prepared / "preference_eval.jsonl"), tokenizer, max_length, "pairs")
+    quantization = quantization_config(config.lora, ctx.device, "rl.dpo")
+    trainer = DPOTrainer(
+        model=load_policy(sft_dir, ctx.device, quantization, train=config.lora is None),
+        args=DPOConfig(
+            beta=config.beta,
+            loss_type=[config.loss_type],
+            **training_arguments(ctx, config, ctx.work_dir / "trainer"),
+        ),
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(held_out),
+        processing_class=tokenizer,
+        peft_config=adapter_config(config.lora),
+    )
+    reported = {"eval_reward_accuracy": "eval_rewards/accuracies", "eval_loss": "eval_loss"}
+    metrics = train_evaluate_save(trainer, ctx, config, AdapterBase(sft_dir, "artifact:sft"), reported)
+    return metrics | {"rows_too_long": {"train": train_dropped, "eval": eval_dropped}}

@@ -1,0 +1,91 @@
+"""GRPO and RLOO with TRL's trainers: for each prompt several answers are sampled and compared with each
+other (group-normalised, or leave-one-out baselines), rewarded by the trained reward model.
+
+TRL stops and masks completions at the ids in the model's `generation_config.eos_token_id`: they are set to
+every end-of-turn id (`rlhf.rollout.end_of_turn_ids`), in a generation config that holds nothing else, so
+that the base model's own sampling settings do not leak in; the model keeps its own config when saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from transformers import GenerationConfig as HFGenerationConfig
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_turns
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, unwrap_adapter
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.trainer import save_trained, train_with_resume, training_arguments, training_summary
+from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
+from rlhf_pipeline.stages.rlhf.scoring import response_scores
+
+TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
+
+
+def reward_function(ctx: StageContext, pad_token_id: int, end_ids: list[int]):
+    """The trained reward (one model, or Llama 2's gated pair) as TRL's reward function of conversations,
+    through the one scoring path: a completion without an end-of-turn token is scored as unfinished."""
+    reward_dir = str(ctx.inputs["reward"])
+    model = load_reward_model(reward_dir, ctx.device, pad_token_id)
+    tokenizer = load_tokenizer(reward_dir)
+
+    def reward_model(prompts, completions, completion_ids, **_) -> list[float]:
+        finished = [any(i in end_ids for i in ids) for ids in completion_ids]
+        responses = [completion[-1]["content"] for completion in completions]
+        return response_scores(model, tokenizer, prompts, responses, finished)
+
+    return reward_model
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    algorithm = ctx.config.rl.algorithm
+    config = getattr(ctx.config.rl, algorithm)
+    trainer_class, config_class = TRAINERS[algorithm]
+    sft_dir = str(ctx.inputs["sft"])
+    tokenizer = load_tokenizer(sft_dir)
+    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
+    max_length = arguments.pop("max_length")
+    quantization = quantization_config(config.lora, ctx.device, f"rl.{algorithm}")
+    model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None)
+    end_ids = end_of_turn_ids(tokenizer, model)
+    own_config = model.generation_config
+    prompts, too_long = fitting_prompts(
+        tokenizer,
+        load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl"),
+        max_length - config.generation.max_new_tokens,
+    )
+    model.generation_config = HFGenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward_function(ctx, tokenizer.pad_token_id, end_ids),
+        args=config_class(
+            num_generations=config.num_generations,
+            beta=config.beta,
+            max_completion_length=config.generation.max_new_tokens,
+            temperature=config.generation.temperature,
+            top_k=config.generation.top_k,
+            **arguments,
+        ),
+        train_dataset=Dataset.from_list(prompts),
+        processing_class=tokenizer,
+        peft_config=adapter_config(config.lora),
+    )
+    train_with_resume(trainer, ctx)
+    unwrap_adapter(trainer.model).generation_config = own_config
+    save_trained(trainer, config, AdapterBase(sft_dir, "artifact:sft"), ctx.out_dir)
+    return training_summary(trainer, "reward") | {"prompts_too_long": too_long}
+
+
+def fitting_prompts(tokenizer, rows: list[dict], budget: int) -> tuple[list[dict], int]:
+    """Prompt rows with their oldest exchanges dropped to fit `budget` tokens (TRL's trainers do not limit
+    prompts); a prompt whose latest turn alone is too long is left out and counted."""
+    kept = []
+    for row in rows:
+        prompt, ids = trim_turns(tokenizer, row["prompt"], budget)
+        if len(ids) <= budget:
+            kept.append({"prompt": prompt})
+    return kept, len(rows) - len(kept)

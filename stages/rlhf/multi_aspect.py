@@ -1,0 +1,103 @@
+"""The multi-aspect reward model: one regression head per rated aspect (quality, relevance, helpfulness, ...),
+trained on the raters' mean scores (standardized per aspect), then folded into one reward head r = Σ w_a · r_a.
+
+The heads are linear, so the weighted sum is itself one linear head: the artifact is an ordinary one-score
+reward model that PPO, rejection sampling, GRPO/RLOO and evaluation use unchanged; the per-aspect model is
+kept beside it in `per_aspect/`. With LoRA the adapter is always merged, since folding changes the head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
+from rlhf_pipeline.stages.modeling.lora import with_adapter
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.trainer import train_with_resume, training_arguments, training_summary
+from rlhf_pipeline.stages.rlhf.scoring import pairwise_accuracy
+
+
+def standardization(rows: list[dict[str, Any]], aspects: list[str]) -> dict[str, tuple[float, float]]:
+    """Each aspect's mean and standard deviation over the training items: the heads learn z-scores, so no
+    aspect dominates the loss by its scale and none has to spend capacity on its offset."""
+    stats = {}
+    for aspect in aspects:
+        values = np.array([r["targets"][aspect] for r in rows], dtype=float)
+        stats[aspect] = (float(values.mean()), float(values.std()) or 1.0)
+    return stats
+
+
+def encode(tokenizer, rows, aspects: list[str], stats: dict[str, tuple[float, float]], max_length: int) -> Dataset:
+    texts = [tokenizer.apply_chat_template(r["prompt"] + r["response"], tokenize=False) for r in rows]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
+    labels = [[(r["targets"][a] - stats[a][0]) / stats[a][1] for a in aspects] for r in rows]
+    return Dataset.from_dict({**encoded, "labels": labels})
+
+
+def fold_heads(model, weights: list[float]) -> None:
+    """Replace the per-aspect heads by their weighted sum: one head, one score."""
+    head = model.score
+    combined = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None).to(head.weight)
+    with torch.no_grad():
+        w = torch.tensor(weights, dtype=head.weight.dtype, device=head.weight.device)
+        combined.weight.copy_(w @ head.weight)
+        if head.bias is not None:
+            combined.bias.copy_(w @ head.bias)
+    model.score = combined
+    model.config.num_labels = 1
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.reward
+    aspects = list(config.aspects)
+    prepared = ctx.inputs["prepare"]
+    train_rows, eval_rows = load_rows(prepared / "rated_train.jsonl"), load_rows(prepared / "rated_eval.jsonl")
+    rated = sorted(train_rows[0]["targets"]) if train_rows else []
+    missing = [a for a in aspects if a not in rated]
+    if missing:
+        raise InputError(f"reward.aspects: {missing} not rated in data.rated (its aspects: {rated})")
+    sft_dir = str(ctx.inputs["sft"])
+    tokenizer = load_tokenizer(sft_dir)
+    tokenizer.padding_side = "right"  # for DataCollatorWithPadding
+    model = load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, train=config.lora is None, num_labels=len(aspects))
+    model.config.problem_type = "regression"
+    if config.lora is not None:
+        model = with_adapter(model, config.lora, "SEQ_CLS")
+    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
+    max_length = arguments.pop("max_length")
+    stats = standardization(train_rows, aspects)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**arguments),
+        train_dataset=encode(tokenizer, train_rows, aspects, stats, max_length),
+        eval_dataset=encode(tokenizer, eval_rows, aspects, stats, max_length),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    train_with_resume(trainer, ctx)
+    prediction = trainer.predict(trainer.eval_dataset)
+    correlation = {
+        aspect: round(float(np.corrcoef(prediction.predictions[:, i], prediction.label_ids[:, i])[0, 1]), 4)
+        for i, aspect in enumerate(aspects)
+    }
+    if config.lora is not None:
+        model = model.merge_and_unload()
+    model.save_pretrained(ctx.out_dir / "per_aspect")
+    fold_heads(model, [config.aspects[a] for a in aspects])
+    model.save_pretrained(ctx.out_dir)
+    tokenizer.save_pretrained(ctx.out_dir)
+    return training_summary(trainer) | {
+        "kind": "multi_aspect",
+        "aspect_weights": config.aspects,
+        "aspect_mean_std": {a: [round(m, 4), round(sd, 4)] for a, (m, sd) in stats.items()},
+        "aspect_correlation": correlation,
+        "eval_loss": round(prediction.metrics["test_loss"], 4),
+        "eval_accuracy": pairwise_accuracy(model.eval(), tokenizer, load_rows(prepared / "preference_eval.jsonl")),
+    }

@@ -1,0 +1,290 @@
+"""PPO for language models (TRL removed its PPOTrainer in 1.13), on torch and transformers.
+
+Per rollout batch: sample responses from the policy; score them with the reward model; per-token rewards are
+the KL penalty to the frozen reference (the SFT model) plus the score at the last token; GAE on the value
+model's estimates gives advantages, whitened; then several PPO epochs of clipped policy and value losses over
+shuffled mini-batches. The value model starts from the reward model, as in InstructGPT.
+With `rl.ppo.lora`, the policy and the value model train LoRA adapters, and the reference is the policy with
+its adapter disabled: no second copy of the policy's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_pipeline.stages.core.config import PPOConfig
+from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.loading import autocast, disable_dropout, load_policy, load_scorer, load_tokenizer
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
+from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.tracking import trackers
+from rlhf_pipeline.stages.rlhf import ppo_math
+from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
+from rlhf_pipeline.stages.rlhf.rollout import Rollout, reference_logprobs, response_logprobs, sample, token_values
+from rlhf_pipeline.stages.rlhf.scoring import rollout_scores
+
+log = logging.getLogger("rlhf.stage")
+
+PHASES = ("generation", "scoring", "reference_values", "optimization")
+
+
+class PhaseTimer:
+    """Seconds spent in each phase of a PPO step (CUDA work is waited for at each phase's end), so that users
+    tune what dominates: generation, in every published RLHF system."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.totals[name] += time.perf_counter() - started
+
+    def seconds(self) -> dict[str, float]:
+        return {f"{name}_seconds": value for name, value in self.totals.items()}
+
+
+class PPOTrainer:
+    def __init__(self, ctx: StageContext, config: PPOConfig) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
+        self.tokenizer = load_tokenizer(self.sft_dir)
+        self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
+        self.history: list[dict[str, float]] = []
+        self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
+        if self.start:
+            self.load_checkpoint(self.restore_dir(self.start))
+        else:
+            self.build_trainable()
+        self.reference = None
+        if config.lora is None:
+            self.reference = load_policy(self.sft_dir, ctx.device).eval().requires_grad_(False)
+        self.reward_model = load_reward_model(self.reward_dir, ctx.device, self.tokenizer.pad_token_id)
+        self.reward_model.requires_grad_(False)
+        self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
+
+    def build_trainable(self, checkpoint: Path | None = None) -> None:
+        """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's.
+        Full fine-tuning trains fp32 master weights; dropout is off in both models."""
+        device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
+        if lora is None:
+            policy_dir = str(checkpoint / "policy") if checkpoint else self.sft_dir
+            value_dir = str(checkpoint / "value") if checkpoint else self.reward_dir
+            self.policy = load_policy(policy_dir, device, train=True)
+            self.value_model = load_scorer(value_dir, device, pad, train=True)
+        else:
+            policy = load_policy(self.sft_dir, device, self.quantization)
+            value = load_scorer(self.reward_dir, device, pad, self.quantization)
+            if checkpoint:
+                self.policy = resume_adapter(policy, checkpoint / "policy")
+                self.value_model = resume_adapter(value, checkpoint / "value")
+            else:
+                self.policy, self.value_model = with_adapter(policy, lora), with_adapter(value, lora, "SEQ_CLS")
+        for model in (self.policy, self.value_model):
+            disable_dropout(model)
+            if self.config.gradient_checkpointing:
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable({"use_reentrant": False})
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for model in (self.policy, self.value_model) for p in model.parameters() if p.requires_grad]
+
+    def policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log-probabilities of the distribution that was sampled (minimum length, temperature and top-k
+        applied), and the top-k token ids they are renormalised over."""
+        return response_logprobs(self.policy, rollout, self.config.generation)
+
+    def reference_logprobs(self, rollout: Rollout, support: torch.Tensor | None) -> torch.Tensor:
+        """The SFT model's distribution over the same top-k tokens as the policy's: the KL penalty measures how
+        far the policy moved, and is 0 on the first rollout."""
+        generation = self.config.generation
+        if self.reference is not None:
+            return reference_logprobs(self.reference, rollout, generation, support)
+        with self.policy.disable_adapter():
+            return reference_logprobs(self.policy, rollout, generation, support)
+
+    def prompts_for_step(self, step: int) -> list[list[dict[str, str]]]:
+        """Deterministic per step, so that a resumed run sees the same data it would have seen."""
+        rng = random.Random(f"{self.ctx.config.run.seed}-ppo-{step}")
+        if len(self.prompts) >= self.config.batch_size:
+            return rng.sample(self.prompts, self.config.batch_size)
+        return rng.choices(self.prompts, k=self.config.batch_size)
+
+    @torch.no_grad()
+    def rollout(self, step: int, timer: PhaseTimer) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
+        self.policy.eval()
+        self.value_model.eval()
+        device, max_length = self.ctx.device, self.ctx.config.model.max_length
+        with timer.phase("generation"), autocast(device):
+            rollout = sample(
+                self.policy, self.tokenizer, self.prompts_for_step(step), self.config.generation, max_length
+            )
+        mask = rollout.response_mask.float()
+        with timer.phase("scoring"), autocast(device):
+            scores = rollout_scores(self.reward_model, self.tokenizer, rollout)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
+        with timer.phase("reference_values"), autocast(device):
+            logprobs, support = self.policy_logprobs(rollout)
+            ref_logprobs = self.reference_logprobs(rollout, support)
+            values = token_values(self.value_model, rollout)
+        rewards, kl = ppo_math.kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.config.kl_coef)
+        advantages, returns = ppo_math.generalized_advantages(rewards, values, mask, self.config.gamma, self.config.lam)
+        batch = {
+            "logprobs": logprobs,
+            "values": values,
+            "advantages": ppo_math.masked_whiten(advantages, mask),
+            "returns": returns,
+            "mask": mask,
+        }
+        stats = {
+            "tokens": rollout.input_ids.numel(),
+            "score": scores.mean().item(),
+            "kl": kl.sum(dim=1).mean().item(),
+            "response_length": mask.sum(dim=1).mean().item(),
+            "finished_fraction": rollout.finished.float().mean().item(),
+        }
+        return rollout, batch, stats
+
+    def optimize(self, rollout: Rollout, batch: dict[str, torch.Tensor], timer: PhaseTimer) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped updates over shuffled mini-batches. The first mini-batch of the first
+        epoch sees the very model that sampled (dropout is off): its ratio is 1 and its approximate KL 0, which
+        `first_ratio_error` and `first_approx_kl` report."""
+        self.policy.train()
+        self.value_model.train()
+        config = self.config
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        first: dict[str, float] = {}
+        updates = 0
+        with timer.phase("optimization"):
+            for _ in range(config.ppo_epochs):
+                order = torch.randperm(config.batch_size, device=rollout.response_ids.device)
+                for start in range(0, config.batch_size, config.mini_batch_size):
+                    index = order[start : start + config.mini_batch_size]
+                    mini = rollout.select(index)
+                    mask = batch["mask"][index]
+                    with autocast(self.ctx.device):
+                        logprobs = self.policy_logprobs(mini)[0]
+                        values = token_values(self.value_model, mini)
+                    old_logprobs = batch["logprobs"][index]
+                    policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
+                        logprobs, old_logprobs, batch["advantages"][index], mask, config.clip_range
+                    )
+                    value_loss = ppo_math.clipped_value_loss(
+                        values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value
+                    )
+                    approx_kl = ppo_math.approx_kl(logprobs.detach(), old_logprobs, mask)
+                    if not first:
+                        ratio = torch.exp(logprobs.detach() - old_logprobs)
+                        first = {
+                            "first_ratio_error": ((ratio - 1).abs() * mask).max().item(),
+                            "first_approx_kl": approx_kl.item(),
+                        }
+                    self.optimizer.zero_grad()
+                    (policy_loss + config.vf_coef * value_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
+                    self.optimizer.step()
+                    totals["policy_loss"] += policy_loss.item()
+                    totals["value_loss"] += value_loss.item()
+                    totals["clip_fraction"] += clip_fraction.item()
+                    totals["approx_kl"] += approx_kl.item()
+                    updates += 1
+        return {name: total / updates for name, total in totals.items()} | first
+
+    def save_checkpoint(self, step: int) -> None:
+        local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
+        self.policy.save_pretrained(local / "policy")
+        self.value_model.save_pretrained(local / "value")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
+            local / "state.pt",
+        )
+        (local / "history.json").write_text(json.dumps(self.history))
+        self.ctx.checkpoints.save(step, local)
+        shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
+        log.info("rl: checkpoint at step %d saved to the store", step)
+
+    def restore_dir(self, step: int) -> Path:
+        return self.ctx.work_dir / f"ppo-restore-{step}"
+
+    def load_checkpoint(self, local: Path) -> None:
+        self.build_trainable(local)
+        state = torch.load(local / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = json.loads((local / "history.json").read_text())
+
+    def train(self) -> None:
+        if self.start:
+            self.ctx.resumed_from = self.start
+            log.info("rl: resuming PPO from step %d", self.start)
+        every = self.ctx.config.run.checkpoint_every
+        with trackers(self.ctx) as log_metrics:
+            for step in range(self.start, self.config.steps):
+                started = time.perf_counter()
+                timer = PhaseTimer(self.ctx.device)
+                rollout, batch, stats = self.rollout(step, timer)
+                stats |= self.optimize(rollout, batch, timer) | timer.seconds()
+                stats["seconds"] = time.perf_counter() - started
+                self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
+                throughput = {"tokens_per_second": stats["tokens"] / stats["seconds"]}
+                report_progress("rl", step + 1, self.config.steps)
+                report_metrics("rl", step + 1, self.history[-1] | throughput)
+                log_metrics(stats | throughput, step + 1)
+                if step % 10 == 0 or step + 1 == self.config.steps:
+                    log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
+                if (step + 1) % every == 0 and step + 1 < self.config.steps:
+                    self.save_checkpoint(step + 1)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
+    trainer.train()
+    base = AdapterBase(trainer.sft_dir, "artifact:sft")
+    save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
+    # Wall-clock seconds differ from run to run: they go to logs/ (left out of the digest), not into the record
+    # of what was trained, so that a resumed run's artifact has the digest of an uninterrupted one.
+    timeless = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in trainer.history]
+    write_history(ctx.out_dir / "ppo_history.jsonl", timeless)
+    throughput = {
+        "train_tokens": sum(h["tokens"] for h in trainer.history),
+        "train_seconds": round(sum(h["seconds"] for h in trainer.history), 2),
+    }
+    phases = {f"{p}_seconds": round(sum(h[f"{p}_seconds"] for h in trainer.history), 2) for p in PHASES}
+    keys = ("score", "kl", "response_length", "policy_loss", "value_loss", "finished_fraction")
+    first = trainer.history[0] if trainer.history else {}
+    checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
+    return summarize(trainer.history, keys) | throughput | phases | checks
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+
+
+def summarize(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Mean of each key over the first and the last tenth of training: the direction things moved."""
+    window = max(1, len(history) // 10)
+    summary: dict[str, float] = {"steps": len(history)}
+    for key in keys:
+        summary[f"first_{key}"] = round(sum(h[key] for h in history[:window]) / window, 4)
+        summary[f"last_{key}"] = round(sum(h[key] for h in history[-window:]) / window, 4)
+    return summary

@@ -1,0 +1,155 @@
+"""Rejection sampling fine-tuning, Llama 2 style: per round, sample N responses per prompt from the policy,
+score them with the reward model, keep the best per prompt and fine-tune the policy on those.
+
+Each finished round is a checkpoint in the store; a retried stage resumes after the last finished round.
+With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
+just that adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel
+from trl import SFTConfig, SFTTrainer
+
+from rlhf_pipeline.stages.core.config import RejectionSamplingConfig
+from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
+from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, merged_adapter
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
+from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.tracking import trackers
+from rlhf_pipeline.stages.modeling.trainer import training_arguments
+from rlhf_pipeline.stages.rlhf.ppo import summarize, write_history
+from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
+from rlhf_pipeline.stages.rlhf.rollout import decode_responses, sample
+from rlhf_pipeline.stages.rlhf.scoring import rollout_scores
+
+log = logging.getLogger("rlhf.stage")
+
+
+ROLLOUT_BATCH = 64
+
+
+def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool) -> PreTrainedModel:
+    """The policy after the round saved in `round_dir` (before the first round: the SFT model). Without LoRA
+    a round saves the whole model; with LoRA, the adapter that goes on the SFT model."""
+    lora = ctx.config.rl.rejection_sampling.training.lora
+    sft_dir = str(ctx.inputs["sft"])
+    if lora is None:
+        return load_policy(str(round_dir or sft_dir), ctx.device, train=trainable)
+    field = "rl.rejection_sampling.training"
+    model = load_policy(sft_dir, ctx.device, quantization_config(lora, ctx.device, field) if trainable else None)
+    if round_dir is None:
+        return with_adapter(model, lora) if trainable else model
+    return resume_adapter(model, round_dir) if trainable else merged_adapter(model, str(round_dir))
+
+
+@dataclass(frozen=True)
+class BestAnswer:
+    prompt: list[dict[str, str]]
+    response: str
+    finished: bool  # it ended its turn (not cut at max_new_tokens)
+    score: float
+
+    def as_sft_row(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": [{"role": "assistant", "content": self.response}]}
+
+
+def best_of_n(
+    ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig, seed: int
+) -> tuple[list[BestAnswer], dict]:
+    """The reward model's favourite of `samples_per_prompt` responses to each prompt. Sampling is seeded by the
+    round (`seed`), not by what the rounds before left in the RNG: a run resumed after round k samples what the
+    uninterrupted run sampled."""
+    tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
+    policy = load_round_policy(ctx, round_dir, trainable=False).eval()
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    n = config.samples_per_prompt
+    per_batch = max(1, ROLLOUT_BATCH // n)
+    max_length = ctx.config.model.max_length
+    kept, mean_scores, best_scores = [], [], []
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start : start + per_batch]
+        rollout = sample(policy, tokenizer, [p for p in chunk for _ in range(n)], config.generation, max_length)
+        scores = rollout_scores(reward_model, tokenizer, rollout).view(len(chunk), n)
+        best = scores.argmax(dim=1)
+        chosen = rollout.select(best + torch.arange(len(chunk), device=best.device) * n)
+        responses = decode_responses(tokenizer, chosen)
+        top = scores.max(dim=1).values.tolist()
+        kept += map(BestAnswer, chunk, responses, chosen.finished.tolist(), top)
+        mean_scores += scores.mean(dim=1).tolist()
+        best_scores += top
+    stats = {"score": sum(mean_scores) / len(mean_scores), "best_score": sum(best_scores) / len(best_scores)}
+    return kept, stats
+
+
+def fine_tune(ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int) -> None:
+    config = ctx.config.rl.rejection_sampling.training
+    arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
+    # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
+    # step 0 in the same tracker run would garble them.
+    arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index, "report_to": "none"}
+    trainer = SFTTrainer(
+        model=load_round_policy(ctx, round_dir, trainable=True),
+        args=SFTConfig(completion_only_loss=True, **arguments),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=load_tokenizer(str(ctx.inputs["sft"])),
+    )
+    trainer.train()
+    trainer.save_model(str(out_dir))
+    trainer.processing_class.save_pretrained(out_dir)
+
+
+def save_final(ctx: StageContext, round_dir: Path) -> None:
+    lora = ctx.config.rl.rejection_sampling.training.lora
+    if lora is None:
+        shutil.copytree(round_dir, ctx.out_dir, dirs_exist_ok=True)
+        return
+    sft_dir = str(ctx.inputs["sft"])
+    policy = load_round_policy(ctx, round_dir, trainable=True)
+    save_model(policy, load_tokenizer(sft_dir), ctx.out_dir, lora, AdapterBase(sft_dir, "artifact:sft"))
+    shutil.copy(round_dir / "rounds.jsonl", ctx.out_dir)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config = ctx.config.rl.rejection_sampling
+    prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
+    round_dir: Path | None = None
+    history: list[dict[str, float]] = []
+    start = ctx.checkpoints.restore_latest(lambda done: ctx.work_dir / f"round-{done}") or 0
+    if start:
+        round_dir = ctx.work_dir / f"round-{start}"
+        history = load_rows(round_dir / "rounds.jsonl")
+        ctx.resumed_from = start
+        log.info("rl: resuming rejection sampling after round %d", start)
+    with trackers(ctx) as log_metrics:
+        for round_index in range(start, config.rounds):
+            rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
+            chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
+            kept, stats = best_of_n(ctx, round_dir, chosen, config, seed=rng.getrandbits(63))
+            out = ctx.work_dir / f"round-{round_index + 1}"
+            fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index)
+            history.append({"round": round_index + 1, **stats})
+            report_progress("rl", round_index + 1, config.rounds)
+            metrics = {**stats, "samples_kept": len(kept)}
+            report_metrics("rl", round_index + 1, metrics)
+            log_metrics(metrics, round_index + 1)
+            write_history(out / "rounds.jsonl", history)
+            log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
+            ctx.checkpoints.save(round_index + 1, out)
+            if round_dir is not None:  # the round before, now in the store: only the newest is needed here
+                shutil.rmtree(round_dir)
+            round_dir = out
+    save_final(ctx, round_dir)
+    return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}

@@ -1,0 +1,214 @@
+"""Sampling responses from a policy, on token ids, from exactly the distribution that is later scored.
+
+Prompts are rendered through the chat template, limited to the tokens the model's budget leaves them (oldest
+turns dropped first) and left-padded; responses are right-padded and cut after their first end-of-turn token,
+which is any of the ids `end_of_turn_ids` finds (the template's turn ending, eos, the model's own list).
+Positions are given explicitly so that left padding does not shift them. Sampling uses a generation config
+built here from the stage's settings alone: a model's own `generation_config.json` (repetition penalty, top-p,
+...) never changes what is sampled.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_pipeline.stages.core.config import GenerationConfig
+from rlhf_pipeline.stages.modeling.chat_template import Conversation, end_of_turn_ids, fit_prompt
+from rlhf_pipeline.stages.modeling.loading import unwrap_adapter
+
+
+@dataclass
+class Rollout:
+    prompts: list[Conversation]
+    prompt_ids: torch.Tensor  # (B, P), left-padded
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor  # (B, R), pad after the first end-of-turn token
+    response_mask: torch.Tensor
+    finished: torch.Tensor  # (B,), bool: the response ended with an end-of-turn token
+    end_ids: tuple[int, ...]  # the end-of-turn ids generation stopped at
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        return Rollout(
+            [self.prompts[i] for i in index.tolist()],
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.response_ids[index],
+            self.response_mask[index],
+            self.finished[index],
+            self.end_ids,
+        )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Conversation], device: torch.device, budget: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer.pad(
+        {"input_ids": [fit_prompt(tokenizer, p, budget) for p in prompts]}, padding_side="left", return_tensors="pt"
+    )
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@contextmanager
+def own_generation_config(policy: PreTrainedModel):
+    """Generation sees only the settings passed to it: transformers fills every unset field of a passed
+    config from the model's own generation_config, so that is emptied while generating."""
+    model = unwrap_adapter(policy)
+    saved = model.generation_config
+    model.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def sampling_config(
+    tokenizer: PreTrainedTokenizerBase, config: GenerationConfig | None, end_ids: list[int], new_tokens: int
+) -> HFGenerationConfig:
+    """Everything transformers samples with, and nothing else: temperature, top-k and the minimum of new
+    tokens from `config` (greedy when it is None), stopping at every end-of-turn id."""
+    settings: dict[str, Any] = {"do_sample": False}
+    if config is not None:
+        settings = {
+            "do_sample": True,
+            "temperature": config.temperature,
+            "top_k": config.top_k,
+            "top_p": 1.0,
+            "min_new_tokens": config.min_new_tokens,
+        }
+    return HFGenerationConfig(
+        max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids, **settings
+    )
+
+
+@torch.no_grad()
+def sample(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Conversation],
+    config: GenerationConfig | None,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+) -> Rollout:
+    """Responses to `prompts`: sampled as `config` says (temperature, top-k, minimum length), or greedy when
+    it is None. Prompt and response together stay within `max_length` tokens."""
+    new_tokens = max_new_tokens or config.max_new_tokens
+    budget = max_length - new_tokens if max_length else None
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, policy.device, budget)
+    end_ids = end_of_turn_ids(tokenizer, policy)
+    generation = sampling_config(tokenizer, config, end_ids, new_tokens)
+    with own_generation_config(policy):
+        output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+    response_ids = output[:, prompt_ids.shape[1] :]
+    response_mask = response_mask_until_end(response_ids, end_ids)
+    finished = (torch.isin(response_ids, torch.tensor(end_ids, device=response_ids.device)) & response_mask.bool()).any(
+        dim=1
+    )
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask, finished, tuple(end_ids))
+
+
+def response_mask_until_end(response_ids: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first end-of-turn token, 0 after it."""
+    is_end = torch.isin(response_ids, torch.tensor(end_ids, device=response_ids.device)).long()
+    after_end = (is_end.cumsum(dim=1) - is_end) > 0
+    return (~after_end).long()
+
+
+def top_k_support(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """The ids of the `top_k` likeliest tokens at each position (what top-k sampling keeps), or None for all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return None
+    return torch.topk(logits, top_k, dim=-1).indices
+
+
+def support_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, support: torch.Tensor | None
+) -> torch.Tensor:
+    """log p(token) of softmax(logits / temperature) restricted to `support` (token ids per position) and
+    renormalised: the distribution top-k sampling draws from when `support` is the sampler's top k."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if support is None:
+        return chosen
+    return chosen - torch.logsumexp(logprobs.gather(-1, support), dim=-1)
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """The logits that predicted each response token, (B, R, V)."""
+    logits = model(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
+    ).logits
+    return logits[:, rollout.prompt_ids.shape[1] - 1 : -1]
+
+
+def without_early_ends(logits: torch.Tensor, end_ids: tuple[int, ...], min_new_tokens: int) -> torch.Tensor:
+    """The logits with every end-of-turn id impossible at the first `min_new_tokens` response positions: what
+    transformers' `min_new_tokens` does before temperature and top-k, so the scored distribution is the
+    sampled one."""
+    if min_new_tokens == 0:
+        return logits
+    early = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    early[:min_new_tokens, list(end_ids)] = True
+    return logits.masked_fill(early, float("-inf"))
+
+
+def sampled_logits(model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig) -> torch.Tensor:
+    """The model's logits for each response position as sampling saw them before temperature and top-k."""
+    return without_early_ends(response_logits(model, rollout), rollout.end_ids, generation.min_new_tokens)
+
+
+def response_logprobs(
+    policy: PreTrainedModel, rollout: Rollout, generation: GenerationConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response token | prefix) for every response position, (B, R), of the distribution that was
+    sampled (no end of turn before the minimum length, temperature, the policy's own top k renormalised), and
+    that top k's token ids."""
+    logits = sampled_logits(policy, rollout, generation)
+    support = top_k_support(logits, generation.top_k)
+    return support_logprobs(logits, rollout.response_ids, generation.temperature, support), support
+
+
+def reference_logprobs(
+    model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig, support: torch.Tensor | None
+) -> torch.Tensor:
+    """A reference model's log-probabilities over what the sampling policy could sample (its top k, `support`,
+    and no early end of turn): KL(π ‖ π_ref) then compares two distributions over the same tokens, and is
+    exactly 0 while the policy is the reference."""
+    logits = sampled_logits(model, rollout, generation)
+    return support_logprobs(logits, rollout.response_ids, generation.temperature, support)
+
+
+def token_values(value_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """The value head applied to the state before each response token, (B, R)."""
+    value_model = unwrap_adapter(value_model)  # peft: the LoRA layers live inside the wrapped model
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
+    ).last_hidden_state
+    prompt_length = rollout.prompt_ids.shape[1]
+    return value_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+        for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
+    ]

@@ -1,0 +1,1 @@
+"""What users run beside the pipeline: `rlhf compare` and `rlhf chat`, `rlhf validate`."""

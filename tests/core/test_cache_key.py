@@ -1,0 +1,109 @@
+"""Cache keys: a stage's name, resolved config, inputs' digests and code version, and nothing else."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rlhf_pipeline.stages.core import code_version
+from rlhf_pipeline.stages.core.artifacts import FileEntry, Manifest, cache_key
+from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.planner import key_sections
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES, STAGES
+
+
+def test_key_depends_on_every_ingredient():
+    base = cache_key("sft", {"lr": 1}, {"prepare": "d1"}, "code")
+    assert base == cache_key("sft", {"lr": 1}, {"prepare": "d1"}, "code")
+    assert base != cache_key("reward", {"lr": 1}, {"prepare": "d1"}, "code")
+    assert base != cache_key("sft", {"lr": 2}, {"prepare": "d1"}, "code")
+    assert base != cache_key("sft", {"lr": 1}, {"prepare": "d2"}, "code")
+    assert base != cache_key("sft", {"lr": 1}, {"prepare": "d1"}, "other-code")
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the stages package whose files a test may edit; code versions are read from it."""
+    root = tmp_path / "stages"
+    shutil.copytree(code_version.ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_version, "ROOT", root)
+    code_version.imported_modules.cache_clear()
+    yield root
+    code_version.imported_modules.cache_clear()
+
+
+def versions(config) -> dict[str, str]:
+    code_version.imported_modules.cache_clear()
+    return {name: code_version.code_version(STAGES[name].modules_for(config)) for name in STAGE_NAMES}
+
+
+def edit(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# an edit\n")
+
+
+@pytest.mark.parametrize(
+    ("edited", "changed"),
+    [
+        ("tools/chat.py", set()),
+        ("tools/validate.py", set()),
+        ("rlhf/ppo_math.py", {"rl"}),  # evaluate then reruns on the new rl artifact's digest
+        ("rlhf/grpo_rloo.py", set()),  # the config's algorithm is ppo
+        ("rlhf/dpo.py", set()),
+        ("data/formats/imdb.py", {"prepare"}),
+        ("sft.py", {"sft"}),
+        ("core/config.py", set(STAGE_NAMES)),
+    ],
+)
+def test_an_edit_changes_the_code_version_of_the_stages_that_run_it(package_copy, edited, changed):
+    config = load_config(None)
+    before = versions(config)
+    edit(package_copy / edited)
+    after = versions(config)
+    assert {name for name in STAGE_NAMES if before[name] != after[name]} == changed
+
+
+def test_flows_is_in_no_stage_code_version(package_copy):
+    closure = code_version.import_closure(
+        m for name in STAGE_NAMES for m in STAGES[name].modules_for(load_config(None))
+    )
+    assert all(module.startswith("rlhf_pipeline.stages") for module in closure)
+    assert "rlhf_pipeline.stages.tools.chat" not in closure
+    assert {"rlhf_pipeline.stages.rlhf.ppo", "rlhf_pipeline.stages.core.config"} <= closure
+
+
+def test_the_algorithm_chosen_decides_which_module_is_in_the_rl_version(package_copy):
+    grpo = load_config(None, ["rl.algorithm=grpo"])
+    before = versions(grpo)
+    edit(package_copy / "rlhf/grpo_rloo.py")
+    assert versions(grpo)["rl"] != before["rl"]
+    before = versions(grpo)
+    edit(package_copy / "rlhf/ppo.py")
+    assert versions(grpo) == before
+
+
+def test_a_stage_keys_only_on_its_own_sections():
+    ppo = load_config(None)
+    rejection = load_config(None, ["rl.algorithm=rejection_sampling"])
+    for stage in ("prepare", "sft", "reward"):
+        assert key_sections(ppo, stage) == key_sections(rejection, stage)
+    assert key_sections(ppo, "rl") != key_sections(rejection, "rl")
+    moved_store = load_config(None, ["run.store=/elsewhere", "run.checkpoint_every=7"])
+    assert all(key_sections(ppo, s) == key_sections(moved_store, s) for s in ("prepare", "sft", "rl"))
+    assert key_sections(ppo, "sft") != key_sections(load_config(None, ["run.seed=1"]), "sft")
+
+
+def test_rl_keys_only_on_the_chosen_algorithms_section():
+    ppo = load_config(None)
+    assert key_sections(ppo, "rl") == key_sections(load_config(None, ["rl.grpo.learning_rate=0.5"]), "rl")
+    assert key_sections(ppo, "rl") != key_sections(load_config(None, ["rl.ppo.learning_rate=0.5"]), "rl")
+    assert set(key_sections(ppo, "rl")["rl"]) == {"algorithm", "ppo"}
+
+
+def test_digest_covers_content_not_timestamps():
+    files = [FileEntry(path="a", size=1, sha256="x")]
+    first = Manifest(stage="s", cache_key="k", code_version="c", config={}, files=files, created_at="2020")
+    second = Manifest(stage="s", cache_key="k", code_version="c", config={}, files=files, created_at="2030")
+    changed = Manifest(
+        stage="s", cache_key="k", code_version="c", config={}, files=[FileEntry(path="a", size=1, sha256="y")]
+    )
+    assert first.digest == second.digest != changed.digest

@@ -1,0 +1,212 @@
+"""Bad config or input: exit code 2, a message naming the file, the line and the field, no traceback."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_pipeline.stages.core.config import PipelineConfig
+from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.errors import InputError
+from tests.conftest import REPO, rlhf
+
+
+def test_demo_yaml_is_the_builtin_demo():
+    assert load_config(REPO / "examples" / "demo.yaml") == load_config(None) == PipelineConfig()
+
+
+def test_set_overrides_any_field_by_dotted_path():
+    config = load_config(None, ["rl.algorithm=rejection_sampling", "rl.ppo.kl_coef=0.2", "run.store=s3://b/p"])
+    assert config.rl.algorithm == "rejection_sampling"
+    assert config.rl.ppo.kl_coef == 0.2
+    assert config.run.store == "s3://b/p"
+
+
+def test_unknown_key_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  seed: 1\nsft:\n  epochs: 1\n  learnin_rate: 0.1\n")
+    with pytest.raises(InputError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}:5: sft.learnin_rate: unknown key"
+
+
+def test_wrong_type_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rl:\n  algorithm: ppo\n  ppo:\n    batch_size: many\n")
+    with pytest.raises(InputError, match=r"bad.yaml:4: rl.ppo.batch_size: Input should be a valid integer"):
+        load_config(path)
+
+
+def test_invalid_choice_and_cross_field_rules(tmp_path):
+    with pytest.raises(
+        InputError, match="rl.algorithm: Input should be 'ppo', 'rejection_sampling', 'dpo', 'grpo' or 'rloo'"
+    ):
+        load_config(None, ["rl.algorithm=reinforce"])
+    with pytest.raises(InputError, match="multiple of mini_batch_size"):
+        load_config(None, ["rl.ppo.batch_size=10", "rl.ppo.mini_batch_size=4"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  seed: 1\n sft: [\n")
+    with pytest.raises(InputError, match=r"broken.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _validate(*overrides: str):
+    """`rlhf validate` of the demo config with some fields overridden."""
+    return rlhf(
+        "validate", str(REPO / "examples" / "demo.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=60
+    )
+
+
+def test_cli_bad_config_exits_2_fast_without_traceback(tmp_path):
+    config = _write(tmp_path / "c.yaml", yaml.safe_dump({"sft": {"learning_rate": "fast"}}))
+    started = time.monotonic()
+    result = rlhf("run", str(config), "--store", str(tmp_path / "store"), timeout=60)
+    assert result.returncode == 2
+    assert "c.yaml:2: sft.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_bad_data_line_exits_2(tmp_path):
+    data = _write(
+        tmp_path / "sft.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant" "content": "x"}]}\n',
+    )
+    result = _validate(f"data.sft={data}")
+    assert result.returncode == 2
+    assert f"{data}:2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"messages": []}', ":3: field 'messages': expected a non-empty list of messages"),
+        ('{"messages": [{"role": "human", "content": "x"}]}', ":3: field 'messages': [0].role: 'human' is not one of"),
+        ('{"text": "x"}', ":3: missing field 'messages'"),
+        # Well formed but unusable: skipped and counted; one of three is more than data.max_skipped_fraction.
+        (
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            ": skipped 1 of 3 rows: 1 no assistant answer at the end (line 3), more than data.max_skipped_fraction",
+        ),
+    ],
+)
+def test_cli_bad_rows_name_line_and_field(tmp_path, row, message):
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    data = _write(tmp_path / "sft.jsonl", f"{good}\n{good}\n{row}\n")
+    result = _validate(f"data.sft={data}")
+    assert result.returncode == 2
+    assert f"{data}{message}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_validate_accepts_good_inputs(tmp_path):
+    rows = _write(
+        tmp_path / "prefs.jsonl",
+        '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],'
+        ' "rejected": [{"role": "assistant", "content": "bad"}], "margin": 1.5}\n',
+    )
+    result = _validate(f"data.preference={rows}")
+    assert result.returncode == 0, result.stderr
+    assert "data.preference" in result.stdout and "(1 preference rows, unspecified)" in result.stdout
+
+
+def test_cli_empty_data_file_and_missing_model(tmp_path):
+    empty = _write(tmp_path / "empty.jsonl", "")
+    result = _validate(f"data.prompts={empty}", "evaluate.judge=reward_model")
+    assert result.returncode == 2 and "empty.jsonl: no rows" in result.stderr
+    result = _validate(f"model.base={tmp_path}/nope")
+    assert result.returncode == 2 and "model.base" in result.stderr and "config.json" in result.stderr
+
+
+def test_cli_stage_with_missing_config_exits_2(tmp_path):
+    result = rlhf("stage", "sft", "--config", str(tmp_path / "missing.yaml"), timeout=60)
+    assert result.returncode == 2
+    assert "missing.yaml: cannot read config" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["hh-rlhf", "shp", "oasst", "oasst-qlora", "dolly", "alpaca"])
+def test_seed_dataset_examples_are_valid_and_licence_clean(name):
+    from rlhf_pipeline.stages.data.sources import check_licenses
+
+    config = load_config(REPO / "examples" / f"{name}.yaml")
+    licenses = check_licenses(config)
+    assert licenses and all(license for license in licenses.values())
+    assert config.evaluate.judge == "reward_model"
+
+
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": None,
+    "AWS_SECRET_ACCESS_KEY": None,
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "bucket", "message"),
+    [
+        (NO_CREDENTIALS, "present", "no S3 credentials (set AWS_ACCESS_KEY_ID"),
+        ({}, "absent", "bucket 'absent-bucket' at http://127.0.0.1:"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}, "present", "cannot reach the S3"),
+    ],
+)
+def test_an_unusable_s3_store_exits_2_naming_it(s3_bucket, tmp_path, env, bucket, message):
+    """No credentials, no bucket, no server: `rlhf validate`, `run`, `runs` and `chat` stop before anything starts."""
+    name = s3_bucket if bucket == "present" else "absent-bucket"
+    store = f"s3://{name}/runs"
+    child_env = {k: v for k, v in (os.environ | env).items() if v is not None}
+    demo = str(REPO / "examples" / "demo.yaml")
+    for command in (
+        ("validate", demo, "--store", store),
+        ("run", "--store", store),
+        ("runs", "--store", store),
+        ("chat", f"{store}/artifacts/sft/0123"),
+    ):
+        result = rlhf(*command, timeout=120, env=child_env, input="")
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"store {store}" in result.stderr and message in result.stderr, (command, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_store_under_a_file_exits_2(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    result = rlhf("run", "--store", str(tmp_path / "taken" / "store"), timeout=60)
+    assert result.returncode == 2
+    assert f"store {tmp_path / 'taken' / 'store'}: {tmp_path / 'taken'} is a file" in result.stderr
+
+
+def test_settings_that_would_train_on_another_distribution_or_leave_no_prompt_are_refused(tmp_path):
+    path = tmp_path / "grpo.yaml"
+    path.write_text("rl:\n  algorithm: grpo\n  grpo:\n    generation: {max_new_tokens: 8, top_k: 50}\n")
+    with pytest.raises(InputError, match=r"grpo.yaml:3: rl.grpo: .*generation.top_k: TRL's GRPO and RLOO compute"):
+        load_config(path)
+    with pytest.raises(InputError, match=r"rl.rloo: .*generation.min_new_tokens: TRL's GRPO and RLOO compute"):
+        load_config(None, ["rl.rloo.generation.min_new_tokens=4"])
+    with pytest.raises(InputError, match=r"min_new_tokens must not exceed max_new_tokens"):
+        load_config(None, ["rl.ppo.generation.min_new_tokens=30", "rl.ppo.generation.max_new_tokens=20"])
+    assert load_config(None, ["rl.ppo.generation.min_new_tokens=4"]).rl.ppo.generation.min_new_tokens == 4
+    with pytest.raises(InputError, match=r"rl.ppo.generation.max_new_tokens \(64\) leaves no room for the prompt"):
+        load_config(None, ["rl.ppo.generation.max_new_tokens=64"])
+    assert load_config(None, ["rl.ppo.generation.top_k=50"]).rl.ppo.generation.top_k == 50  # PPO scores top-k
+
+
+@pytest.mark.parametrize("override", ["sft.batch_size=0", "reward.epochs=0", "rl.grpo.learning_rate=-1"])
+def test_a_section_that_changes_a_default_keeps_the_fields_limits(override):
+    with pytest.raises(InputError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])

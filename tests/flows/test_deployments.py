@@ -1,0 +1,242 @@
+"""Stages as flow runs of their own Prefect deployments (`deploy.launcher: deployment`): a real process work
+pool with a real worker against the session's Prefect server, the store on moto's S3 server; and the GPU
+requests of the Docker and Kubernetes pools, rendered offline by the workers' own job configurations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
+from prefect.states import Completed, Crashed, Failed
+
+from rlhf_pipeline.flows.deployments import INFRA, deploy
+from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher, job_variables
+from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW, StageCrashed, StageInputError
+from rlhf_pipeline.flows.pipeline import run_pipeline
+from rlhf_pipeline.stages.core.config import DeployConfig
+from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES
+from rlhf_pipeline.stages.core.store import ArtifactStore
+from tests.conftest import TINY, stop
+
+SHORT = ["sft.max_steps=10", "reward.max_steps=10", "rl.ppo.steps=2", "evaluate.prompts=8"]
+
+
+@pytest.fixture
+def process_pool(prefect_api, tmp_path):
+    """A process work pool with a worker that polls every second; stopped by its PID."""
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_API_URL": prefect_api}
+    command = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    log = (tmp_path / "worker.log").open("w")
+    worker = None
+
+    def start() -> None:
+        nonlocal worker
+        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    yield pool, start
+    if worker is not None:
+        stop(worker)
+    log.close()
+
+
+def _stage_runs(pool: str, stage: str) -> list:
+    """The flow runs of a stage's deployment on this test's pool."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{STAGE_FLOW}/{stage}")
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}),
+            work_pool_filter=WorkPoolFilter(name={"any_": [pool]}),
+        )
+
+
+def test_each_stage_runs_as_a_flow_run_of_its_own_deployment(process_pool, s3_bucket):
+    pool, start_worker = process_pool
+    config = load_config(
+        None,
+        [
+            *TINY,
+            *SHORT,
+            f"run.store=s3://{s3_bucket}/store",
+            f"deploy.work_pool={pool}",
+            "deploy.launcher=deployment",
+            "deploy.schedule=0 2 * * 1",
+        ],
+    )
+    names = deploy(config, "process")
+    assert names == [*(f"rlhf-stage/{stage}" for stage in STAGE_NAMES), "rlhf-scheduled/demo"]
+    with get_client(sync_client=True) as client:
+        scheduled = client.read_deployment_by_name("rlhf-scheduled/demo")
+    assert [schedule.schedule.cron for schedule in scheduled.schedules] == ["0 2 * * 1"]
+    assert scheduled.parameters == {"config_uri": f"s3://{s3_bucket}/store/deployments/demo/config.yaml"}
+    start_worker()
+    summary = run_pipeline(config)
+
+    assert summary["status"] == "completed", summary
+    store = ArtifactStore.from_uri(config.run.store)
+    for stage in STAGE_NAMES:
+        result = summary["stages"][stage]
+        assert result["status"] == "ran" and result["attempts"] == 1
+        assert result["artifact"].startswith(f"s3://{s3_bucket}/store/artifacts/{stage}/")
+        assert store.exists(f"{result['artifact'].removeprefix(store.uri + '/')}/manifest.json")
+    assert summary["stages"]["reward"]["metrics"]["eval_accuracy"] > 0.5
+    runs = {stage: _stage_runs(pool, stage) for stage in STAGE_NAMES}
+    assert all(len(runs[stage]) == 1 for stage in STAGE_NAMES)
+    children = [runs[stage][0] for stage in STAGE_NAMES]
+    assert [run.name for run in children] == list(STAGE_NAMES)
+    assert all(run.state.is_completed() and run.parent_task_run_id is not None for run in children)
+    assert [run.state.message for run in children] == [summary["stages"][stage]["artifact"] for stage in STAGE_NAMES]
+    pids = {run.infrastructure_pid for run in children}
+    assert len(pids) == len(STAGE_NAMES) and None not in pids  # each stage in its own process
+
+
+def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(process_pool, s3_bucket, tmp_path):
+    pool, start_worker = process_pool
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    config = load_config(
+        None,
+        [
+            *TINY,
+            f"run.store=s3://{s3_bucket}/store",
+            f"deploy.work_pool={pool}",
+            "deploy.launcher=deployment",
+            f"data.sft={broken}",
+        ],
+    )
+    deploy(config, "process")
+    start_worker()
+    summary = run_pipeline(config)
+
+    assert summary["status"] == "failed"
+    prepare = summary["stages"]["prepare"]
+    assert prepare["status"] == "failed" and f"{broken}:2" in prepare["error"]
+    children = _stage_runs(pool, "prepare")
+    assert len(children) == 1 and children[0].state.name == "InputError"  # not retried
+
+
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        (Crashed(message="container exited with 137"), StageCrashed),
+        (Failed(message="flow run failed"), StageCrashed),
+        (Failed(name="InputError", message="error: data.jsonl:3: missing field"), StageInputError),
+        (Completed(message="s3://bucket/artifacts/sft/k"), None),
+    ],
+)
+def test_the_child_flow_runs_final_state_decides_retry_or_fail_fast(prefect_api, monkeypatch, tmp_path, state, error):
+    """run_deployment returns whatever the child's end: crashes and failures are retried, input errors not."""
+    from rlhf_pipeline.flows.deployments import ensure_work_pool
+    from rlhf_pipeline.flows.launchers import deployment
+
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    ensure_work_pool(pool, "process")
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(load_config(None, [f"deploy.work_pool={pool}"])))
+    calls = []
+
+    def run_deployment(name, parameters, job_variables, timeout):
+        calls.append((name, parameters))
+        return SimpleNamespace(name="sft-run", state=state)
+
+    monkeypatch.setattr(deployment, "run_deployment", run_deployment)
+    launch = partial(DeploymentLauncher().launch, "sft", str(config), logging.getLogger("test"))
+    if error is None:
+        launch()
+    else:
+        with pytest.raises(error, match=state.message):
+            launch()
+    assert calls == [("rlhf-stage/sft", {"stage": "sft", "config_uri": str(config)})]
+
+
+def test_a_stage_flow_run_no_worker_starts_times_out_naming_the_pool(prefect_api, tmp_path):
+    """A deployment on a pool without a worker: cancelled after deploy.start_timeout_seconds, not waited on for
+    ever, and the message says which pool needs a worker."""
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    config = load_config(None, [f"deploy.work_pool={pool}", "deploy.start_timeout_seconds=3"])
+    deploy(config, "process")
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    started = time.monotonic()
+    with pytest.raises(StageCrashed, match=f"no worker of work pool '{pool}' started its flow run .* within 3 s"):
+        DeploymentLauncher().launch("sft", str(path), logging.getLogger("test"))
+    assert time.monotonic() - started < 30
+    (run,) = _stage_runs(pool, "sft")
+    assert run.state.is_cancelled()
+
+
+def test_docker_pool_gets_gpu_device_requests_and_shared_memory():
+    deploy = DeployConfig.model_validate({"image_tag": "0.1", "stages": {"sft": {"gpus": 2, "shm_size": "16g"}}})
+    assert job_variables("docker", "sft", deploy) == {
+        "image": "rlhf-sft:0.1",
+        "container_create_kwargs": {"device_requests": [{"count": 2, "capabilities": [["gpu"]]}], "shm_size": "16g"},
+    }
+    assert job_variables("docker", "prepare", deploy) == {"image": "rlhf-prepare:0.1", "container_create_kwargs": {}}
+    assert job_variables("process", "sft", deploy) == {}
+
+
+def test_docker_pool_passes_s3_keys_as_secret_blocks_not_values(prefect_api, s3_endpoint):
+    from prefect.blocks.system import Secret
+
+    from rlhf_pipeline.flows.deployments import base_job_template
+
+    template = base_job_template("docker")
+    env = template["variables"]["properties"]["env"]["default"]
+    assert env["AWS_ENDPOINT_URL"] == s3_endpoint
+    assert env["AWS_SECRET_ACCESS_KEY"] == "{{ prefect.blocks.secret.rlhf-s3-secret-access-key }}"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(template)
+    assert Secret.load("rlhf-s3-secret-access-key").get() == os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert template["variables"]["properties"]["network_mode"]["default"] == "host"
+
+
+def test_kubernetes_job_template_renders_gpu_limits_node_selector_and_tolerations(prefect_api):
+    """Rendered by prefect-kubernetes from this project's base job template, as its worker does, no cluster."""
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((INFRA / "kubernetes" / "base-job-template.json").read_text())
+    deploy = DeployConfig.model_validate(
+        {"stages": {"rl": {"gpus": 8, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}}}
+    )
+
+    def render(stage: str) -> dict:
+        values = job_variables("kubernetes", stage, deploy)
+        configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
+        return configuration.job_manifest["spec"]["template"]["spec"]
+
+    rl, prepare = render("rl"), render("prepare")
+    container = rl["containers"][0]
+    assert container["image"] == "rlhf-rl:latest"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert rl["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in rl["tolerations"]
+    assert container["envFrom"] == [{"secretRef": {"name": "rlhf-s3"}}]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    # The work directory (inputs, checkpoints, the artifact before upload) has disk of its own, bounded.
+    assert container["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    assert {"name": "work", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "work", "emptyDir": {"sizeLimit": "50Gi"}} in rl["volumes"]
+    assert prepare["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 0
+    assert prepare["containers"][0]["image"] == "rlhf-prepare:latest"
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "error", str(INFRA.parent / "docker" / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

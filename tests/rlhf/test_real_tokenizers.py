@@ -1,0 +1,426 @@
+"""Every RL and scoring code path on real tokenizers (from `make assets`), each under a small random Llama:
+
+- `gpt2`: GPT-2's byte-level BPE, no chat template of its own (the default one: `<eos>\\n` after each turn) and
+  no pad token (pad == eos);
+- `smollm2`: SmolLM2's ChatML from the GGUF file: pad == eos == `<|im_end|>`, and the template writes `\\n` after it;
+- `chatml-eos`: the same ChatML whose eos is `<|endoftext|>`, not the end of turn `<|im_end|>` (Qwen's base models).
+
+The built-in word-level tokenizer has none of these traits, so the bugs they cause only show here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+from rlhf_pipeline.stages.core.config import GenerationConfig
+from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.planner import plan_stage
+from rlhf_pipeline.stages.core.store import LocalStore
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fit_prompt, prompt_ids
+from rlhf_pipeline.stages.modeling.lengths import answerable, whole_pairs
+from rlhf_pipeline.stages.modeling.loading import (
+    load_policy,
+    load_scorer,
+    load_tokenizer,
+    unwrap_adapter,
+    weights_dtype,
+)
+from rlhf_pipeline.stages.rlhf import rejection_sampling
+from rlhf_pipeline.stages.rlhf.ppo import PhaseTimer, PPOTrainer
+from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
+from rlhf_pipeline.stages.rlhf.rollout import Rollout, own_generation_config, response_logprobs, sample, sampling_config
+from rlhf_pipeline.stages.rlhf.scoring import conversation_scores, response_scores, rollout_scores
+from rlhf_pipeline.stages.runner import run_stage, stage_context
+from tests.conftest import REPO, TINY, forced_token
+
+ASSETS = REPO / ".assets"
+GGUF = ASSETS / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZERS = ("gpt2", "smollm2", "chatml-eos")
+CPU = torch.device("cpu")
+
+PROMPTS = [
+    [{"role": "user", "content": "Describe the river at night."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What do you think of coffee?"}],
+]
+ANSWERS = ["It is calm and dark, with the town's lights on the water.", "Bright!"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    assert GGUF.exists(), "run `make assets` first"
+    root = tmp_path_factory.mktemp("tokenizers")
+    GPT2TokenizerFast.from_pretrained(ASSETS / "gpt2-tokenizer").save_pretrained(root / "gpt2")
+    chatml = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    chatml.save_pretrained(root / "smollm2")
+    chatml.eos_token = chatml.pad_token = "<|endoftext|>"
+    chatml.save_pretrained(root / "chatml-eos")
+    return {name: root / name for name in TOKENIZERS}
+
+
+def random_llama(tokenizer_dir: Path, out: Path, scorer: bool = False, attention_dropout: float = 0.0) -> str:
+    """A two-layer, 32-wide Llama over the tokenizer's vocabulary, saved with the tokenizer as it came."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_dropout=attention_dropout,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    (LlamaForSequenceClassification if scorer else LlamaForCausalLM)(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return str(out)
+
+
+def rollout_of(tokenizer, prompts: list, answers: list[str], finished: list[bool]) -> Rollout:
+    """A rollout as `sample` makes it, from known answers: each ended by the first end-of-turn id, or not."""
+    end = end_of_turn_ids(tokenizer)[0]
+    responses = [
+        tokenizer(a, add_special_tokens=False)["input_ids"] + ([end] if f else [])
+        for a, f in zip(answers, finished, strict=True)
+    ]
+    width = max(map(len, responses))
+    prompt = tokenizer.pad(
+        {"input_ids": [fit_prompt(tokenizer, p, None) for p in prompts]}, padding_side="left", return_tensors="pt"
+    )
+    response_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in responses])
+    response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses])
+    return Rollout(
+        list(prompts),
+        prompt["input_ids"],
+        prompt["attention_mask"],
+        response_ids,
+        response_mask,
+        torch.tensor(finished),
+        tuple(end_of_turn_ids(tokenizer)),
+    )
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_rollouts_score_is_its_conversations_score_through_the_template(name, tokenizer_dirs, tmp_path):
+    """The one reward readout: PPO and rejection sampling score a sampled rollout exactly as the reward model
+    was trained and evaluated, on the conversation rendered through the chat template (within 1e-5)."""
+    source = random_llama(tokenizer_dirs[name], tmp_path / "rm", scorer=True)
+    tokenizer = load_tokenizer(source)
+    reward_model = load_scorer(source, CPU, tokenizer.pad_token_id).eval()
+    prompts, answers = [*PROMPTS, PROMPTS[0]], [*ANSWERS, ANSWERS[0]]
+    rollout = rollout_of(tokenizer, prompts, answers, finished=[True, True, False])
+    scores = rollout_scores(reward_model, tokenizer, rollout).tolist()
+    for i in (0, 1):  # each alone, unpadded: what the reward model trained on
+        conversation = prompts[i] + [{"role": "assistant", "content": answers[i]}]
+        assert scores[i] == pytest.approx(conversation_scores(reward_model, tokenizer, [conversation])[0], abs=1e-5)
+    # An answer cut at max_new_tokens is scored without the template's turn ending: the model can tell it apart.
+    text = tokenizer.apply_chat_template(prompts[2], tokenize=False, add_generation_prompt=True) + answers[2]
+    batch = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert scores[2] == pytest.approx(reward_model(**batch).logits[0, 0].item(), abs=1e-5)
+    assert abs(scores[2] - scores[0]) > 1e-4
+    # What RL used to score, the rollout's own tokens, reads another token than training did on every one of
+    # these tokenizers (the end token as padding, or the end token instead of the template's trailing newline).
+    with torch.no_grad():
+        raw = reward_model(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
+        )
+    assert abs(raw.logits[0, 0].item() - scores[0]) > 1e-4
+
+
+def test_end_of_turn_ids_come_from_the_template_eos_and_the_models_generation_config(tokenizer_dirs, tmp_path):
+    gpt2, smollm2, chatml = (load_tokenizer(str(tokenizer_dirs[n])) for n in TOKENIZERS)
+    assert end_of_turn_ids(gpt2) == [gpt2.eos_token_id] == [50256]
+    assert end_of_turn_ids(smollm2) == [smollm2.convert_tokens_to_ids("<|im_end|>")] == [2]
+    assert end_of_turn_ids(chatml) == [2, chatml.eos_token_id] == [2, 0]
+    policy = load_policy(random_llama(tokenizer_dirs["chatml-eos"], tmp_path / "p"), CPU)
+    policy.generation_config.eos_token_id = [0, 7]
+    assert end_of_turn_ids(chatml, policy) == [2, 0, 7]
+
+
+def test_generation_stops_at_the_end_of_turn_when_it_is_not_eos(tokenizer_dirs, tmp_path):
+    """A Qwen-style base (eos `<|endoftext|>`, turns end with `<|im_end|>`): answers stop at the end of turn."""
+    source = random_llama(tokenizer_dirs["chatml-eos"], tmp_path / "p")
+    policy, tokenizer = load_policy(source, CPU).eval(), load_tokenizer(source)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    with forced_token(policy, im_end, step=3):
+        rollout = sample(policy, tokenizer, PROMPTS * 3, GenerationConfig(max_new_tokens=10))
+    assert rollout.finished.all() and rollout.response_mask.sum(dim=1).tolist() == [4] * 6
+    assert (rollout.response_ids[:, 3] == im_end).all()
+    assert (rollout.response_ids[:, 4:] == tokenizer.pad_token_id).all()
+
+
+def test_sampling_ignores_the_models_own_generation_config(tokenizer_dirs, tmp_path):
+    """A base model's generation_config.json (repetition penalty, top-k, ...) never changes what is sampled."""
+    source = random_llama(tokenizer_dirs["smollm2"], tmp_path / "p")
+    tokenizer = load_tokenizer(source)
+    plain, tuned = load_policy(source, CPU).eval(), load_policy(source, CPU).eval()
+    tuned.generation_config.update(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1, min_new_tokens=10)
+    config = GenerationConfig(max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(0)
+    expected = sample(plain, tokenizer, PROMPTS * 4, config).response_ids
+    torch.manual_seed(0)
+    assert torch.equal(sample(tuned, tokenizer, PROMPTS * 4, config).response_ids, expected)
+    assert tuned.generation_config.repetition_penalty == 50.0  # the model keeps its own config
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_sampled_tokens_are_scored_by_the_distribution_transformers_sampled_from(name, tokenizer_dirs, tmp_path):
+    """sampled = scored, checked against transformers itself: the log-probability PPO computes for each
+    sampled token equals the one of the scores transformers sampled it from (after its minimum length,
+    temperature and top-k processing), for a model that would end its turn at once."""
+    source = random_llama(tokenizer_dirs[name], tmp_path / "p")
+    policy, tokenizer = load_policy(source, CPU).eval(), load_tokenizer(source)
+    end = end_of_turn_ids(tokenizer, policy)[0]
+    free = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20)
+    config = GenerationConfig(max_new_tokens=8, min_new_tokens=5, temperature=0.7, top_k=20)
+    with forced_token(policy, end, step=None, bias=8.0):  # the model would end its turn at once
+        assert sample(policy, tokenizer, PROMPTS * 2, free).response_mask.sum(dim=1).tolist() == [1] * 4
+        torch.manual_seed(0)
+        rollout = sample(policy, tokenizer, PROMPTS * 2, config)
+        with own_generation_config(policy):
+            torch.manual_seed(0)
+            output = policy.generate(
+                input_ids=rollout.prompt_ids,
+                attention_mask=rollout.prompt_mask,
+                generation_config=sampling_config(tokenizer, config, list(rollout.end_ids), 8),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        with torch.no_grad():
+            scored = response_logprobs(policy, rollout, config)[0]
+    assert rollout.response_mask.sum(dim=1).tolist() == [6] * 4  # the end of turn as soon as it is allowed
+    mask = rollout.response_mask.bool()
+    assert torch.equal(output.sequences[:, rollout.prompt_ids.shape[1] :][mask], rollout.response_ids[mask])
+    sampled_from = torch.stack(output.scores, dim=1).log_softmax(-1)
+    expected = sampled_from.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    assert scored[mask] == pytest.approx(expected[mask], abs=1e-4)
+
+
+def test_prompts_are_limited_to_leave_room_for_the_answer(tokenizer_dirs):
+    tokenizer = load_tokenizer(str(tokenizer_dirs["gpt2"]))
+    long_ago = [{"role": "user", "content": "old question " * 20}, {"role": "assistant", "content": "old answer " * 20}]
+    conversation = [{"role": "system", "content": "Be brief."}, *long_ago * 3, {"role": "user", "content": "And now?"}]
+    ids = fit_prompt(tokenizer, conversation, 40)
+    assert len(ids) <= 40
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(
+        [conversation[0], conversation[-1]], tokenize=False, add_generation_prompt=True
+    )
+    alone = fit_prompt(tokenizer, [{"role": "user", "content": "word " * 100}], 30)
+    assert len(alone) == 30 and tokenizer.decode(alone).endswith("<|endoftext|>\n<|assistant|>\n")
+
+
+def test_rows_whose_answer_cannot_fit_are_left_out_and_counted(tokenizer_dirs):
+    tokenizer = load_tokenizer(str(tokenizer_dirs["gpt2"]))
+    short = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+    long = {"messages": [{"role": "user", "content": "very " * 80}, {"role": "assistant", "content": "Ok."}]}
+    assert answerable([short, long, short], tokenizer, 64, "sft") == ([short, short], 1)
+    pair = {
+        "prompt": short["messages"][:1],
+        "chosen": short["messages"][1:],
+        "rejected": [{"role": "assistant", "content": "No " * 80}],
+    }
+    assert whole_pairs([pair], tokenizer, 64) == ([], 1)
+    assert answerable([pair], tokenizer, 64, "pairs") == ([pair], 0)  # DPO: the answers are cut, not lost
+
+
+def test_trained_weights_are_fp32_and_frozen_ones_the_compute_dtype(monkeypatch, tokenizer_dirs, tmp_path):
+    """Mixed precision as the HF Trainer's bf16=True does it: on a bf16 card (simulated) trained models keep
+    fp32 master weights, frozen ones are bf16; on CPU everything is fp32."""
+    source = random_llama(tokenizer_dirs["gpt2"], tmp_path / "p")
+    assert load_policy(source, CPU, train=True).dtype == load_policy(source, CPU).dtype == torch.float32
+    monkeypatch.setattr("rlhf_pipeline.stages.modeling.loading.compute_dtype", lambda device: torch.bfloat16)
+    assert weights_dtype(torch.device("cuda"), train=True) == torch.float32
+    assert load_policy(source, CPU, train=True).dtype == torch.float32
+    assert load_policy(source, CPU).dtype == torch.bfloat16
+
+
+REAL_TINY = [
+    *TINY,
+    "model.max_length=48",
+    "data.demo.sft_rows=120",
+    "data.demo.preference_rows=120",
+    "data.demo.prompt_rows=60",
+    "sft.max_steps=8",
+    "sft.batch_size=8",
+    "reward.max_steps=8",
+    "reward.batch_size=8",
+    "rl.ppo.steps=2",
+    "rl.ppo.batch_size=8",
+    "rl.ppo.mini_batch_size=4",
+    "rl.ppo.ppo_epochs=2",
+    "rl.ppo.generation.max_new_tokens=8",
+    "rl.ppo.generation.top_k=20",
+    "rl.rejection_sampling.rounds=1",
+    "rl.rejection_sampling.prompts_per_round=8",
+    "rl.rejection_sampling.samples_per_prompt=3",
+    "rl.rejection_sampling.generation.max_new_tokens=8",
+    "rl.rejection_sampling.training.max_steps=2",
+    "evaluate.prompts=8",
+    "evaluate.generation.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tokenizer_dirs, tmp_path_factory) -> dict[str, tuple[LocalStore, list[str]]]:
+    """prepare, sft and reward once per tokenizer, on a random Llama whose attention has dropout configured."""
+    made = {}
+    for name in TOKENIZERS:
+        root = tmp_path_factory.mktemp(name)
+        base = random_llama(tokenizer_dirs[name], root / "base", attention_dropout=0.1)
+        store = LocalStore(root / "store")
+        overrides = [*REAL_TINY, f"model.base={base}", f"run.store={store.uri}"]
+        config = load_config(None, overrides)
+        for stage in ("prepare", "sft", "reward"):
+            run_stage(stage, config, store)
+        made[name] = (store, overrides)
+    return made
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+@pytest.mark.parametrize("lora", [None, '{"r": 4, "dropout": 0.1}'])
+def test_first_ppo_update_sees_the_sampling_policy_ratio_one_and_kl_zero(name, lora, pipelines, tmp_path):
+    """Old log-probabilities come from the rollout (eval mode), the update's from train mode: with dropout in
+    the model's attention and in LoRA, only disabled dropout makes the first mini-batch's ratio exactly 1.
+    Sampled with top-k, scored with the same top-k. The value model trains in train mode."""
+    store, overrides = pipelines[name]
+    config = load_config(None, overrides + ([f"rl.ppo.lora={lora}"] if lora else []))
+    ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
+    trainer = PPOTrainer(ctx, config.rl.ppo)
+    timer = PhaseTimer(CPU)
+    modes = []
+    value_head = unwrap_adapter(trainer.value_model).score
+    value_head.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    rollout, batch, stats = trainer.rollout(0, timer)
+    updates = trainer.optimize(rollout, batch, timer)
+    assert updates["first_ratio_error"] <= 1e-6 and abs(updates["first_approx_kl"]) <= 1e-7
+    assert abs(stats["kl"]) <= 1e-6  # the policy is still the reference (top-k restricted alike): KL 0
+    assert updates["approx_kl"] > 0  # later mini-batches see a moved policy
+    assert modes[0] is False and all(modes[1:])  # value estimates in eval mode, updates in train mode
+    assert all(seconds > 0 for seconds in timer.seconds().values())
+    assert rollout.input_ids.shape[1] <= config.model.max_length
+    assert {p.dtype for p in trainer.trainable_parameters()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.float32}
+
+
+def test_minimum_length_keeps_the_first_rollouts_kl_zero_over_the_full_softmax(pipelines, tmp_path):
+    """With no top k, only the reference scored without early ends as well makes the KL of the first rollout
+    0: the policy's distribution there has no end of turn, a reference's that kept one would differ."""
+    store, overrides = pipelines["gpt2"]  # pad == eos: pads after the end must not turn into -inf
+    settings = ["rl.ppo.generation.top_k=0", "rl.ppo.generation.min_new_tokens=6"]
+    config = load_config(None, overrides + settings)
+    ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
+    trainer = PPOTrainer(ctx, config.rl.ppo)
+    timer = PhaseTimer(CPU)
+    rollout, batch, stats = trainer.rollout(0, timer)
+    assert (rollout.response_mask.sum(dim=1) >= 6).all()
+    assert abs(stats["kl"]) <= 1e-6 and torch.isfinite(batch["advantages"]).all()
+    updates = trainer.optimize(rollout, batch, timer)
+    assert updates["first_ratio_error"] <= 1e-6 and updates["policy_loss"] == updates["policy_loss"]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_ppo_rejection_sampling_and_evaluate_run_end_to_end(name, pipelines):
+    store, overrides = pipelines[name]
+    for algorithm in ("ppo", "rejection_sampling"):
+        config = load_config(None, [*overrides, f"rl.algorithm={algorithm}"])
+        rl = run_stage("rl", config, store)[0].metrics
+        report = run_stage("evaluate", config, store)[0].metrics
+        if algorithm == "ppo":
+            phases = ("generation", "scoring", "reference_values", "optimization")
+            assert all(rl[f"{phase}_seconds"] > 0 for phase in phases)
+            assert rl["first_ratio_error"] <= 1e-6
+        assert set(report["finished_fraction"]) == {"base", "sft", "rl"}
+        assert report["kl_rl_sft"] == report["kl_rl_sft"]  # not NaN
+    sft = run_stage("sft", config, store)[0].metrics  # cached: its manifest
+    assert sft["rows_too_long"] == {"train": 0, "eval": 0}
+
+
+@pytest.mark.parametrize("name", ("gpt2", "chatml-eos"))
+def test_best_of_n_keeps_the_highest_scored_answer(name, pipelines, tmp_path):
+    """Each kept answer, scored again through the one scoring path, has the best score of its prompt's N."""
+    store, overrides = pipelines[name]
+    config = load_config(None, [*overrides, "rl.algorithm=rejection_sampling"])
+    ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
+    prompts = [json.loads(line)["prompt"] for line in (ctx.inputs["prepare"] / "prompt_train.jsonl").open()][:6]
+    torch.manual_seed(0)
+    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, config.rl.rejection_sampling, seed=0)
+    tokenizer = load_tokenizer(str(ctx.inputs["reward"]))
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), CPU, tokenizer.pad_token_id)
+    rescored = response_scores(reward_model, tokenizer, prompts, [a.response for a in kept], [a.finished for a in kept])
+    assert rescored == pytest.approx([a.score for a in kept], abs=1e-5)
+    assert stats["best_score"] > stats["score"]
+
+
+def test_gradient_checkpointing_recomputes_the_value_model_too(pipelines, tmp_path):
+    """The value model used to stay in eval mode, where activation checkpointing does nothing: now each of its
+    layers runs twice per update (forward, and again in the backward pass)."""
+    store, overrides = pipelines["gpt2"]
+    calls = {}
+    for checkpointing in (False, True):
+        config = load_config(None, [*overrides, f"rl.ppo.gradient_checkpointing={str(checkpointing).lower()}"])
+        ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path / str(checkpointing))
+        trainer = PPOTrainer(ctx, config.rl.ppo)
+        timer = PhaseTimer(CPU)
+        rollout, batch, _ = trainer.rollout(0, timer)
+        # Inside the layer's forward (the checkpointed part), so the hook sees the recomputation too.
+        mlp = unwrap_adapter(trainer.value_model).model.layers[0].mlp
+        calls[checkpointing] = 0
+
+        def counted(module, args, checkpointing=checkpointing):
+            calls[checkpointing] += 1
+
+        mlp.register_forward_pre_hook(counted)
+        trainer.optimize(rollout, batch, timer)
+    updates = config.rl.ppo.ppo_epochs * config.rl.ppo.batch_size // config.rl.ppo.mini_batch_size
+    assert calls == {False: updates, True: 2 * updates}
+
+
+def test_grpo_stops_and_scores_at_the_end_of_turn_through_trl(pipelines, monkeypatch, tmp_path):
+    """TRL's GRPOTrainer gets every end-of-turn id (through the model's generation config) and hands the reward
+    function the completion ids, from which it tells finished answers from cut ones."""
+    from rlhf_pipeline.stages.rlhf import grpo_rloo
+
+    store, overrides = pipelines["chatml-eos"]
+    seen = []
+    scores = grpo_rloo.response_scores
+    monkeypatch.setattr(grpo_rloo, "response_scores", lambda *a: seen.append(a[-1]) or scores(*a))
+    settings = ["rl.grpo.max_steps=2", "rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
+    config = load_config(None, [*overrides, *settings, "rl.grpo.generation.max_new_tokens=8", "rl.algorithm=grpo"])
+    rl = run_stage("rl", config, store)[0].metrics
+    # SmolLM2's template adds its own system message: a few single-turn prompts do not fit 48 - 8 tokens.
+    ctx_inputs = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path).inputs
+    tokenizer = load_tokenizer(str(ctx_inputs["sft"]))
+    rows = [json.loads(line)["prompt"] for line in (ctx_inputs["prepare"] / "prompt_train.jsonl").open()]
+    too_long = sum(len(prompt_ids(tokenizer, prompt)) > 40 for prompt in rows)
+    assert rl["steps"] == 2 and rl["prompts_too_long"] == too_long > 0
+    assert len(seen) == 2 and all(len(flags) == 8 for flags in seen)
+
+
+def test_a_saved_tokenizer_does_not_depend_on_hub_access(tokenizer_dirs, tmp_path, monkeypatch):
+    """transformers writes whether the Hub was reachable (HF_HUB_OFFLINE) into tokenizer_config.json: the same
+    training run on a machine with network and one without would publish different bytes, and every cache key
+    downstream of them would differ."""
+    saved = []
+    for offline in (False, True):
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+        load_tokenizer(str(tokenizer_dirs["smollm2"])).save_pretrained(tmp_path / str(offline))
+        saved.append((tmp_path / str(offline) / "tokenizer_config.json").read_bytes())
+    assert saved[0] == saved[1] and b"local_files_only" not in saved[0]
