@@ -36,6 +36,9 @@ NEVER_PUBLISHED = {"training_args.bin"}
 # What a stage records about its run (tracker event files of `run.report_to`, its metrics history and curves):
 # they hold when and where it ran, so the content digest leaves them out.
 LOGS_DIR = "logs"
+# A model artifact's card (README.md, modeling/model_card.py) describes the run that made it, whose metrics a
+# resumed run reports from its own history: documentation, left out of the digest too.
+MODEL_CARD = "README.md"
 
 
 class FileEntry(BaseModel):
@@ -67,8 +70,8 @@ class Manifest(BaseModel):
     @property
     def digest(self) -> str:
         """The content digest downstream stages key on: the files, nothing about when or where (so not the
-        tracker logs, whose event files carry wall times and host names)."""
-        files = [f.model_dump() for f in self.files if not f.path.startswith(f"{LOGS_DIR}/")]
+        tracker logs, whose event files carry wall times and host names, nor the model card)."""
+        files = [f.model_dump() for f in self.files if not f.path.startswith(f"{LOGS_DIR}/") and f.path != MODEL_CARD]
         listing = json.dumps(files, sort_keys=True)
         return hashlib.sha256(listing.encode()).hexdigest()
 

@@ -2,8 +2,9 @@
 uploads to a model hub as it is and a reader knows what it is: the base model, the datasets and their licences,
 the stage's config, its metrics, and its lineage (the digest of every input artifact).
 
-Only what the run decided goes in; wall-clock figures (seconds, throughput) stay in the manifest, so the card,
-like the weights, is the same file whenever the same config and inputs are trained again.
+Wall-clock figures (seconds, throughput) stay in the manifest. Like the manifest, the card records the run: a
+resumed run reports some metrics from its own history, so the card is left out of the artifact's digest
+(`MODEL_CARD`), and downstream keys depend on the weights alone.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 
 import yaml
 
+from rlhf_pipeline.stages.core.artifacts import MODEL_CARD
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.planner import StagePlan, key_sections
 from rlhf_pipeline.stages.core.registry import STAGES
 from rlhf_pipeline.stages.modeling.lora import ADAPTER_CONFIG
 
-CARD_FILE = "README.md"
 WALL_CLOCK = ("seconds", "runtime", "per_second")
 
 
@@ -88,4 +89,4 @@ def render_card(config: PipelineConfig, plan: StagePlan, out_dir: Path, metrics:
 def write_model_card(config: PipelineConfig, plan: StagePlan, out_dir: Path, metrics: dict[str, Any]) -> None:
     """Write the card into the artifact of a stage that publishes a model; other stages' get none."""
     if STAGES[plan.stage].model is not None:
-        (out_dir / CARD_FILE).write_text(render_card(config, plan, out_dir, metrics))
+        (out_dir / MODEL_CARD).write_text(render_card(config, plan, out_dir, metrics))
