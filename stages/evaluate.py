@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from rlhf_pipeline.stages.core.plots import REWARDS_FILE, save_distributions
+from rlhf_pipeline.stages.core.artifacts import REWARDS_FILE
+from rlhf_pipeline.stages.core.plots import save_distributions
 from rlhf_pipeline.stages.data import demo_task
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base

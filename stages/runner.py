@@ -14,21 +14,26 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlhf_pipeline.stages.core.artifacts import LOGS_DIR, InputRef, Manifest, fetch_dir, publish_dir, read_manifest
+from rlhf_pipeline.stages.core.artifacts import (
+    CURVES_FILE,
+    LOGS_DIR,
+    InputRef,
+    Manifest,
+    publish_dir,
+    read_manifest,
+)
 from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.planner import StagePlan, key_sections, plan_stage
+from rlhf_pipeline.stages.core.plots import save_curves
 from rlhf_pipeline.stages.core.progress import METRICS_HISTORY, process_alive
 from rlhf_pipeline.stages.core.registry import STAGES
 from rlhf_pipeline.stages.core.store import ArtifactStore
-from rlhf_pipeline.stages.modeling.lora import link_adapter_bases
+from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
 from rlhf_pipeline.stages.modeling.model_card import write_model_card
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("rlhf.stage")
 
@@ -50,8 +55,6 @@ def save_metrics_history(stage: str, out_dir: Path) -> None:
     """The metrics the stage reported while training, as rows and as curves, kept in its artifact."""
     if not METRICS_HISTORY:
         return
-    from rlhf_pipeline.stages.core.plots import CURVES_FILE, save_curves
-
     (out_dir / LOGS_DIR).mkdir(exist_ok=True)
     with (out_dir / LOGS_DIR / "metrics-history.jsonl").open("w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in METRICS_HISTORY)
@@ -82,11 +85,11 @@ def stage_context(
     stage: str, config: PipelineConfig, store: ArtifactStore, plan: StagePlan, work_dir: Path
 ) -> StageContext:
     """The stage's inputs downloaded (and verified) into `work_dir`, kept adapters pointed at their bases."""
-    inputs = {}
-    for name, (prefix, _) in plan.inputs.items():
-        inputs[name] = work_dir / "inputs" / name
-        fetch_dir(store, prefix, inputs[name])
-    link_adapter_bases(inputs, lambda: base_model_dir(config, work_dir))
+    inputs = fetch_artifacts(
+        {name: (store, prefix) for name, (prefix, _) in plan.inputs.items()},
+        work_dir / "inputs",
+        lambda: base_model_dir(config, work_dir),
+    )
     ctx = StageContext(
         stage=stage,
         config=config,

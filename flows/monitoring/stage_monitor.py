@@ -28,8 +28,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 
 from rlhf_pipeline.flows.monitoring.run_view import stage_progress
-from rlhf_pipeline.stages.core.artifacts import Manifest, read_verified
-from rlhf_pipeline.stages.core.plots import CURVES_FILE
+from rlhf_pipeline.stages.core.artifacts import CURVES_FILE, PLOTS_DIR, Manifest, read_verified
 from rlhf_pipeline.stages.core.progress import PREFIX
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
@@ -109,7 +108,7 @@ class StageMonitor:
             )
 
 
-IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\((plots/[\w.-]+\.png)\)")
+IMAGE_LINK = re.compile(rf"!\[([^\]]*)\]\(({PLOTS_DIR}/[\w.-]+\.png)\)")
 
 
 def publish_report(store: ArtifactStore, prefix: str) -> None:

@@ -36,9 +36,19 @@ NEVER_PUBLISHED = {"training_args.bin"}
 # What a stage records about its run (tracker event files of `run.report_to`, its metrics history and curves):
 # they hold when and where it ran, so the content digest leaves them out.
 LOGS_DIR = "logs"
+# A training stage's metric curves plot wall-clock figures (tokens/s, runtimes): a record of the run.
+CURVES_FILE = f"{LOGS_DIR}/curves.png"
+# Figures drawn from an artifact's own numbers (core/plots.py): they add nothing the digest does not cover.
+PLOTS_DIR = "plots"
+REWARDS_FILE = f"{PLOTS_DIR}/rewards.png"
 # A model artifact's card (README.md, modeling/model_card.py) describes the run that made it, whose metrics a
 # resumed run reports from its own history: documentation, left out of the digest too.
 MODEL_CARD = "README.md"
+
+
+def in_digest(path: str) -> bool:
+    """Whether an artifact's file is content that downstream stages key on (not logs, figures or the card)."""
+    return path != MODEL_CARD and path.partition("/")[0] not in (LOGS_DIR, PLOTS_DIR)
 
 
 class FileEntry(BaseModel):
@@ -70,8 +80,8 @@ class Manifest(BaseModel):
     @property
     def digest(self) -> str:
         """The content digest downstream stages key on: the files, nothing about when or where (so not the
-        tracker logs, whose event files carry wall times and host names, nor the model card)."""
-        files = [f.model_dump() for f in self.files if not f.path.startswith(f"{LOGS_DIR}/") and f.path != MODEL_CARD]
+        tracker logs, whose event files carry wall times and host names), nor the figures and the model card."""
+        files = [f.model_dump() for f in self.files if in_digest(f.path)]
         listing = json.dumps(files, sort_keys=True)
         return hashlib.sha256(listing.encode()).hexdigest()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from rlhf_pipeline.stages.core.registry import PACKAGE
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder of PACKAGE
+OUTSIDE_DIGEST = frozenset({f"{PACKAGE}.core.plots", f"{PACKAGE}.modeling.model_card"})
 
 
 def module_file(module: str) -> Path | None:
@@ -60,7 +61,7 @@ def import_closure(modules: Iterable[str]) -> set[str]:
     pending = [name for module in modules for name in with_packages(module)]
     while pending:
         module = pending.pop()
-        if module in seen:
+        if module in seen or module in OUTSIDE_DIGEST:
             continue
         seen.add(module)
         for imported in imported_modules(module):

@@ -1,8 +1,9 @@
 """PNG plots a person looks at instead of reading tables: a training stage's metric curves and the evaluation's
-reward distributions. Saved into the stage's artifact; the orchestrator shows them in the Prefect UI.
+reward distributions. Saved into the stage's artifact (where: `core.artifacts`, outside its digest); the
+orchestrator shows them in the Prefect UI.
 
 Drawn on matplotlib's `Figure` directly (no pyplot): no global state, no display needed. matplotlib is imported
-only to draw, so that the orchestrator can read the file names here without it.
+only to draw: a stage with nothing to plot never loads it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf_pipeline.stages.core.artifacts import LOGS_DIR
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# A training stage's curves plot wall-clock figures (tokens/s, runtimes): a record of the run, kept with its logs.
-CURVES_FILE = f"{LOGS_DIR}/curves.png"
-REWARDS_FILE = "plots/rewards.png"
 PANEL_COLUMNS = 3
 # Run-level summaries the Trainer logs once at the end, and bookkeeping that is not a training signal.
 NOT_CURVES = {"epoch", "step", "total_flos", "num_tokens"}

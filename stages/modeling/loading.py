@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -117,9 +118,12 @@ def save_from_gguf(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str, padding_side: Literal["left", "right"] | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token and a chat template; `padding_side` for a consumer that pads
+    through the tokenizer's own setting (the Trainer's collators), the model's choice otherwise."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        options = {"padding_side": padding_side} if padding_side else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
     except OSError as exc:
         raise InputError(f"model.base: cannot load a tokenizer from {source!r} ({exc})") from None
     # transformers records whether this process could reach the Hub (HF_HUB_OFFLINE): saved with the tokenizer,
@@ -171,10 +175,16 @@ def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:
 
 def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """The adapter merged into its base. A policy's (causal LM) adapter also loads into a scorer built from
-    that policy, where it adapts the same transformer layers and the score head stays as the scorer has it."""
+    that policy, where it adapts the same transformer layers and the score head stays as the scorer has it.
+    peft freezes the base it loads an adapter into; the merged model is left trainable where the base was
+    (a stage that fully fine-tunes a kept adapter's model trains every weight)."""
     from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(adapter_dir)
     if config.task_type != task_type:
         config.task_type = None
-    return PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()
+    trainable = {name for name, parameter in base.named_parameters() if parameter.requires_grad}
+    merged = PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()
+    for name, parameter in merged.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    return merged

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from rlhf_pipeline.stages.core.artifacts import fetch_dir
 from rlhf_pipeline.stages.core.config import LoraConfig
 from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.core.store import ArtifactStore
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +105,18 @@ def adapter_base_of(model_dir: str | Path) -> str | None:
     if not config.exists():
         return None
     return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def fetch_artifacts(
+    sources: dict[str, tuple[ArtifactStore, str]], into: Path, materialize_base: Callable[[], str]
+) -> dict[str, Path]:
+    """Artifacts (by stage: their store and prefix) downloaded and verified into `into/<stage>`, each kept
+    adapter among them pointed at its base: the upstream artifact fetched beside it, or `materialize_base()`."""
+    fetched = {stage: into / stage for stage in sources}
+    for stage, (store, prefix) in sources.items():
+        fetch_dir(store, prefix, fetched[stage])
+    link_adapter_bases(fetched, materialize_base)
+    return fetched
 
 
 def link_adapter_bases(inputs: dict[str, Path], materialize_base: Callable[[], str]) -> None:

@@ -64,8 +64,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if missing:
         raise InputError(f"reward.aspects: {missing} not rated in data.rated (its aspects: {rated})")
     sft_dir = str(ctx.inputs["sft"])
-    tokenizer = load_tokenizer(sft_dir)
-    tokenizer.padding_side = "right"  # for DataCollatorWithPadding
+    tokenizer = load_tokenizer(sft_dir, padding_side="right")  # DataCollatorWithPadding pads on that side
     model = load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, train=config.lora is None, num_labels=len(aspects))
     model.config.problem_type = "regression"
     if config.lora is not None:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf_pipeline.stages.core.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest, read_verified
+from rlhf_pipeline.stages.core.artifacts import MANIFEST, Manifest, read_manifest, read_verified
 from rlhf_pipeline.stages.core.config import ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import ArtifactStore
-from rlhf_pipeline.stages.modeling.lora import ADAPTER_CONFIG, adapter_base_of, link_adapter_bases
+from rlhf_pipeline.stages.modeling.lora import ADAPTER_CONFIG, fetch_artifacts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,17 +55,31 @@ def fetch_model(uri: str, work_dir: Path) -> ModelSource:
 
 def fetch_artifact(uri: str, work_dir: Path) -> tuple[Path, Manifest]:
     """An artifact downloaded and verified; a kept adapter pointed at its base, fetched or rebuilt likewise."""
-    store, prefix = locate(uri)
-    if read_manifest(store, prefix) is None:
-        raise InputError(f"{uri}: no artifact there (no manifest.json) and not a model directory")
+    lineage = adapter_lineage(uri)
+    own, deepest = next(iter(lineage)), list(lineage)[-1]
     own_dir = Path(tempfile.mkdtemp(dir=work_dir))
-    path = own_dir / "artifact"
-    manifest = fetch_dir(store, prefix, path)
-    inputs = {manifest.stage: path}
-    if (upstream := adapter_upstream(path)) in manifest.inputs:
-        inputs[upstream] = fetch_artifact(input_uri(uri, manifest, upstream), work_dir)[0]
-    link_adapter_bases(inputs, lambda: base_of(manifest, own_dir))
-    return path, manifest
+    fetched = fetch_artifacts(
+        {stage: (store, prefix) for stage, (store, prefix, _) in lineage.items()},
+        own_dir,
+        lambda: base_of(lineage[deepest][2], own_dir),
+    )
+    return fetched[own], lineage[own][2]
+
+
+def adapter_lineage(uri: str) -> dict[str, tuple[ArtifactStore, str, Manifest]]:
+    """By stage, the artifact at `uri` and, where it is a kept adapter, the upstream artifacts its base lives
+    in (an rl adapter over an sft adapter over the base model): each one's store, prefix and manifest."""
+    lineage: dict[str, tuple[ArtifactStore, str, Manifest]] = {}
+    while True:
+        store, prefix = locate(uri)
+        manifest = read_manifest(store, prefix)
+        if manifest is None:
+            raise InputError(f"{uri}: no artifact there (no manifest.json) and not a model directory")
+        lineage[manifest.stage] = (store, prefix, manifest)
+        upstream = adapter_upstream(store, prefix, manifest)
+        if upstream not in manifest.inputs:
+            return lineage
+        uri = input_uri(uri, manifest, upstream)
 
 
 def input_uri(uri: str, manifest: Manifest, upstream: str) -> str:
@@ -83,10 +97,12 @@ def _normalized(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
 
 
-def adapter_upstream(model_dir: Path) -> str | None:
+def adapter_upstream(store: ArtifactStore, prefix: str, manifest: Manifest) -> str | None:
     """The stage whose artifact a kept adapter was trained on (its base `artifact:<stage>`), or None."""
-    ref = adapter_base_of(model_dir)
-    return ref.removeprefix("artifact:") if ref is not None and ref.startswith("artifact:") else None
+    if not any(entry.path == ADAPTER_CONFIG for entry in manifest.files):
+        return None
+    ref = json.loads(read_verified(store, prefix, ADAPTER_CONFIG))["base_model_name_or_path"]
+    return ref.removeprefix("artifact:") if ref.startswith("artifact:") else None
 
 
 def base_of(manifest: Manifest, work_dir: Path) -> str:

@@ -46,6 +46,8 @@ def edit(path: Path) -> None:
     [
         ("tools/chat.py", set()),
         ("tools/validate.py", set()),
+        ("core/plots.py", set()),  # figures and model cards lie outside the digest
+        ("modeling/model_card.py", set()),
         ("rlhf/ppo_math.py", {"rl"}),  # evaluate then reruns on the new rl artifact's digest
         ("rlhf/grpo_rloo.py", set()),  # the config's algorithm is ppo
         ("rlhf/dpo.py", set()),
@@ -107,3 +109,13 @@ def test_digest_covers_content_not_timestamps():
         stage="s", cache_key="k", code_version="c", config={}, files=[FileEntry(path="a", size=1, sha256="y")]
     )
     assert first.digest == second.digest != changed.digest
+
+
+def test_digest_leaves_out_logs_figures_and_the_model_card():
+    files = [FileEntry(path="model.safetensors", size=1, sha256="x")]
+    extra = [FileEntry(path=path, size=1, sha256="y") for path in ("logs/curves.png", "plots/rewards.png", "README.md")]
+    bare = Manifest(stage="s", cache_key="k", config={}, files=files)
+    documented = Manifest(stage="s", cache_key="k", config={}, files=files + extra)
+    nested_card = FileEntry(path="per_aspect/README.md", size=1, sha256="y")
+    nested = Manifest(stage="s", cache_key="k", config={}, files=[*files, nested_card])
+    assert bare.digest == documented.digest != nested.digest

@@ -4,17 +4,19 @@ rejection sampling's one adapter through all rounds, and QLoRA refused where the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf_pipeline.stages.core.artifacts import fetch_dir, read_verified
+from rlhf_pipeline.stages.core.artifacts import read_verified
 from rlhf_pipeline.stages.core.config_loading import load_config
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
-from rlhf_pipeline.stages.modeling.lora import link_adapter_bases
+from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
 from rlhf_pipeline.stages.runner import run_stage
+from rlhf_pipeline.stages.tools.chat import fetch_model
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")
@@ -32,12 +34,11 @@ def _run(store: LocalStore, *overrides: str, stages=("prepare", "sft", "reward",
 def _fetched(store: LocalStore, manifests: dict, tmp_path, *overrides: str) -> dict:
     """Artifacts fetched as a later stage sees them: kept adapters linked to their local bases."""
     config = load_config(None, [*TINY, *overrides])
-    inputs = {}
-    for name, manifest in manifests.items():
-        inputs[name] = tmp_path / "inputs" / name
-        fetch_dir(store, f"artifacts/{name}/{manifest.cache_key}", inputs[name])
-    link_adapter_bases(inputs, lambda: materialize_base(config.model, config.run.seed, tmp_path))
-    return inputs
+    return fetch_artifacts(
+        {name: (store, f"artifacts/{name}/{manifest.cache_key}") for name, manifest in manifests.items()},
+        tmp_path / "inputs",
+        lambda: materialize_base(config.model, config.run.seed, tmp_path),
+    )
 
 
 def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
@@ -79,9 +80,13 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
 
 
 def test_ppo_with_lora_uses_the_disabled_adapter_as_reference_and_keeps_the_adapter(tmp_path):
+    """An rl adapter kept over an sft adapter kept over the base: every stage and `rlhf chat` fetch the chain."""
     store = LocalStore(tmp_path / "store")
     lora = ["rl.ppo.lora.r=8", "rl.ppo.lora.merge=false", "rl.ppo.learning_rate=2e-3"]
+    lora += ["sft.lora.r=8", "sft.lora.merge=false", "sft.learning_rate=1e-2"]
     manifests = _run(store, *lora, stages=("prepare", "sft", "reward", "rl", "evaluate"))
+    # the reward model fully fine-tunes the kept sft adapter merged into its base: every weight trains
+    assert manifests["reward"].metrics["last_loss"] < manifests["reward"].metrics["first_loss"]
     rl = manifests["rl"]
     assert _files(rl) >= {"adapter_model.safetensors", "adapter_config.json", "ppo_history.jsonl"}
     assert "model.safetensors" not in _files(rl)
@@ -96,6 +101,16 @@ def test_ppo_with_lora_uses_the_disabled_adapter_as_reference_and_keeps_the_adap
     # evaluate loaded the kept adapter onto the SFT model: RL's answers differ from SFT's
     report = manifests["evaluate"].metrics
     assert report["kl_rl_sft"] > 0 and report["mean_reward"]["rl"] > report["mean_reward"]["sft"]
+    # `rlhf chat` follows the lineage from the rl artifact alone: the same chain, the same model
+    chat_dir = fetch_model(store.uri_of(f"artifacts/rl/{rl.cache_key}"), tmp_path).path
+    sft_dir = json.loads((chat_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert json.loads((Path(sft_dir) / "adapter_config.json").read_text())["base_model_name_or_path"] != "model:base"
+    tokenizer = load_tokenizer(str(chat_dir))
+    batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
+    with torch.no_grad():
+        expected = load_policy(str(inputs["rl"]), CPU)(**batch).logits
+        actual = load_policy(str(chat_dir), CPU)(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rejection_sampling_trains_one_adapter_through_all_rounds(tmp_path):
