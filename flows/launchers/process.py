@@ -4,12 +4,12 @@ from a warm interpreter that has imported the training stack once."""
 from __future__ import annotations
 
 import atexit
+import importlib
 import io
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -93,10 +93,10 @@ def warm_interpreter() -> multiprocessing.context.ForkServerContext:
 
 
 def run_forked(arguments: list[str], env: dict[str, str], output: Connection) -> None:
-    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as a fresh one would run it:
-    the CLI module run as `__main__`, output into the launcher's pipe, line-buffered; the launcher's environment;
-    `rlhf stage ...` as the command line `ps` shows; exit handlers run at exit (a forked child leaves with
-    os._exit)."""
+    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as the console script would run
+    it: the CLI's `main` (looked up by name: the CLI imports this module), its exit status the process's;
+    output into the launcher's pipe, line-buffered; the launcher's environment; `rlhf stage ...` as the command
+    line `ps` shows; exit handlers run at exit (a forked child leaves with os._exit)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.dup2(output.fileno(), sys.stdout.fileno())
@@ -108,7 +108,7 @@ def run_forked(arguments: list[str], env: dict[str, str], output: Connection) ->
     os.environ.update(env)
     sys.argv = ["rlhf", *arguments]
     try:
-        runpy.run_module(CLI, run_name="__main__")
+        sys.exit(importlib.import_module(CLI).main(arguments))
     finally:
         atexit._run_exitfuncs()
 
