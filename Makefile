@@ -69,6 +69,7 @@ constraints: install
 
 benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py
+	$(PY) tests/benchmarks/bench_side_by_side.py
 
 clean:
 	rm -rf $(VENV) .rlhf .assets .test-artifacts

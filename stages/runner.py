@@ -5,14 +5,10 @@ This is what `rlhf stage NAME` executes, locally or in the stage's container.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +24,10 @@ from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.planner import StagePlan, key_sections, plan_stage
 from rlhf_pipeline.stages.core.plots import save_curves
-from rlhf_pipeline.stages.core.progress import METRICS_HISTORY, process_alive
+from rlhf_pipeline.stages.core.progress import METRICS_HISTORY
 from rlhf_pipeline.stages.core.registry import STAGES
 from rlhf_pipeline.stages.core.store import ArtifactStore
+from rlhf_pipeline.stages.core.work_area import work_directory
 from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
 from rlhf_pipeline.stages.modeling.model_card import write_model_card
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
@@ -59,26 +56,6 @@ def save_metrics_history(stage: str, out_dir: Path) -> None:
     with (out_dir / LOGS_DIR / "metrics-history.jsonl").open("w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in METRICS_HISTORY)
     save_curves(METRICS_HISTORY, f"{stage}: training metrics", out_dir / CURVES_FILE)
-
-
-@contextlib.contextmanager
-def work_directory(stage: str) -> Iterator[Path]:
-    """The stage process's own local work area, `<tmp>/rlhf-work/<stage>-<pid>`, removed when the stage ends.
-    A killed stage cannot remove its own, so each stage first removes those of processes that are gone: a
-    retry does not find the disk filled by the attempts before it."""
-    root = Path(tempfile.gettempdir()) / "rlhf-work"
-    root.mkdir(exist_ok=True)
-    for leftover in root.iterdir():
-        if not process_alive(int(leftover.name.rpartition("-")[2] or 0)):
-            log.info("removing %s, left behind by a stage process that is gone", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-    own = root / f"{stage}-{os.getpid()}"
-    shutil.rmtree(own, ignore_errors=True)
-    own.mkdir()
-    try:
-        yield own
-    finally:
-        shutil.rmtree(own, ignore_errors=True)
 
 
 def stage_context(

@@ -81,10 +81,14 @@ def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str,
             create["device_requests"] = [{"count": resources.gpus, "capabilities": [["gpu"]]}]
         if resources.shm_size:
             create["shm_size"] = resources.shm_size
+        if resources.cpus:
+            create["nano_cpus"] = round(resources.cpus * 1e9)  # `docker run --cpus`: a cgroup quota
         return {"image": deploy.image(stage), "container_create_kwargs": create}
     if pool_type == "kubernetes":
         # Left out when not configured, so that the pool's defaults (its GPU-taint toleration) apply.
         placement = {"node_selector": resources.node_selector, "tolerations": resources.tolerations}
         sizes = {"image": deploy.image(stage), "gpus": resources.gpus, "work_storage": resources.work_storage}
+        if resources.cpus:
+            sizes |= {"cpu_request": f"{resources.cpus:g}", "cpu_limit": f"{resources.cpus:g}"}
         return sizes | {k: v for k, v in placement.items() if v}
     return {}

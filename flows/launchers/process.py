@@ -25,6 +25,7 @@ from rlhf_pipeline.flows.launchers.launcher import StageCrashed, StageInputDamag
 from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import read_config
+from rlhf_pipeline.stages.core.cpus import CPUS_ENV
 from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR
 from rlhf_pipeline.stages.core.progress import LAUNCHER_PID
 from rlhf_pipeline.stages.core.registry import ALGORITHM_MODULES, STAGE_MODULES, STAGE_NAMES
@@ -64,6 +65,15 @@ def stage_command(stage: str, config: PipelineConfig, config_uri: str) -> list[s
         return [*rlhf_command(), *arguments]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return [sys.executable, *torchrun, "-m", CLI, *arguments]
+
+
+def stage_environment(stage: str, config: PipelineConfig) -> dict[str, str]:
+    """The launcher's environment, unbuffered, with its pid (a stage stops when its launcher is gone) and the
+    stage's CPUs where the config sets them (core/cpus.py)."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
+    if (cpus := config.deploy.resources(stage).cpus) is not None:
+        env[CPUS_ENV] = f"{cpus:g}"
+    return env
 
 
 def gpu_visible() -> bool:
@@ -158,7 +168,7 @@ class ProcessLauncher:
     def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
         config = read_config(config_uri)
         command = stage_command(stage, config, config_uri)
-        env = os.environ | {"PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
+        env = stage_environment(stage, config)
         forked = self.warm and forks_stage(stage, config)
         logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)

@@ -344,6 +344,13 @@ class StageResources(Section):
     """What one stage's container or pod gets when stages run as deployments on a Docker or Kubernetes pool."""
 
     gpus: int = Field(0, ge=0, description="GPUs for the stage (Docker device requests, Kubernetes nvidia.com/gpu)")
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPU cores for the stage: Docker's --cpus, the Kubernetes CPU request and limit, and for a "
+        "local process the most compute threads it runs. Default: what the process may use (its affinity and "
+        "cgroup quota); either way shared with the other stage processes running on the same machine",
+    )
     shm_size: str | None = Field(
         None, description="Docker shared memory, e.g. '16g' (PyTorch data loaders and NCCL need more than 64 MB)"
     )

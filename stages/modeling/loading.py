@@ -27,6 +27,7 @@ from transformers import (
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.modeling.lora import adapter_base_of
+from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 
 # Used when a base model's tokenizer brings no chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -36,10 +37,12 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def init_torch(run: RunConfig) -> torch.device:
-    """Seed every generator, quiet the progress bars (logs go to the orchestrator) and pick the device."""
+    """Seed every generator, quiet the progress bars (logs go to the orchestrator), take this process's share
+    of the CPUs and pick the device."""
     import datasets
     import transformers
 
+    threads = take_cpu_share()
     transformers.set_seed(run.seed)
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
@@ -47,7 +50,7 @@ def init_torch(run: RunConfig) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per DDP process
     else:
         device = torch.device("cpu")
-    logging.getLogger("rlhf.stage").info("running on %s", device)
+    logging.getLogger("rlhf.stage").info("running on %s, compute threads: %d", device, threads)
     return device
 
 

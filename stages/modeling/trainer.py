@@ -19,6 +19,7 @@ from rlhf_pipeline.stages.modeling.loading import compute_dtype
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import logs_dir, report_to, run_name
 
 log = logging.getLogger("rlhf.stage")
@@ -95,6 +96,13 @@ class ReportProgress(TrainerCallback):
             report_metrics(self.stage, state.global_step, logs)
 
 
+class TakeCpuShare(TrainerCallback):
+    """The compute threads kept at this process's share of the machine as the Trainer steps (`modeling.threads`)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        take_cpu_share()
+
+
 def log_tensorboard_into(trainer: Trainer, directory: Path) -> None:
     """Point the Trainer's TensorBoard callback (if `report_to` made one) at `directory`: transformers 5 has no
     `logging_dir` argument, only TENSORBOARD_LOGGING_DIR read when the callback is made, and defaults to the
@@ -113,6 +121,7 @@ def train_with_resume(
     log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
     trainer.add_callback(StoreCheckpoints(checkpoints))
     trainer.add_callback(ReportProgress(ctx.stage))
+    trainer.add_callback(TakeCpuShare())
     step = checkpoints.restore_latest(lambda step: Path(trainer.args.output_dir) / f"checkpoint-{step}")
     resume_from = None
     if step is not None:

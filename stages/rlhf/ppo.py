@@ -28,6 +28,7 @@ from rlhf_pipeline.stages.modeling.loading import autocast, disable_dropout, loa
 from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
 from rlhf_pipeline.stages.rlhf import ppo_math
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
@@ -240,6 +241,7 @@ class PPOTrainer:
         every = self.ctx.config.run.checkpoint_every
         with trackers(self.ctx) as log_metrics:
             for step in range(self.start, self.config.steps):
+                take_cpu_share()
                 started = time.perf_counter()
                 timer = PhaseTimer(self.ctx.device)
                 rollout, batch, stats = self.rollout(step, timer)

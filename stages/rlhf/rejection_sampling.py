@@ -27,6 +27,7 @@ from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, m
 from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
+from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
 from rlhf_pipeline.stages.modeling.trainer import training_arguments
 from rlhf_pipeline.stages.rlhf.ppo import summarize, write_history
@@ -135,6 +136,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         log.info("rl: resuming rejection sampling after round %d", start)
     with trackers(ctx) as log_metrics:
         for round_index in range(start, config.rounds):
+            take_cpu_share()
             rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
             kept, stats = best_of_n(ctx, round_dir, chosen, config, seed=rng.getrandbits(63))

@@ -178,11 +178,16 @@ def test_a_stage_flow_run_no_worker_starts_times_out_naming_the_pool(prefect_api
     assert run.state.is_cancelled()
 
 
-def test_docker_pool_gets_gpu_device_requests_and_shared_memory():
-    deploy = DeployConfig.model_validate({"image_tag": "0.1", "stages": {"sft": {"gpus": 2, "shm_size": "16g"}}})
+def test_docker_pool_gets_gpu_device_requests_shared_memory_and_a_cpu_quota():
+    stages = {"sft": {"gpus": 2, "shm_size": "16g", "cpus": 3.5}}
+    deploy = DeployConfig.model_validate({"image_tag": "0.1", "stages": stages})
     assert job_variables("docker", "sft", deploy) == {
         "image": "rlhf-sft:0.1",
-        "container_create_kwargs": {"device_requests": [{"count": 2, "capabilities": [["gpu"]]}], "shm_size": "16g"},
+        "container_create_kwargs": {
+            "device_requests": [{"count": 2, "capabilities": [["gpu"]]}],
+            "shm_size": "16g",
+            "nano_cpus": 3_500_000_000,
+        },
     }
     assert job_variables("docker", "prepare", deploy) == {"image": "rlhf-prepare:0.1", "container_create_kwargs": {}}
     assert job_variables("process", "sft", deploy) == {}
@@ -202,14 +207,13 @@ def test_docker_pool_passes_s3_keys_as_secret_blocks_not_values(prefect_api, s3_
     assert template["variables"]["properties"]["network_mode"]["default"] == "host"
 
 
-def test_kubernetes_job_template_renders_gpu_limits_node_selector_and_tolerations(prefect_api):
+def test_kubernetes_job_template_renders_gpu_and_cpu_limits_node_selector_and_tolerations(prefect_api):
     """Rendered by prefect-kubernetes from this project's base job template, as its worker does, no cluster."""
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     template = json.loads((INFRA / "kubernetes" / "base-job-template.json").read_text())
-    deploy = DeployConfig.model_validate(
-        {"stages": {"rl": {"gpus": 8, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}}}
-    )
+    rl_resources = {"gpus": 8, "cpus": 32, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    deploy = DeployConfig.model_validate({"stages": {"rl": rl_resources}})
 
     def render(stage: str) -> dict:
         values = job_variables("kubernetes", stage, deploy)
@@ -220,6 +224,8 @@ def test_kubernetes_job_template_renders_gpu_limits_node_selector_and_toleration
     container = rl["containers"][0]
     assert container["image"] == "rlhf-rl:latest"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # a CPU limit is a cgroup quota in the pod: the stage's compute threads follow it (core/cpus.py)
+    assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"] == "32"
     assert rl["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in rl["tolerations"]
     assert container["envFrom"] == [{"secretRef": {"name": "rlhf-s3"}}]
@@ -229,6 +235,7 @@ def test_kubernetes_job_template_renders_gpu_limits_node_selector_and_toleration
     assert {"name": "work", "mountPath": "/tmp"} in container["volumeMounts"]
     assert {"name": "work", "emptyDir": {"sizeLimit": "50Gi"}} in rl["volumes"]
     assert prepare["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 0
+    assert "cpu" not in prepare["containers"][0]["resources"]["limits"]
     assert prepare["containers"][0]["image"] == "rlhf-prepare:latest"
 
 
