@@ -130,12 +130,12 @@ def _resolve(args: argparse.Namespace) -> PipelineConfig:
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from rlhf_pipeline.flows.monitoring.run_view import print_summary, watching
-    from rlhf_pipeline.flows.pipeline import run_pipeline
+    from rlhf_pipeline.flows.pipeline import run_pipeline, step_labels
     from rlhf_pipeline.stages.tools.validate import validate_inputs
 
     config = _resolve(args)
     validate_inputs(config)
-    with watching():
+    with watching(step_labels(config)):
         summary = run_pipeline(config)
     print_summary(summary)
     if args.json:

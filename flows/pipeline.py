@@ -10,9 +10,16 @@ retried either: the run goes back to the stage that produces it, computes it aga
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -25,13 +32,19 @@ from rlhf_pipeline.flows.launchers.launcher import Launcher, StageInputDamaged, 
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.flows.monitoring.heartbeats import RunHeartbeat, mark_dead_runs
 from rlhf_pipeline.flows.monitoring.run_view import stage_finished, stage_started
-from rlhf_pipeline.flows.monitoring.stage_monitor import publish_curves, publish_report
-from rlhf_pipeline.stages.core.artifacts import read_manifest
+from rlhf_pipeline.flows.monitoring.stage_monitor import png_data_uri, publish_curves, publish_markdown, publish_report
+from rlhf_pipeline.stages.core.artifacts import read_manifest, read_verified
+from rlhf_pipeline.stages.core.comparison import (
+    FRONTIER_FILE,
+    compare_methods,
+    comparison_markdown,
+    save_comparison_frontier,
+)
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
 from rlhf_pipeline.stages.core.errors import InputError, MissingInput
 from rlhf_pipeline.stages.core.planner import plan_stage
-from rlhf_pipeline.stages.core.registry import STAGE_NAMES
+from rlhf_pipeline.stages.core.registry import STAGE_NAMES, STAGES
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
 LAUNCHERS: dict[str, type[Launcher]] = {"process": ProcessLauncher, "deployment": DeploymentLauncher}
@@ -48,7 +61,7 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_unless_input_error)
-def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
+def run_stage(stage: str, config_uri: str, launcher: str, label: str) -> dict[str, Any]:
     logger = get_run_logger()
     store, config = _load(config_uri)
     try:
@@ -58,13 +71,13 @@ def run_stage(stage: str, config_uri: str, launcher: str) -> dict[str, Any]:
     manifest = read_manifest(store, plan.prefix)
     status = "cached"
     if manifest is None:
-        LAUNCHERS[launcher]().launch(stage, config_uri, logger)
+        LAUNCHERS[launcher]().launch(stage, config_uri, logger, label)
         manifest = published(store, stage, plan.prefix)
         status = "ran"
-    logger.info("%s %s: %s", stage, status, store.uri_of(plan.prefix))
-    publish_curves(store, stage, plan.prefix, manifest)
+    logger.info("%s %s: %s", label, status, store.uri_of(plan.prefix))
+    publish_curves(store, label, plan.prefix, manifest)
     if stage == "evaluate":
-        publish_report(store, plan.prefix)
+        publish_report(store, plan.prefix, label)
     return {
         "status": status,
         "artifact": store.uri_of(plan.prefix),
@@ -86,13 +99,124 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
             resumes,
         )
     with RunHeartbeat(store, run_id, flow_run.id, config_hash) as heartbeat:
-        summary = run_stages(store, config, config_uri, launcher, config_hash, heartbeat)
+        summary = run_stages(store, config, config_uri, launcher, config_hash, heartbeat, run_id)
         summary = {"run_id": run_id, **summary, "resumes": resumes, "finished_at": datetime.now(UTC).isoformat()}
         store.write_json(f"runs/{run_id}/run.json", summary)
     if summary["status"] == "failed":
         failed = next(name for name, s in summary["stages"].items() if s["status"] == "failed")
         return Failed(message=f"stage {failed} failed: {summary['stages'][failed]['error']}", data=summary)
     return Completed(data=summary)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage as the run runs it: a run of several methods runs rl and evaluate once per method, each from
+    its own config (`rl.algorithm: <method>`). The label names it in the summary, the UI and the terminal."""
+
+    label: str
+    stage: str
+    config_uri: str
+    config: PipelineConfig
+
+
+def run_steps_of(
+    store: ArtifactStore, config: PipelineConfig, config_uri: str, run_id: str
+) -> tuple[list[Step], dict[str, list[Step]]]:
+    """The stages every method shares, and per method (when there are several) the stages of its branch,
+    with the method's config written beside the run's."""
+    if len(config.rl.methods) == 1:
+        return [Step(stage, stage, config_uri, config) for stage in STAGE_NAMES], {}
+    shared = [Step(name, name, config_uri, config) for name, stage in STAGES.items() if not stage.per_method]
+    branches: dict[str, list[Step]] = {}
+    for method in config.rl.methods:
+        branch_config = config.for_method(method)
+        key = f"runs/{run_id}/config.{method}.yaml"
+        store.write_bytes(key, dump_config(branch_config).encode())
+        branches[method] = [
+            Step(f"{name}:{method}", name, store.uri_of(key), branch_config)
+            for name, stage in STAGES.items()
+            if stage.per_method
+        ]
+    return shared, branches
+
+
+def step_labels(config: PipelineConfig) -> list[str]:
+    """What the terminal shows a row for: each stage, and for several methods rl and evaluate per method."""
+    if len(config.rl.methods) == 1:
+        return list(STAGE_NAMES)
+    shared = [name for name, stage in STAGES.items() if not stage.per_method]
+    return shared + [f"{name}:{m}" for m in config.rl.methods for name, stage in STAGES.items() if stage.per_method]
+
+
+class RunRecord:
+    """The results of a run's steps as they finish, from the branches' threads too; each change goes into the
+    heartbeat, which carries the stages done so far."""
+
+    def __init__(self, heartbeat: RunHeartbeat, recompute_budget: int) -> None:
+        self.heartbeat = heartbeat
+        self.stages: dict[str, Any] = {}
+        self.recomputed: list[dict[str, str]] = []
+        self.recompute_budget = recompute_budget
+        self.lock = threading.Lock()
+
+    def finished(self, label: str, result: dict[str, Any]) -> None:
+        with self.lock:
+            self.stages[label] = result
+            self.heartbeat.update(self.stages)
+
+    def may_recompute(self, stage: str, because: str) -> bool:
+        with self.lock:
+            if len(self.recomputed) >= self.recompute_budget:
+                return False
+            self.recomputed.append({"stage": stage, "because": because})
+            return True
+
+    @property
+    def failed(self) -> bool:
+        return any(result["status"] == "failed" for result in self.stages.values())
+
+
+def run_steps(store: ArtifactStore, steps: list[Step], launcher: str, tags: list[str], record: RunRecord) -> str | None:
+    """Each step in order, as a task; a step whose input turned out damaged sends the run back to the step that
+    produces it. Returns the stage to compute again where that is not among these steps (a branch's shared input)."""
+    index = 0
+    while index < len(steps):
+        step = steps[index]
+        started, started_at = time.monotonic(), datetime.now(UTC).isoformat()
+        task = run_stage.with_options(
+            name=step.stage,
+            task_run_name=step.label,
+            tags=tags,
+            retries=step.config.run.retries,
+            retry_delay_seconds=[step.config.run.retry_delay_seconds * 2**i for i in range(step.config.run.retries)],
+        )
+        stage_started(step.label)
+        state = task(step.stage, step.config_uri, launcher, step.label, return_state=True)
+        timing = {"seconds": round(time.monotonic() - started, 2), "started_at": started_at}
+        if state.is_completed():
+            record.finished(step.label, state.result() | timing)
+            stage_finished(step.label, record.stages[step.label]["status"])
+            index += 1
+            continue
+        redo = _damaged_upstream(store, step.config, step.stage, state)
+        if redo is not None and record.may_recompute(redo, _error_of(state)):
+            get_run_logger().warning("%s: %s; computing %s again", step.label, _error_of(state), redo)
+            stages = [s.stage for s in steps]
+            if redo not in stages:
+                return redo
+            index = stages.index(redo)
+            continue
+        stage_finished(step.label, "failed")
+        failure: dict[str, Any] = {
+            "status": "failed",
+            "artifact": None,
+            "attempts": None,
+            "resumed_from": None,
+            "metrics": {},
+        }
+        record.finished(step.label, failure | timing | {"error": _error_of(state)})
+        break
+    return None
 
 
 def run_stages(
@@ -102,51 +226,58 @@ def run_stages(
     launcher: str,
     config_hash: str,
     heartbeat: RunHeartbeat,
+    run_id: str,
 ) -> dict[str, Any]:
-    """Each stage in order, as a task; a stage whose input turned out damaged sends the run back to the
-    stage that produces it. The heartbeat carries the stages done so far."""
+    """The shared stages in order, then each method's branch (rl, evaluate) side by side, each in its own thread
+    of task runs, and the methods' comparison. A branch whose shared input turned out damaged sends the run
+    back to the shared stage that produces it; the branches then run again (what they finished is cached)."""
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
-    stages: dict[str, Any] = {}
-    recomputed: list[dict[str, str]] = []
-    index = 0
-    while index < len(STAGE_NAMES):
-        stage = STAGE_NAMES[index]
-        started = time.monotonic()
-        task = run_stage.with_options(
-            name=stage,
-            task_run_name=stage,
-            tags=tags,
-            retries=config.run.retries,
-            retry_delay_seconds=[config.run.retry_delay_seconds * 2**i for i in range(config.run.retries)],
-        )
-        stage_started(stage)
-        state = task(stage, config_uri, launcher, return_state=True)
-        seconds = round(time.monotonic() - started, 2)
-        if state.is_completed():
-            stages[stage] = state.result() | {"seconds": seconds}
-            stage_finished(stage, stages[stage]["status"])
-            heartbeat.update(stages)
-            index += 1
-            continue
-        redo = _damaged_upstream(store, config, stage, state)
-        if redo is not None and len(recomputed) < len(STAGE_NAMES):
-            get_run_logger().warning("%s: %s; computing %s again", stage, _error_of(state), redo)
-            recomputed.append({"stage": redo, "because": _error_of(state)})
-            index = STAGE_NAMES.index(redo)
-            continue
-        stage_finished(stage, "failed")
-        stages[stage] = {
-            "status": "failed",
-            "artifact": None,
-            "seconds": seconds,
-            "attempts": None,
-            "resumed_from": None,
-            "metrics": {},
-            "error": _error_of(state),
-        }
-        break
-    status = "completed" if all(s["status"] != "failed" for s in stages.values()) else "failed"
-    return {"status": status, "store": store.uri, "stages": stages, "recomputed": recomputed}
+    shared, branches = run_steps_of(store, config, config_uri, run_id)
+    record = RunRecord(heartbeat, recompute_budget=len(STAGE_NAMES))
+    start = 0
+    while True:
+        run_steps(store, shared[start:], launcher, tags, record)
+        if record.failed or not branches:
+            break
+        with ThreadPoolExecutor(max_workers=len(branches), thread_name_prefix="rlhf-method") as pool:
+            # Each thread runs in a copy of this flow run's context, as Prefect's own task runner does.
+            futures = [
+                pool.submit(copy_context().run, run_steps, store, steps, launcher, tags, record)
+                for steps in branches.values()
+            ]
+            redos = [future.result() for future in futures]
+        redo = next((stage for stage in redos if stage is not None), None)
+        if record.failed or redo is None:
+            break
+        start = [step.stage for step in shared].index(redo)
+    status = "failed" if record.failed else "completed"
+    labels = [step.label for step in shared] + [step.label for steps in branches.values() for step in steps]
+    stages = {label: record.stages[label] for label in labels if label in record.stages}  # in the run's order
+    summary = {"status": status, "store": store.uri, "stages": stages, "recomputed": record.recomputed}
+    if branches and status == "completed":
+        summary["comparison"] = publish_comparison(store, run_id, {m: steps[-1] for m, steps in branches.items()})
+    return summary
+
+
+def publish_comparison(store: ArtifactStore, run_id: str, evaluations: dict[str, Step]) -> dict[str, Any]:
+    """The methods side by side, from each one's evaluation report: comparison.json, comparison.md and the
+    frontier plot beside the run's summary in the store, and a Markdown artifact in the Prefect UI."""
+    reports = {
+        method: json.loads(read_verified(store, plan_stage(store, step.config, step.stage).prefix, "report.json"))
+        for method, step in evaluations.items()
+    }
+    comparison = compare_methods(reports)
+    with tempfile.TemporaryDirectory() as scratch:
+        frontier = Path(scratch) / FRONTIER_FILE
+        save_comparison_frontier(comparison, frontier)
+        picture = frontier.read_bytes()
+    store.write_bytes(f"runs/{run_id}/{FRONTIER_FILE}", picture)
+    store.write_json(f"runs/{run_id}/comparison.json", comparison)
+    store.write_bytes(f"runs/{run_id}/comparison.md", comparison_markdown(comparison).encode())
+    publish_markdown(
+        comparison_markdown(comparison, png_data_uri(picture)), "method-comparison", "alignment methods compared"
+    )
+    return comparison
 
 
 def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[str, Any]:
@@ -167,7 +298,10 @@ def _warm_up(store: ArtifactStore, config: PipelineConfig, launcher: str) -> Non
     if launcher != "process":
         return
     try:
-        cached = read_manifest(store, plan_stage(store, config, STAGE_NAMES[-1]).prefix) is not None
+        cached = all(
+            read_manifest(store, plan_stage(store, config.for_method(method), STAGE_NAMES[-1]).prefix) is not None
+            for method in config.rl.methods
+        )
     except InputError:
         cached = False
     if not cached:

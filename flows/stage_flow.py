@@ -10,6 +10,7 @@ failure, or a container that dies, is retried by the pipeline and resumes from a
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from rlhf_pipeline.flows.launchers.launcher import (
@@ -25,10 +26,15 @@ from rlhf_pipeline.stages.core.config_loading import read_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 
 
-@flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
-def rlhf_stage(stage: str, config_uri: str):
+def _flow_run_name() -> str:
+    return flow_run.parameters.get("label") or flow_run.parameters["stage"]
+
+
+@flow(name=STAGE_FLOW, flow_run_name=_flow_run_name, persist_result=False)
+def rlhf_stage(stage: str, config_uri: str, label: str | None = None):
+    """`label`: the step's name in the pipeline where it differs from the stage's (a method's branch: `rl:ppo`)."""
     try:
-        ProcessLauncher(warm=False).launch(stage, config_uri, get_run_logger())
+        ProcessLauncher(warm=False).launch(stage, config_uri, get_run_logger(), label)
     except StageInputError as exc:
         return Failed(name=INPUT_ERROR_STATE, message=str(exc))
     except StageInputDamaged as exc:

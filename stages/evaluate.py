@@ -2,7 +2,9 @@
 
 Reports mean reward (the trained reward model, and an independent judge when configured: the demo's gold judge
 or VADER's sentiment), the win rate of RL over SFT under the configured judge, KL(RL ‖ SFT) on RL's own samples,
-response lengths, and side-by-side answers (base vs SFT vs RL) as JSON and Markdown.
+response lengths, answer diversity (distinct-1/2, repeated words: an over-optimised policy collapses onto a few
+words), and side-by-side answers (base vs SFT vs RL) as JSON and Markdown. report.json also keeps each answer's
+judge score, so that a run of several methods can set their answers to the same prompts against each other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from rlhf_pipeline.stages.core.artifacts import REWARDS_FILE
+from rlhf_pipeline.stages.core.comparison import win_rate
 from rlhf_pipeline.stages.core.plots import save_distributions
 from rlhf_pipeline.stages.data import demo_task
 from rlhf_pipeline.stages.data.rows import load_rows
@@ -58,14 +61,22 @@ def judge(name: str, prompts: list, responses: list[str]) -> list[float]:
     return [analyzer.polarity_scores(response)["compound"] for response in responses]
 
 
-def win_rate(candidate: list[float], baseline: list[float]) -> float:
-    """Share of prompts where the candidate's answer scores higher; ties count half."""
-    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True))
-    return wins / len(candidate)
-
-
 def mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 4)
+
+
+def distinct_n(responses: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of all the answers (Li et al., 2016): 1 when no word sequence
+    repeats anywhere, near 0 for a policy that says the same thing to every prompt."""
+    grams = [tuple(words[i : i + n]) for words in map(str.split, responses) for i in range(len(words) - n + 1)]
+    return round(len(set(grams)) / len(grams), 4) if grams else 0.0
+
+
+def repeated_word_rate(responses: list[str]) -> float:
+    """The share of words that repeat an earlier word of the same answer ("bright , lovely and lovely .")."""
+    words = [answer.lower().split() for answer in responses]
+    total = sum(len(answer) for answer in words)
+    return round(sum(len(answer) - len(set(answer)) for answer in words) / total, 4) if total else 0.0
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -107,13 +118,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "kl_rl_sft": round(kl, 4),
         "response_length": {name: mean([float(len(r.split())) for r in responses[name]]) for name in POLICIES},
         "finished_fraction": {name: mean([float(done) for done in finished[name]]) for name in POLICIES},
+        "distinct_1": {name: distinct_n(responses[name], 1) for name in POLICIES},
+        "distinct_2": {name: distinct_n(responses[name], 2) for name in POLICIES},
+        "repeated_word_rate": {name: repeated_word_rate(responses[name]) for name in POLICIES},
         "reward_model_eval_accuracy": ctx.input_manifest("reward").metrics.get("eval_accuracy"),
     }
     samples = [
         {"prompt": prompts[i][-1]["content"], **{name: responses[name][i] for name in POLICIES}}
         for i in range(min(config.samples, len(prompts)))
     ]
-    (ctx.out_dir / "report.json").write_text(json.dumps(report | {"samples": samples}, indent=2))
+    scores = {name: [round(score, 6) for score in judged[name]] for name in POLICIES}
+    (ctx.out_dir / "report.json").write_text(
+        json.dumps(report | {"samples": samples, "judge_scores": scores}, indent=2)
+    )
     (ctx.out_dir / "report.md").write_text(markdown_report(report, samples))
     return report
 
@@ -146,6 +163,10 @@ def markdown_report(report: dict[str, Any], samples: list[dict[str, str]]) -> st
         "| mean reward (reward model) | " + " | ".join(f"{report['mean_reward'][n]:.3f}" for n in POLICIES) + " |",
         "| mean judge score | " + " | ".join(f"{report['mean_judge_score'][n]:.3f}" for n in POLICIES) + " |",
         "| response length (words) | " + " | ".join(f"{report['response_length'][n]:.1f}" for n in POLICIES) + " |",
+        "| distinct-1 / distinct-2 | "
+        + " | ".join(f"{report['distinct_1'][n]:.3f} / {report['distinct_2'][n]:.3f}" for n in POLICIES)
+        + " |",
+        "| repeated-word rate | " + " | ".join(f"{report['repeated_word_rate'][n]:.3f}" for n in POLICIES) + " |",
         "",
         f"- win rate of RL over SFT: **{report['win_rate_vs_sft']:.3f}**",
         f"- KL(RL ‖ SFT): {report['kl_rl_sft']:.3f} nats per response",

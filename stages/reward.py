@@ -22,7 +22,7 @@ from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.lengths import whole_pairs
 from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
 from rlhf_pipeline.stages.rlhf import multi_aspect
@@ -63,7 +63,7 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
         processing_class=tokenizer,
         peft_config=adapter_config(config.lora, "SEQ_CLS"),
     )
-    base = AdapterBase(sft_dir, "artifact:sft")
+    base = AdapterBase(sft_dir, artifact_base("sft"))
 
     # Held-out accuracy through the scoring path every later stage uses (TRL's own is computed on its batches).
     def accuracy(trained: Trainer) -> dict[str, Any]:

@@ -13,5 +13,5 @@ from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
 def run(ctx: StageContext) -> dict[str, Any]:
     # Imported by name so that each algorithm pays only for the libraries it uses.
-    algorithm = importlib.import_module(ALGORITHMS[ctx.config.rl.algorithm].module)
-    return {"algorithm": ctx.config.rl.algorithm} | algorithm.run(ctx)
+    algorithm = importlib.import_module(ALGORITHMS[ctx.config.rl.method].module)
+    return {"algorithm": ctx.config.rl.method} | algorithm.run(ctx)

@@ -32,7 +32,9 @@ class DeploymentLauncher:
     and is a crash too, with a message naming the work pool that has no worker.
     """
 
-    def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    def launch(
+        self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter, label: str | None = None
+    ) -> None:
         deploy = read_config(config_uri).deploy
         with get_client(sync_client=True) as client:
             pool_type = client.read_work_pool(deploy.work_pool).type
@@ -40,7 +42,7 @@ class DeploymentLauncher:
         logger.info("running deployment %s/%s on %s pool %r", STAGE_FLOW, stage, pool_type, deploy.work_pool)
         flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # synchronous here: a FlowRun
             f"{STAGE_FLOW}/{stage}",
-            parameters={"stage": stage, "config_uri": config_uri},
+            parameters={"stage": stage, "config_uri": config_uri, "label": label or stage},
             job_variables=variables,
             timeout=0,  # returns once the flow run exists: waiting for it is below, with a start deadline
         )

@@ -28,7 +28,11 @@ class StageCrashed(Exception):
 
 
 class Launcher(Protocol):
-    def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None: ...
+    def launch(
+        self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter, label: str | None = None
+    ) -> None:
+        """`label`: the step's name where it differs from the stage's (a method's branch: `rl:ppo`)."""
+        ...
 
 
 def published(store: ArtifactStore, stage: str, prefix: str) -> Manifest:

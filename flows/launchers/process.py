@@ -165,14 +165,16 @@ class ProcessLauncher:
         if any(forks_stage(stage, config) for stage in STAGE_NAMES):
             warm_interpreter()
 
-    def launch(self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    def launch(
+        self, stage: str, config_uri: str, logger: logging.Logger | logging.LoggerAdapter, label: str | None = None
+    ) -> None:
         config = read_config(config_uri)
         command = stage_command(stage, config, config_uri)
         env = stage_environment(stage, config)
         forked = self.warm and forks_stage(stage, config)
         logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
-        monitor = StageMonitor.in_run_context(stage)
+        monitor = StageMonitor.in_run_context(label or stage)
         started: ForkedStage | subprocess.Popen[str]
         if forked:
             started = ForkedStage(stage_arguments(stage, config_uri), env)

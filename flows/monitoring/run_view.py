@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from rlhf_pipeline.stages.core.comparison import FRONTIER_FILE, comparison_markdown
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 
 TRENDS = ("loss", "score", "kl")  # shown as first → last where a stage logs both
@@ -24,8 +25,9 @@ KEY_NUMBERS = ("eval_loss", "eval_accuracy", "samples_kept", "win_rate_vs_sft", 
 
 
 class RunView:
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, labels: list[str]) -> None:
         self.console = console
+        self.labels = labels  # a row each: the stages, and per method where a run compares several
         self.started: dict[str, float] = {}
         self.progress: Progress | None = None
         self.tasks: dict[str, TaskID] = {}
@@ -33,7 +35,7 @@ class RunView:
     def __enter__(self) -> RunView:
         if self.console.is_terminal:
             self.progress = Progress(
-                TextColumn("{task.description:<9}"),
+                TextColumn(f"{{task.description:<{max(map(len, self.labels))}}}"),
                 TextColumn("{task.fields[status]:<8}"),
                 BarColumn(),
                 TaskProgressColumn(),
@@ -41,7 +43,7 @@ class RunView:
                 console=self.console,
             )
             self.tasks = {
-                name: self.progress.add_task(name, total=100, start=False, status="waiting") for name in STAGE_NAMES
+                name: self.progress.add_task(name, total=100, start=False, status="waiting") for name in self.labels
             }
             self.progress.start()
         return self
@@ -75,10 +77,11 @@ _active: RunView | None = None
 
 
 @contextmanager
-def watching(console: Console | None = None) -> Iterator[RunView]:
-    """Show the run that happens inside this block (on standard error, so standard output stays the result)."""
+def watching(labels: list[str] | None = None, console: Console | None = None) -> Iterator[RunView]:
+    """Show the run that happens inside this block (on standard error, so standard output stays the result):
+    a row per label (`flows.pipeline.step_labels`), by default one per stage."""
     global _active
-    with RunView(console or Console(stderr=True)) as view:
+    with RunView(console or Console(stderr=True), labels or list(STAGE_NAMES)) as view:
         _active = view
         try:
             yield view
@@ -107,14 +110,18 @@ def print_summary(summary: dict[str, Any], file=None) -> None:
     print(f"run {summary['run_id']}: {summary['status']} (store {summary['store']})", file=file)
     if summary.get("resumes"):
         print(f"  resumes run {summary['resumes']}, which crashed", file=file)
-    print(f"  {'stage':<9} {'status':<7} {'seconds':>8} {'tries':>5}  key numbers", file=file)
+    width = max(9, *map(len, summary["stages"]))
+    print(f"  {'stage':<{width}} {'status':<7} {'seconds':>8} {'tries':>5}  key numbers", file=file)
     for name, stage in summary["stages"].items():
         attempts = stage.get("attempts") or "-"
         numbers = stage.get("error") or key_numbers(stage["metrics"])
-        print(f"  {name:<9} {stage['status']:<7} {stage['seconds']:8.1f} {attempts:>5}  {numbers}", file=file)
+        print(f"  {name:<{width}} {stage['status']:<7} {stage['seconds']:8.1f} {attempts:>5}  {numbers}", file=file)
     line = headline({name: stage["metrics"] for name, stage in summary["stages"].items()})
     if line:
         print(line, file=file)
+    if "comparison" in summary:
+        print("", comparison_markdown(summary["comparison"], frontier=None), sep="\n", end="", file=file)
+        print(f"frontier plot: {summary['store'].rstrip('/')}/runs/{summary['run_id']}/{FRONTIER_FILE}", file=file)
 
 
 def key_numbers(metrics: dict[str, Any]) -> str:
@@ -129,7 +136,7 @@ def key_numbers(metrics: dict[str, Any]) -> str:
 
 def headline(metrics: dict[str, dict]) -> str:
     """The numbers that say whether a run worked: the reward model's accuracy, RL's win rate over SFT and the
-    mean rewards of the three policies."""
+    mean rewards of the three policies; for a run of several methods, each one's win rate over SFT."""
     parts = []
     if "eval_accuracy" in metrics.get("reward", {}):
         parts.append(f"reward accuracy {metrics['reward']['eval_accuracy']:.3f}")
@@ -138,4 +145,11 @@ def headline(metrics: dict[str, dict]) -> str:
         parts.append(f"win rate vs SFT {evaluation['win_rate_vs_sft']:.3f}")
     if "mean_reward" in evaluation:
         parts.append("mean reward " + " / ".join(f"{k} {v:.3f}" for k, v in evaluation["mean_reward"].items()))
+    methods = {
+        label.removeprefix("evaluate:"): numbers["win_rate_vs_sft"]
+        for label, numbers in metrics.items()
+        if label.startswith("evaluate:") and "win_rate_vs_sft" in numbers
+    }
+    if methods:
+        parts.append("win rate vs SFT " + " / ".join(f"{m} {rate:.3f}" for m, rate in methods.items()))
     return ", ".join(parts)

@@ -38,18 +38,18 @@ PROGRESS_INTERVAL_S = 2.0  # at most one progress update per interval (and alway
 
 
 class StageMonitor:
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
+    def __init__(self, label: str) -> None:
+        self.label = label  # the step's name: its stage, and its method in a run of several (`rl:ppo`)
         self.progress_id: Any = None  # the progress artifact's id, once created
         self.progress_updated = 0.0
         self.rows: list[dict[str, Any]] = []
 
     @classmethod
-    def in_run_context(cls, stage: str) -> StageMonitor | None:
+    def in_run_context(cls, label: str) -> StageMonitor | None:
         """A monitor where artifacts have a Prefect run to belong to, else None."""
         if TaskRunContext.get() is None and FlowRunContext.get() is None:
             return None
-        return cls(stage)
+        return cls(label)
 
     def handle(self, line: str) -> bool:
         """Consume a stage's event line; False for any other output."""
@@ -63,7 +63,7 @@ class StageMonitor:
             else:
                 forward = partial(self.metrics, int(event["step"]), dict(event["metrics"]))
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: malformed event line skipped (%r): %.200s", self.stage, exc, line)
+            log.warning("%s: malformed event line skipped (%r): %.200s", self.label, exc, line)
             return True
         self._guarded(forward, kind)
         return True
@@ -73,14 +73,16 @@ class StageMonitor:
         try:
             forward()
         except Exception as exc:
-            log.warning("%s: could not forward %s to Prefect (%s); training goes on", self.stage, what, exc)
+            log.warning("%s: could not forward %s to Prefect (%s); training goes on", self.label, what, exc)
 
     def progress(self, percent: float) -> None:
-        stage_progress(self.stage, percent)
+        stage_progress(self.label, percent)
         now = time.monotonic()
         if self.progress_id is None:
             self.progress_id = create_progress_artifact(
-                percent, key=f"{self.stage}-progress", description=f"{self.stage}: percent of training steps done"
+                percent,
+                key=artifact_key(self.label, "progress"),
+                description=f"{self.label}: percent of training steps done",
             )
         elif percent >= 100 or now - self.progress_updated >= PROGRESS_INTERVAL_S:
             update_progress_artifact(self.progress_id, percent)
@@ -92,7 +94,7 @@ class StageMonitor:
         self.rows.append({"step": step, **metrics})
         emit_event(
             event="rlhf.metrics",
-            resource={"prefect.resource.id": f"rlhf.stage.{self.stage}", "prefect.resource.name": self.stage},
+            resource={"prefect.resource.id": f"rlhf.stage.{self.label}", "prefect.resource.name": self.label},
             payload={"step": step, **metrics},
         )
 
@@ -104,28 +106,45 @@ class StageMonitor:
             columns = sorted({key for row in self.rows for key in row} - {"step"})
             table = [{"step": row["step"], **{c: row.get(c) for c in columns}} for row in self.rows]
             create_table_artifact(
-                table, key=f"{self.stage}-metrics", description=f"{self.stage}: metrics at each logging step"
+                table,
+                key=artifact_key(self.label, "metrics"),
+                description=f"{self.label}: metrics at each logging step",
             )
 
 
 IMAGE_LINK = re.compile(rf"!\[([^\]]*)\]\(({PLOTS_DIR}/[\w.-]+\.png)\)")
 
 
-def publish_report(store: ArtifactStore, prefix: str) -> None:
+def artifact_key(label: str, what: str) -> str:
+    """A Prefect artifact key for a step's `what` (keys take lowercase letters, digits and dashes only):
+    `rl-progress`, `rl-rejection-sampling-progress` for that method's branch of a run of several."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{label}-{what}".lower())
+
+
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    create_markdown_artifact(markdown, key=key, description=description)
+
+
+def publish_report(store: ArtifactStore, prefix: str, label: str = "evaluate") -> None:
     """The evaluation's report.md (headline numbers, score distributions, side-by-side answers) as the run's
-    Markdown artifact, its pictures inlined: the UI cannot reach the store."""
+    Markdown artifact, its pictures inlined: the UI cannot reach the store. One per method's branch, where
+    there are several (`evaluation-report-ppo`)."""
     report = read_verified(store, prefix, "report.md").decode()
     inlined = IMAGE_LINK.sub(lambda link: image_markdown(store, prefix, link[2], link[1]), report)
-    create_markdown_artifact(inlined, key="evaluation-report", description="RLHF evaluation")
+    key = artifact_key(label.replace("evaluate", "evaluation", 1), "report")  # evaluation-report, evaluation-ppo-report
+    publish_markdown(inlined, key, f"RLHF evaluation ({label})")
 
 
-def publish_curves(store: ArtifactStore, stage: str, prefix: str, manifest: Manifest) -> None:
+def publish_curves(store: ArtifactStore, label: str, prefix: str, manifest: Manifest) -> None:
     """A training stage's metric curves as a Markdown artifact, where the stage drew them."""
     if any(entry.path == CURVES_FILE for entry in manifest.files):
-        picture = image_markdown(store, prefix, CURVES_FILE, f"{stage} training metrics")
-        create_markdown_artifact(picture, key=f"{stage}-curves", description=f"{stage}: metrics against the step")
+        picture = image_markdown(store, prefix, CURVES_FILE, f"{label} training metrics")
+        publish_markdown(picture, artifact_key(label, "curves"), f"{label}: metrics against the step")
+
+
+def png_data_uri(picture: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(picture).decode()}"
 
 
 def image_markdown(store: ArtifactStore, prefix: str, path: str, caption: str) -> str:
-    encoded = base64.b64encode(read_verified(store, prefix, path)).decode()
-    return f"![{caption}](data:image/png;base64,{encoded})"
+    return f"![{caption}]({png_data_uri(read_verified(store, prefix, path))})"

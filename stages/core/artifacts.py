@@ -194,9 +194,9 @@ def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
     return manifest
 
 
-def read_verified(store: ArtifactStore, prefix: str, path: str) -> bytes:
-    """One (small) file of a complete artifact, checked against its manifest."""
-    manifest = read_manifest(store, prefix)
+def read_verified(store: ArtifactStore, prefix: str, path: str, manifest: Manifest | None = None) -> bytes:
+    """One (small) file of a complete artifact, checked against its manifest (read here unless given)."""
+    manifest = manifest or read_manifest(store, prefix)
     entry = next((e for e in manifest.files if e.path == path), None) if manifest is not None else None
     if manifest is None or entry is None:
         raise InputError(f"{store.uri_of(prefix)}/{path}: not a file of a complete artifact")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from rlhf_pipeline.stages.core.errors import SeveralMethods
 from rlhf_pipeline.stages.core.registry import ALGORITHMS, STAGE_NAMES, STAGES
 from rlhf_pipeline.stages.core.store import DEFAULT_RETRIES, ArtifactStore
 
@@ -314,11 +315,15 @@ class GroupRLConfig(TrainingConfig):
         return self
 
 
+AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # the registry's names
+
+
 class RLConfig(Section):
-    algorithm: Literal[tuple(ALGORITHMS)] = Field(  # type: ignore[valid-type]  # the registry's names
+    algorithm: AlgorithmName | list[AlgorithmName] = Field(  # type: ignore[valid-type]
         "ppo",
         description="ppo and rejection_sampling (written here) and grpo/rloo (TRL) optimise against the reward "
-        "model; dpo (TRL) learns from the preference pairs directly",
+        "model; dpo (TRL) learns from the preference pairs directly. A list (e.g. [ppo, dpo]) runs rl and "
+        "evaluate once per method, side by side, on the same prepare, sft and reward artifacts, and compares them",
     )
     ppo: PPOConfig = Field(PPOConfig(), description="PPO, written here")
     rejection_sampling: RejectionSamplingConfig = Field(
@@ -327,6 +332,38 @@ class RLConfig(Section):
     dpo: DPOConfig = Field(DPOConfig(), description="TRL's DPOTrainer")
     grpo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's GRPOTrainer")
     rloo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's RLOOTrainer")
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _known_methods(cls, value: Any) -> Any:
+        """One message for a name or a list of names (pydantic would report both arms of the union)."""
+        for name in value if isinstance(value, list) else [value]:
+            if name not in ALGORITHMS:
+                known = ", ".join(repr(known) for known in ALGORITHMS)
+                raise ValueError(f"{name!r} is not one of {known}, nor is it a list of them")
+        return value
+
+    @model_validator(mode="after")
+    def _methods_named_once(self) -> RLConfig:
+        if isinstance(self.algorithm, list) and (not self.algorithm or len(set(self.algorithm)) < len(self.algorithm)):
+            raise ValueError("algorithm: a list names each method once, and at least one")
+        return self
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The alignment methods the run trains and compares, in the order given."""
+        return tuple(self.algorithm) if isinstance(self.algorithm, list) else (self.algorithm,)
+
+    @property
+    def method(self) -> str:
+        """The one method of a config that names one, as each stage process's config does (a run of several
+        gives each of its branches a config of its own: PipelineConfig.for_method)."""
+        if len(self.methods) > 1:
+            raise SeveralMethods(
+                f"rl.algorithm lists several methods ({', '.join(self.methods)}): a stage trains one; choose it with "
+                f"--set rl.algorithm={self.methods[0]}"
+            )
+        return self.methods[0]
 
 
 class EvaluateConfig(Section):
@@ -416,8 +453,28 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="judging base, SFT and RL policies")
     deploy: DeployConfig = Field(DeployConfig(), description="where stages run")
 
+    def for_method(self, method: str) -> PipelineConfig:
+        """The config of one branch of a run of several methods: this one with `rl.algorithm: <method>`, which is
+        what that method's rl and evaluate are planned, cached and run with."""
+        raw = self.model_dump(mode="json")
+        raw["rl"]["algorithm"] = method
+        return PipelineConfig.model_validate(raw)
+
+    @model_validator(mode="after")
+    def _each_method_valid(self) -> PipelineConfig:
+        if len(self.rl.methods) > 1:
+            for method in self.rl.methods:
+                try:
+                    self.for_method(method)
+                except ValidationError as exc:
+                    reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+                    raise ValueError(f"with rl.algorithm {method}: {reasons}") from None
+        return self
+
     @model_validator(mode="after")
     def _several_processes_only_where_trainers_distribute(self) -> PipelineConfig:
+        if len(self.rl.methods) > 1:
+            return self  # each method's config is checked on its own (_each_method_valid)
         for stage in self.deploy.stages:
             if self.deploy.processes(stage) > 1 and not STAGES[stage].distributes(self):
                 several = [name for name, algorithm in ALGORITHMS.items() if algorithm.distributes]

@@ -18,3 +18,7 @@ class DamagedArtifact(Exception):
 
 class MissingInput(InputError):
     """A stage's upstream artifact is not in the store: not produced yet, or set aside as damaged."""
+
+
+class SeveralMethods(InputError):
+    """A stage was asked to run a config that lists several RL methods: each runs from its own config."""

@@ -1,6 +1,7 @@
-"""PNG plots a person looks at instead of reading tables: a training stage's metric curves and the evaluation's
-reward distributions. Saved into the stage's artifact (where: `core.artifacts`, outside its digest); the
-orchestrator shows them in the Prefect UI.
+"""PNG plots a person looks at instead of reading tables: a training stage's metric curves, the evaluation's
+reward distributions, and the score/KL frontier of a run's alignment methods. Saved into the stage's artifact
+(where: `core.artifacts`, outside its digest) or beside the run's summary; the orchestrator shows them in the
+Prefect UI.
 
 Drawn on matplotlib's `Figure` directly (no pyplot): no global state, no display needed. matplotlib is imported
 only to draw: a stage with nothing to plot never loads it.
@@ -64,6 +65,20 @@ def save_distributions(panels: dict[str, dict[str, list[float]]], title: str, pa
         axes.set_title(score, fontsize=10)
         axes.set_ylabel("responses")
         axes.legend(fontsize=8)
+    _save(figure, path)
+
+
+def save_frontier(points: dict[str, tuple[float, float]], x_label: str, y_label: str, path: Path) -> None:
+    """One labelled point per policy: a score against the divergence paid for it."""
+    figure = _figure(5.5, 4, "Score against divergence from SFT")
+    axes = figure.add_subplot(1, 1, 1)
+    for label, (x, y) in points.items():
+        axes.scatter([x], [y], s=40)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    axes.margins(0.25)  # room for the labels
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.grid(alpha=0.3)
     _save(figure, path)
 
 

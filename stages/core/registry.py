@@ -46,6 +46,7 @@ class Stage:
     distributes: Callable[[Any], bool]
     model: str | None = None  # what model its artifact holds (it then carries a model card), if any
     pipeline_tag: str | None = None  # that model's task, as the Hugging Face Hub names it
+    per_method: bool = False  # runs once per method where rl.algorithm lists several (its own branch each)
 
     @property
     def program(self) -> str:
@@ -53,14 +54,14 @@ class Stage:
         return f"{PACKAGE}.{self.name}"
 
     def inputs_for(self, config: Any) -> tuple[str, ...]:
-        if self.name == "rl" and not ALGORITHMS[config.rl.algorithm].needs_reward_model:
+        if self.name == "rl" and not ALGORITHMS[config.rl.method].needs_reward_model:
             return tuple(name for name in self.inputs if name != "reward")
         return self.inputs
 
     def modules_for(self, config: Any) -> tuple[str, ...]:
         """The modules the stage runs, besides what they import: the runner, the stage's program, and for rl
         the chosen algorithm's module (each loaded by name)."""
-        algorithm = (ALGORITHMS[config.rl.algorithm].module,) if self.name == "rl" else ()
+        algorithm = (ALGORITHMS[config.rl.method].module,) if self.name == "rl" else ()
         return RUNNER, self.program, *algorithm
 
 
@@ -88,11 +89,14 @@ STAGES: dict[str, Stage] = {
             "rl",
             ("prepare", "sft", "reward"),
             ("model", "rl"),
-            lambda config: ALGORITHMS[config.rl.algorithm].distributes,
+            lambda config: ALGORITHMS[config.rl.method].distributes,
             model="a policy optimised towards human preferences",
             pipeline_tag="text-generation",
+            per_method=True,
         ),
-        Stage("evaluate", ("prepare", "sft", "reward", "rl"), ("model", "evaluate"), lambda config: False),
+        Stage(
+            "evaluate", ("prepare", "sft", "reward", "rl"), ("model", "evaluate"), lambda config: False, per_method=True
+        ),
     )
 }
 STAGE_NAMES = tuple(STAGES)

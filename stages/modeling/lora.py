@@ -25,7 +25,18 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_MODEL = "model:base"
+ARTIFACT_BASE = "artifact:"  # + the upstream stage whose artifact is the base
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
+
+
+def artifact_base(stage: str) -> str:
+    """How a kept adapter names its base when that is an upstream stage's artifact."""
+    return f"{ARTIFACT_BASE}{stage}"
+
+
+def upstream_stage(ref: str) -> str | None:
+    """The stage whose artifact an adapter's base names (`artifact:<stage>`), or None for another base."""
+    return ref.removeprefix(ARTIFACT_BASE) if ref.startswith(ARTIFACT_BASE) else None
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,7 @@ def link_adapter_bases(inputs: dict[str, Path], materialize_base: Callable[[], s
         ref = config["base_model_name_or_path"]
         if ref == BASE_MODEL:
             config["base_model_name_or_path"] = materialize_base()
-        elif ref.startswith("artifact:"):
-            stage = ref.removeprefix("artifact:")
+        elif (stage := upstream_stage(ref)) is not None:
             if stage not in inputs:
                 raise InputError(f"{model_dir}: the adapter's base {ref!r} is not an input of this stage")
             config["base_model_name_or_path"] = str(inputs[stage])

@@ -35,7 +35,7 @@ def front_matter(config: PipelineConfig, plan: StagePlan, out_dir: Path, license
     metadata: dict[str, Any] = {
         "library_name": "peft" if kept_adapter else "transformers",
         "pipeline_tag": STAGES[plan.stage].pipeline_tag,
-        "tags": ["rlhf", "trl", plan.stage] + ([config.rl.algorithm] if plan.stage == "rl" else []),
+        "tags": ["rlhf", "trl", plan.stage] + ([config.rl.method] if plan.stage == "rl" else []),
         # The Hub wants one licence id; several, or one given as prose, are "other" (named in the card).
         "license": distinct[0] if len(distinct) == 1 and " " not in distinct[0] else "other",
     }

@@ -11,7 +11,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.lengths import answerable
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
 
@@ -38,5 +38,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         peft_config=adapter_config(config.lora),
     )
     reported = {"eval_reward_accuracy": "eval_rewards/accuracies", "eval_loss": "eval_loss"}
-    metrics = train_evaluate_save(trainer, ctx, config, AdapterBase(sft_dir, "artifact:sft"), reported)
+    metrics = train_evaluate_save(trainer, ctx, config, AdapterBase(sft_dir, artifact_base("sft")), reported)
     return metrics | {"rows_too_long": {"train": train_dropped, "eval": eval_dropped}}

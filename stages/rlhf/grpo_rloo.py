@@ -17,7 +17,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_turns
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, unwrap_adapter
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, quantization_config
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import save_trained, train_with_resume, training_arguments, training_summary
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
@@ -42,7 +42,7 @@ def reward_function(ctx: StageContext, pad_token_id: int, end_ids: list[int]):
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    algorithm = ctx.config.rl.algorithm
+    algorithm = ctx.config.rl.method
     config = getattr(ctx.config.rl, algorithm)
     trainer_class, config_class = TRAINERS[algorithm]
     sft_dir = str(ctx.inputs["sft"])
@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     train_with_resume(trainer, ctx)
     unwrap_adapter(trainer.model).generation_config = own_config
-    save_trained(trainer, config, AdapterBase(sft_dir, "artifact:sft"), ctx.out_dir)
+    save_trained(trainer, config, AdapterBase(sft_dir, artifact_base("sft")), ctx.out_dir)
     return training_summary(trainer, "reward") | {"prompts_too_long": too_long}
 
 

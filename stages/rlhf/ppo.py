@@ -25,7 +25,13 @@ from rlhf_pipeline.stages.core.config import PPOConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.loading import autocast, disable_dropout, load_policy, load_scorer, load_tokenizer
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
+from rlhf_pipeline.stages.modeling.lora import (
+    AdapterBase,
+    artifact_base,
+    quantization_config,
+    resume_adapter,
+    with_adapter,
+)
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
@@ -261,7 +267,7 @@ class PPOTrainer:
 def run(ctx: StageContext) -> dict[str, Any]:
     trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
     trainer.train()
-    base = AdapterBase(trainer.sft_dir, "artifact:sft")
+    base = AdapterBase(trainer.sft_dir, artifact_base("sft"))
     save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
     # Wall-clock seconds differ from run to run: they go to logs/ (left out of the digest), not into the record
     # of what was trained, so that a resumed run's artifact has the digest of an uninterrupted one.

@@ -24,7 +24,13 @@ from rlhf_pipeline.stages.core.config import RejectionSamplingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, merged_adapter
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, quantization_config, resume_adapter, with_adapter
+from rlhf_pipeline.stages.modeling.lora import (
+    AdapterBase,
+    artifact_base,
+    quantization_config,
+    resume_adapter,
+    with_adapter,
+)
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
@@ -119,7 +125,7 @@ def save_final(ctx: StageContext, round_dir: Path) -> None:
         return
     sft_dir = str(ctx.inputs["sft"])
     policy = load_round_policy(ctx, round_dir, trainable=True)
-    save_model(policy, load_tokenizer(sft_dir), ctx.out_dir, lora, AdapterBase(sft_dir, "artifact:sft"))
+    save_model(policy, load_tokenizer(sft_dir), ctx.out_dir, lora, AdapterBase(sft_dir, artifact_base("sft")))
     shutil.copy(round_dir / "rounds.jsonl", ctx.out_dir)
 
 

@@ -17,7 +17,7 @@ from rlhf_pipeline.stages.core.artifacts import MANIFEST, Manifest, read_manifes
 from rlhf_pipeline.stages.core.config import ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import ArtifactStore
-from rlhf_pipeline.stages.modeling.lora import ADAPTER_CONFIG, fetch_artifacts
+from rlhf_pipeline.stages.modeling.lora import ADAPTER_CONFIG, fetch_artifacts, upstream_stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -101,8 +101,8 @@ def adapter_upstream(store: ArtifactStore, prefix: str, manifest: Manifest) -> s
     """The stage whose artifact a kept adapter was trained on (its base `artifact:<stage>`), or None."""
     if not any(entry.path == ADAPTER_CONFIG for entry in manifest.files):
         return None
-    ref = json.loads(read_verified(store, prefix, ADAPTER_CONFIG))["base_model_name_or_path"]
-    return ref.removeprefix("artifact:") if ref.startswith("artifact:") else None
+    ref = json.loads(read_verified(store, prefix, ADAPTER_CONFIG, manifest))["base_model_name_or_path"]
+    return upstream_stage(ref)
 
 
 def base_of(manifest: Manifest, work_dir: Path) -> str:

@@ -119,3 +119,14 @@ def test_digest_leaves_out_logs_figures_and_the_model_card():
     nested_card = FileEntry(path="per_aspect/README.md", size=1, sha256="y")
     nested = Manifest(stage="s", cache_key="k", config={}, files=[*files, nested_card])
     assert bare.digest == documented.digest != nested.digest
+
+
+def test_a_methods_branch_keys_as_a_run_of_that_method_alone():
+    several = load_config(None, ["rl.algorithm=[ppo, dpo]", "rl.dpo.beta=0.2"])
+    for method in ("ppo", "dpo"):
+        alone = load_config(None, [f"rl.algorithm={method}", "rl.dpo.beta=0.2"])
+        for stage in ("rl", "evaluate"):
+            assert key_sections(several.for_method(method), stage) == key_sections(alone, stage)
+            assert STAGES[stage].modules_for(several.for_method(method)) == STAGES[stage].modules_for(alone)
+    for stage in ("prepare", "sft", "reward"):  # shared: keyed as in a run of one method
+        assert key_sections(several, stage) == key_sections(load_config(None, []), stage)

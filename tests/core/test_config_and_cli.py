@@ -42,10 +42,11 @@ def test_wrong_type_names_file_line_and_field(tmp_path):
 
 
 def test_invalid_choice_and_cross_field_rules(tmp_path):
-    with pytest.raises(
-        InputError, match="rl.algorithm: Input should be 'ppo', 'rejection_sampling', 'dpo', 'grpo' or 'rloo'"
-    ):
+    known = "'ppo', 'rejection_sampling', 'dpo', 'grpo', 'rloo'"
+    with pytest.raises(InputError, match=f"rl.algorithm: Value error, 'reinforce' is not one of {known}, nor is it"):
         load_config(None, ["rl.algorithm=reinforce"])
+    with pytest.raises(InputError, match="rl.algorithm: Value error, 'reinforce' is not one of"):
+        load_config(None, ["rl.algorithm=[ppo, reinforce]"])
     with pytest.raises(InputError, match="multiple of mini_batch_size"):
         load_config(None, ["rl.ppo.batch_size=10", "rl.ppo.mini_batch_size=4"])
 
@@ -210,3 +211,19 @@ def test_settings_that_would_train_on_another_distribution_or_leave_no_prompt_ar
 def test_a_section_that_changes_a_default_keeps_the_fields_limits(override):
     with pytest.raises(InputError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
+    config = load_config(None, ["rl.algorithm=[ppo, rejection_sampling, dpo]"])
+    assert config.rl.methods == ("ppo", "rejection_sampling", "dpo")
+    assert [config.for_method(m).rl.method for m in config.rl.methods] == list(config.rl.methods)
+    assert load_config(None, ["rl.algorithm=[dpo]"]).rl.method == "dpo"  # a list of one is a run of one
+    with pytest.raises(InputError, match="a list names each method once"):
+        load_config(None, ["rl.algorithm=[ppo, ppo]"])
+    with pytest.raises(InputError, match=r"with rl.algorithm ppo: deploy.stages.rl: this stage trains in one process"):
+        load_config(None, ["rl.algorithm=[dpo, ppo]", "deploy.stages.rl.processes=2"])
+    path = tmp_path / "several.yaml"
+    path.write_text(yaml.safe_dump({"rl": {"algorithm": ["ppo", "dpo"]}}))
+    result = rlhf("stage", "rl", "--config", str(path), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "rl.algorithm lists several methods (ppo, dpo): a stage trains one" in result.stderr

@@ -15,7 +15,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def _shown(terminal: bool) -> str:
     output = io.StringIO()
-    with watching(Console(file=output, force_terminal=terminal, width=100)):
+    with watching(console=Console(file=output, force_terminal=terminal, width=100)):
         stage_started("prepare")
         stage_finished("prepare", "cached")
         stage_started("sft")

@@ -10,13 +10,14 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterName
 from prefect.client.schemas.objects import StateType
 
 from rlhf_pipeline.flows.monitoring.heartbeats import heartbeat_key
@@ -115,6 +116,74 @@ def test_switching_rl_algorithm_reruns_only_rl_and_evaluate(first_run, bucket):
     assert statuses == {"prepare": "cached", "sft": "cached", "reward": "cached", "rl": "ran", "evaluate": "ran"}
     rl = summary["stages"]["rl"]["metrics"]
     assert rl["algorithm"] == "rejection_sampling" and rl["steps"] == 2
+
+
+# Settings no other test uses, so that both methods train here (the shared stages are the first run's).
+SEVERAL_METHODS = [
+    "rl.algorithm=[rejection_sampling, dpo]",
+    "rl.rejection_sampling.training.learning_rate=2e-3",
+    "rl.dpo.beta=0.2",
+    "rl.dpo.max_steps=20",
+    "rl.dpo.batch_size=16",
+]
+
+
+def test_several_methods_train_side_by_side_on_the_shared_stages_and_are_compared(first_run, bucket):
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args(*SEVERAL_METHODS))
+    summary = summary_of(result)
+    assert summary["status"] == "completed", result.stderr[-3000:]
+    branches = [f"{stage}:{m}" for m in ("rejection_sampling", "dpo") for stage in ("rl", "evaluate")]
+    assert list(summary["stages"]) == ["prepare", "sft", "reward", *branches]
+    statuses = {name: s["status"] for name, s in summary["stages"].items()}
+    assert statuses == dict.fromkeys(["prepare", "sft", "reward"], "cached") | dict.fromkeys(branches, "ran")
+    for shared in ("prepare", "sft", "reward"):
+        assert summary["stages"][shared]["artifact"] == first_run["stages"][shared]["artifact"]
+    assert summary["stages"]["rl:dpo"]["metrics"]["algorithm"] == "dpo"
+    assert summary["stages"]["rl:rejection_sampling"]["metrics"]["algorithm"] == "rejection_sampling"
+
+    def interval(label: str) -> tuple[float, float]:
+        stage = summary["stages"][label]
+        start = datetime.fromisoformat(stage["started_at"]).timestamp()
+        return start, start + stage["seconds"]
+
+    (rs_start, rs_end), (dpo_start, dpo_end) = interval("rl:rejection_sampling"), interval("rl:dpo")
+    assert rs_start < dpo_end and dpo_start < rs_end  # the two rl stages ran at the same time
+
+    comparison = summary["comparison"]
+    assert list(comparison["policies"]) == ["sft", "rejection_sampling", "dpo"]
+    for method in ("rejection_sampling", "dpo"):
+        report = summary["stages"][f"evaluate:{method}"]["metrics"]
+        row = comparison["policies"][method]
+        assert row["kl_rl_sft"] == report["kl_rl_sft"] > 0 and row["win_rate_vs_sft"] == report["win_rate_vs_sft"]
+        assert row["distinct_1"] == report["distinct_1"]["rl"] and 0 < row["distinct_2"] <= 1
+        assert comparison["policies"]["sft"]["mean_judge_score"] == report["mean_judge_score"]["sft"]  # same SFT
+    rates = comparison["win_rates"]
+    assert rates["dpo"]["rejection_sampling"] + rates["rejection_sampling"]["dpo"] == pytest.approx(1.0)
+
+    store = S3Store(f"s3://{bucket}/runs")
+    run_files = f"runs/{summary['run_id']}"
+    assert store.read_bytes(f"{run_files}/frontier.png").startswith(b"\x89PNG")
+    assert "| dpo | 0." in store.read_bytes(f"{run_files}/comparison.md").decode()
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["run_id"]]))
+        )
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [flow_run.id]}))
+    keys = {artifact.key: artifact for artifact in artifacts}
+    assert {"rl-dpo-metrics", "rl-rejection-sampling-progress", "evaluation-dpo-report"} <= set(keys)
+    assert "data:image/png;base64," in keys["method-comparison"].data and "| dpo | 0." in keys["method-comparison"].data
+
+    shown = rlhf("show", summary["run_id"], "--store", f"s3://{bucket}/runs")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "# Alignment methods compared" in shown.stdout and "| rejection_sampling | - |" in shown.stdout
+    assert f"frontier plot: s3://{bucket}/runs/{run_files}/frontier.png" in shown.stdout
+
+    # A method's branch is cached as a run of that method alone.
+    alone = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args(*SEVERAL_METHODS, "rl.algorithm=dpo"))
+    alone_summary = summary_of(alone)
+    assert {name: s["status"] for name, s in alone_summary["stages"].items()} == dict.fromkeys(STAGE_NAMES, "cached")
+    assert alone_summary["stages"]["evaluate"]["artifact"] == summary["stages"]["evaluate:dpo"]["artifact"]
+    assert "comparison" not in alone_summary
 
 
 def test_a_damaged_artifact_is_set_aside_and_computed_again(first_run, bucket):

@@ -143,7 +143,19 @@ def test_activation_checkpointing_recomputes_activations_and_trains_to_the_same_
 
 
 def test_win_rate_counts_ties_half():
-    from rlhf_pipeline.stages.evaluate import win_rate
+    from rlhf_pipeline.stages.core.comparison import win_rate
 
     assert win_rate([2.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 0.0]) == (1 + 0.5 + 0 + 0.5) / 4
     assert win_rate([0.0, 0.0], [1.0, 2.0]) == 0.0
+
+
+def test_diversity_shows_a_policy_that_collapses_onto_a_few_words():
+    from rlhf_pipeline.stages.evaluate import distinct_n, repeated_word_rate
+
+    varied = ["the cat sat on a mat", "dogs bark at night"]
+    collapsed = ["lovely and lovely .", "lovely and lovely ."]
+    assert distinct_n(varied, 1) == 1.0 and distinct_n(varied, 2) == 1.0 and repeated_word_rate(varied) == 0.0
+    assert distinct_n(collapsed, 1) == 3 / 8  # lovely, and, . over 8 words
+    assert distinct_n(collapsed, 2) == 3 / 6  # (lovely and) (and lovely) (lovely .) over 6 bigrams
+    assert repeated_word_rate(collapsed) == 2 / 8  # the second "lovely" of each answer
+    assert repeated_word_rate(["Lovely lovely"]) == 0.5 and distinct_n([""], 2) == 0.0
