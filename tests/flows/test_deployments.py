@@ -159,7 +159,7 @@ def test_the_child_flow_runs_final_state_decides_retry_or_fail_fast(prefect_api,
     else:
         with pytest.raises(error, match=state.message):
             launch()
-    assert calls == [("rlhf-stage/sft", {"stage": "sft", "config_uri": str(config)})]
+    assert calls == [("rlhf-stage/sft", {"stage": "sft", "config_uri": str(config), "label": "sft"})]
 
 
 def test_a_stage_flow_run_no_worker_starts_times_out_naming_the_pool(prefect_api, tmp_path):

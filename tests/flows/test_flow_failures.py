@@ -140,7 +140,7 @@ class _Counting:
     calls = 0
     error: type[Exception] = StageCrashed
 
-    def launch(self, stage, config_uri, logger):
+    def launch(self, stage, config_uri, logger, label=None):
         if stage != "sft":
             raise AssertionError("the flow must not go past the failed stage")
         type(self).calls += 1
@@ -185,7 +185,7 @@ class _Publishing:
 
     launched: list[str] = []
 
-    def launch(self, stage, config_uri, logger):
+    def launch(self, stage, config_uri, logger, label=None):
         config = read_config(config_uri)
         store = config.run.open_store()
         type(self).launched.append(stage)
