@@ -70,6 +70,7 @@ constraints: install
 benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py
 	$(PY) tests/benchmarks/bench_side_by_side.py
+	$(PY) tests/benchmarks/bench_processes.py
 
 clean:
 	rm -rf $(VENV) .rlhf .assets .test-artifacts

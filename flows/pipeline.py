@@ -81,6 +81,7 @@ def run_stage(stage: str, config_uri: str, launcher: str, label: str) -> dict[st
     return {
         "status": status,
         "artifact": store.uri_of(plan.prefix),
+        "prefix": plan.prefix,  # the artifact's key in the store
         "attempts": task_run.run_count,
         "resumed_from": manifest.resumed_from if status == "ran" else None,
         "metrics": manifest.metrics,
@@ -110,42 +111,55 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
 
 @dataclass(frozen=True)
 class Step:
-    """One stage as the run runs it: a run of several methods runs rl and evaluate once per method, each from
-    its own config (`rl.algorithm: <method>`). The label names it in the summary, the UI and the terminal."""
+    """One stage as the run runs it. A run of several methods runs rl and evaluate once per method (`method`),
+    each from its own config (`rl.algorithm: <method>`); the label names the step in the summary, the UI and
+    the terminal."""
 
     label: str
     stage: str
-    config_uri: str
-    config: PipelineConfig
+    method: str | None  # None: a stage every method shares
 
 
-def run_steps_of(
-    store: ArtifactStore, config: PipelineConfig, config_uri: str, run_id: str
-) -> tuple[list[Step], dict[str, list[Step]]]:
-    """The stages every method shares, and per method (when there are several) the stages of its branch,
-    with the method's config written beside the run's."""
+def run_layout(config: PipelineConfig) -> list[Step]:
+    """Every step of the run, in the run's order: each stage, or for several methods the shared stages and
+    then each method's branch."""
     if len(config.rl.methods) == 1:
-        return [Step(stage, stage, config_uri, config) for stage in STAGE_NAMES], {}
-    shared = [Step(name, name, config_uri, config) for name, stage in STAGES.items() if not stage.per_method]
-    branches: dict[str, list[Step]] = {}
-    for method in config.rl.methods:
-        branch_config = config.for_method(method)
-        key = f"runs/{run_id}/config.{method}.yaml"
-        store.write_bytes(key, dump_config(branch_config).encode())
-        branches[method] = [
-            Step(f"{name}:{method}", name, store.uri_of(key), branch_config)
-            for name, stage in STAGES.items()
-            if stage.per_method
-        ]
-    return shared, branches
+        return [Step(name, name, None) for name in STAGE_NAMES]
+    shared = [Step(name, name, None) for name, stage in STAGES.items() if not stage.per_method]
+    return shared + [
+        Step(f"{name}:{method}", name, method)
+        for method in config.rl.methods
+        for name, stage in STAGES.items()
+        if stage.per_method
+    ]
 
 
 def step_labels(config: PipelineConfig) -> list[str]:
-    """What the terminal shows a row for: each stage, and for several methods rl and evaluate per method."""
-    if len(config.rl.methods) == 1:
-        return list(STAGE_NAMES)
-    shared = [name for name, stage in STAGES.items() if not stage.per_method]
-    return shared + [f"{name}:{m}" for m in config.rl.methods for name, stage in STAGES.items() if stage.per_method]
+    """What the terminal shows a row for."""
+    return [step.label for step in run_layout(config)]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The config a step runs from, and where its stage process reads it."""
+
+    uri: str
+    config: PipelineConfig
+
+
+def step_configs(
+    store: ArtifactStore, config: PipelineConfig, config_uri: str, run_id: str
+) -> dict[str | None, StepConfig]:
+    """The run's config for the shared stages (None) and, when there are several methods, each method's,
+    written beside the run's."""
+    configs: dict[str | None, StepConfig] = {None: StepConfig(config_uri, config)}
+    if len(config.rl.methods) > 1:
+        for method in config.rl.methods:
+            key = f"runs/{run_id}/config.{method}.yaml"
+            method_config = config.for_method(method)
+            store.write_bytes(key, dump_config(method_config).encode())
+            configs[method] = StepConfig(store.uri_of(key), method_config)
+    return configs
 
 
 class RunRecord:
@@ -176,29 +190,37 @@ class RunRecord:
         return any(result["status"] == "failed" for result in self.stages.values())
 
 
-def run_steps(store: ArtifactStore, steps: list[Step], launcher: str, tags: list[str], record: RunRecord) -> str | None:
+def run_steps(
+    store: ArtifactStore,
+    steps: list[Step],
+    configs: dict[str | None, StepConfig],
+    launcher: str,
+    tags: list[str],
+    record: RunRecord,
+) -> str | None:
     """Each step in order, as a task; a step whose input turned out damaged sends the run back to the step that
     produces it. Returns the stage to compute again where that is not among these steps (a branch's shared input)."""
     index = 0
     while index < len(steps):
         step = steps[index]
+        run = configs[step.method]
         started, started_at = time.monotonic(), datetime.now(UTC).isoformat()
         task = run_stage.with_options(
             name=step.stage,
             task_run_name=step.label,
             tags=tags,
-            retries=step.config.run.retries,
-            retry_delay_seconds=[step.config.run.retry_delay_seconds * 2**i for i in range(step.config.run.retries)],
+            retries=run.config.run.retries,
+            retry_delay_seconds=[run.config.run.retry_delay_seconds * 2**i for i in range(run.config.run.retries)],
         )
         stage_started(step.label)
-        state = task(step.stage, step.config_uri, launcher, step.label, return_state=True)
+        state = task(step.stage, run.uri, launcher, step.label, return_state=True)
         timing = {"seconds": round(time.monotonic() - started, 2), "started_at": started_at}
         if state.is_completed():
             record.finished(step.label, state.result() | timing)
             stage_finished(step.label, record.stages[step.label]["status"])
             index += 1
             continue
-        redo = _damaged_upstream(store, step.config, step.stage, state)
+        redo = _damaged_upstream(store, run.config, step.stage, state)
         if redo is not None and record.may_recompute(redo, _error_of(state)):
             get_run_logger().warning("%s: %s; computing %s again", step.label, _error_of(state), redo)
             stages = [s.stage for s in steps]
@@ -210,6 +232,7 @@ def run_steps(store: ArtifactStore, steps: list[Step], launcher: str, tags: list
         failure: dict[str, Any] = {
             "status": "failed",
             "artifact": None,
+            "prefix": None,
             "attempts": None,
             "resumed_from": None,
             "metrics": {},
@@ -232,17 +255,20 @@ def run_stages(
     of task runs, and the methods' comparison. A branch whose shared input turned out damaged sends the run
     back to the shared stage that produces it; the branches then run again (what they finished is cached)."""
     tags = [f"config:{config_hash}", f"model:{config.model.base}"]
-    shared, branches = run_steps_of(store, config, config_uri, run_id)
+    layout = run_layout(config)
+    configs = step_configs(store, config, config_uri, run_id)
+    shared = [step for step in layout if step.method is None]
+    branches = {m: [step for step in layout if step.method == m] for m in config.rl.methods if len(configs) > 1}
     record = RunRecord(heartbeat, recompute_budget=len(STAGE_NAMES))
     start = 0
     while True:
-        run_steps(store, shared[start:], launcher, tags, record)
+        run_steps(store, shared[start:], configs, launcher, tags, record)
         if record.failed or not branches:
             break
         with ThreadPoolExecutor(max_workers=len(branches), thread_name_prefix="rlhf-method") as pool:
             # Each thread runs in a copy of this flow run's context, as Prefect's own task runner does.
             futures = [
-                pool.submit(copy_context().run, run_steps, store, steps, launcher, tags, record)
+                pool.submit(copy_context().run, run_steps, store, steps, configs, launcher, tags, record)
                 for steps in branches.values()
             ]
             redos = [future.result() for future in futures]
@@ -251,20 +277,20 @@ def run_stages(
             break
         start = [step.stage for step in shared].index(redo)
     status = "failed" if record.failed else "completed"
-    labels = [step.label for step in shared] + [step.label for steps in branches.values() for step in steps]
-    stages = {label: record.stages[label] for label in labels if label in record.stages}  # in the run's order
+    stages = {step.label: record.stages[step.label] for step in layout if step.label in record.stages}
     summary = {"status": status, "store": store.uri, "stages": stages, "recomputed": record.recomputed}
     if branches and status == "completed":
-        summary["comparison"] = publish_comparison(store, run_id, {m: steps[-1] for m, steps in branches.items()})
+        evaluations = {m: stages[steps[-1].label]["prefix"] for m, steps in branches.items()}
+        summary["comparison"] = publish_comparison(store, run_id, evaluations)
     return summary
 
 
-def publish_comparison(store: ArtifactStore, run_id: str, evaluations: dict[str, Step]) -> dict[str, Any]:
-    """The methods side by side, from each one's evaluation report: comparison.json, comparison.md and the
-    frontier plot beside the run's summary in the store, and a Markdown artifact in the Prefect UI."""
+def publish_comparison(store: ArtifactStore, run_id: str, evaluations: dict[str, str]) -> dict[str, Any]:
+    """The methods side by side, from each one's evaluation report (`evaluations`: its artifact's key):
+    comparison.json, comparison.md and the frontier plot beside the run's summary in the store, and a Markdown
+    artifact in the Prefect UI."""
     reports = {
-        method: json.loads(read_verified(store, plan_stage(store, step.config, step.stage).prefix, "report.json"))
-        for method, step in evaluations.items()
+        method: json.loads(read_verified(store, prefix, "report.json")) for method, prefix in evaluations.items()
     }
     comparison = compare_methods(reports)
     with tempfile.TemporaryDirectory() as scratch:

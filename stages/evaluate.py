@@ -23,7 +23,14 @@ from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
-from rlhf_pipeline.stages.rlhf.rollout import Rollout, decode_responses, reference_logprobs, response_logprobs, sample
+from rlhf_pipeline.stages.rlhf.rollout import (
+    Rollout,
+    decode_responses,
+    prompt_seeds,
+    reference_logprobs,
+    response_logprobs,
+    sample,
+)
 from rlhf_pipeline.stages.rlhf.scoring import response_scores
 
 POLICIES = ("base", "sft", "rl")
@@ -31,13 +38,14 @@ BATCH = 64
 
 
 def generate_all(ctx: StageContext, source: str, prompts: list) -> tuple[list[Rollout], list[str], list[bool]]:
-    """Every policy answers the same prompts with the same seed; also whether each answer ended its turn."""
+    """Every policy answers the same prompts with the same seed per prompt; also whether each answer ended its
+    turn."""
     tokenizer = load_tokenizer(source)
     policy = load_policy(source, ctx.device).eval()
-    torch.manual_seed(ctx.config.run.seed)
-    max_length = ctx.config.model.max_length
+    seeds = prompt_seeds(ctx.config.run.seed, "evaluate", range(len(prompts)))
+    generation, max_length = ctx.config.evaluate.generation, ctx.config.model.max_length
     rollouts = [
-        sample(policy, tokenizer, prompts[i : i + BATCH], ctx.config.evaluate.generation, max_length)
+        sample(policy, tokenizer, prompts[i : i + BATCH], generation, seeds[i : i + BATCH], max_length)
         for i in range(0, len(prompts), BATCH)
     ]
     responses = [text for r in rollouts for text in decode_responses(tokenizer, r)]

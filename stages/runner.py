@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.planner import StagePlan, key_sections, plan_stage
 from rlhf_pipeline.stages.core.plots import save_curves
-from rlhf_pipeline.stages.core.progress import METRICS_HISTORY
+from rlhf_pipeline.stages.core.progress import METRICS_HISTORY, is_main_process
 from rlhf_pipeline.stages.core.registry import STAGES
 from rlhf_pipeline.stages.core.store import ArtifactStore
 from rlhf_pipeline.stages.core.work_area import work_directory
@@ -41,11 +40,6 @@ def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
     from rlhf_pipeline.stages.modeling.loading import materialize_base
 
     return materialize_base(config.model, config.run.seed, work_dir)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a stage started by `accelerate launch` (DDP), or a stage's only process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_metrics_history(stage: str, out_dir: Path) -> None:

@@ -402,8 +402,8 @@ class StageResources(Section):
     processes: int | None = Field(
         None,
         ge=1,
-        description="training processes (DDP through `torchrun`); default: one per GPU. For the stages "
-        "that train through TRL's trainers: sft, reward (pairwise), rl with dpo, grpo or rloo",
+        description="training processes (data-parallel, through `torchrun`); default: one per GPU. For sft, "
+        "reward (pairwise) and rl (every algorithm; PPO's batch and mini-batch are divided among them)",
     )
 
 
@@ -477,11 +477,22 @@ class PipelineConfig(Section):
             return self  # each method's config is checked on its own (_each_method_valid)
         for stage in self.deploy.stages:
             if self.deploy.processes(stage) > 1 and not STAGES[stage].distributes(self):
-                several = [name for name, algorithm in ALGORITHMS.items() if algorithm.distributes]
                 raise ValueError(
                     f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
-                    f"reward, rl with {'/'.join(several)}); set processes: 1 to give it several GPUs anyway"
+                    "reward, rl); set processes: 1 to give it several GPUs anyway"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _ppo_batches_divide_among_processes(self) -> PipelineConfig:
+        processes = self.deploy.processes("rl")
+        if self.rl.methods == ("ppo",) and processes > 1:
+            for name in ("batch_size", "mini_batch_size"):
+                if getattr(self.rl.ppo, name) % processes:
+                    raise ValueError(
+                        f"rl.ppo.{name}: {getattr(self.rl.ppo, name)} rollouts do not divide among the "
+                        f"{processes} processes of deploy.stages.rl; make it a multiple of {processes}"
+                    )
         return self
 
     @model_validator(mode="after")

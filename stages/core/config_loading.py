@@ -91,7 +91,7 @@ def _describe_validation_error(exc: ValidationError, path: Path, text: str) -> s
         line = _line_of(root, loc)
         where = f"{path}:{line}" if line else str(path)
         field = ".".join(loc) or "(top level)"
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {field}: {message}")
     return "; ".join(problems)
 

@@ -57,7 +57,7 @@ def granted_cpus() -> float:
     return min(limits)
 
 
-def compute_threads(root: Path | None = None) -> int:
-    """This process's share of its CPUs, at least one thread."""
+def compute_threads(cpus: float, root: Path | None = None) -> int:
+    """This process's share of `cpus` (those it may use: `granted_cpus`), at least one thread."""
     sharing = max(len(live_stage_processes(root)), 1)
-    return max(1, math.floor(granted_cpus() / sharing))
+    return max(1, math.floor(cpus / sharing))

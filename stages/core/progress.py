@@ -31,11 +31,21 @@ def emit(kind: str, stage: str, **fields: Any) -> None:
     print(PREFIX + json.dumps({"kind": kind, "stage": stage, **clean}), file=sys.stdout, flush=True)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a stage's several processes (`torchrun` sets RANK), or its only process: the one that reports
+    progress and metrics, tracks and publishes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def report_progress(stage: str, step: int, total: int) -> None:
+    if not is_main_process():
+        return
     emit("progress", stage, step=step, total=total, percent=round(100 * step / max(total, 1), 1))
 
 
 def report_metrics(stage: str, step: int, metrics: dict[str, Any]) -> None:
+    if not is_main_process():
+        return
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     METRICS_HISTORY.append({"step": step, **numbers})
     emit("metrics", stage, step=step, metrics=numbers)

@@ -20,19 +20,16 @@ class Algorithm:
     name: str
     module: str  # under stages/rlhf/: its run(ctx) trains the policy
     needs_reward_model: bool  # False: it learns from the preference pairs directly
-    distributes: bool  # its trainer runs on several data-parallel processes (torchrun)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     algorithm.name: algorithm
     for algorithm in (
-        Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True, distributes=False),
-        Algorithm(
-            "rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True, distributes=False
-        ),
-        Algorithm("dpo", f"{PACKAGE}.rlhf.dpo", needs_reward_model=False, distributes=True),
-        Algorithm("grpo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True, distributes=True),
-        Algorithm("rloo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True, distributes=True),
+        Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True),
+        Algorithm("rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True),
+        Algorithm("dpo", f"{PACKAGE}.rlhf.dpo", needs_reward_model=False),
+        Algorithm("grpo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True),
+        Algorithm("rloo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True),
     )
 }
 
@@ -89,7 +86,7 @@ STAGES: dict[str, Stage] = {
             "rl",
             ("prepare", "sft", "reward"),
             ("model", "rl"),
-            lambda config: ALGORITHMS[config.rl.method].distributes,
+            lambda config: True,
             model="a policy optimised towards human preferences",
             pipeline_tag="text-generation",
             per_method=True,

@@ -23,8 +23,9 @@ def take_cpu_share() -> int:
     now = time.monotonic()
     if now - _last_check >= RECHECK_SECONDS:
         _last_check = now
-        threads = compute_threads()
+        cpus = granted_cpus()
+        threads = compute_threads(cpus)
         if threads != torch.get_num_threads():
-            log.info("compute threads: %d (of %g CPUs this process may use)", threads, granted_cpus())
+            log.info("compute threads: %d (of %g CPUs this process may use)", threads, cpus)
             torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rlhf_pipeline.stages.core.artifacts import LOGS_DIR
 from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.core.progress import is_main_process
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 
 LogMetrics = Callable[[dict[str, float], int], None]
@@ -46,7 +47,8 @@ def logs_dir(ctx: StageContext, out_dir: Path | None = None) -> Path:
 
 @contextmanager
 def trackers(ctx: StageContext) -> Iterator[LogMetrics]:
-    """A function that logs a step's metrics (as `train/<name>`, like the Trainer) to every configured tracker."""
+    """A function that logs a step's metrics (as `train/<name>`, like the Trainer) to every configured tracker;
+    of several processes, the main one's."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     # accelerate names W&B's project (MLflow's experiment unless MLFLOW_EXPERIMENT_NAME is set) after this:
@@ -54,7 +56,7 @@ def trackers(ctx: StageContext) -> Iterator[LogMetrics]:
     project = os.environ.get("WANDB_PROJECT", "huggingface")
     logs = logs_dir(ctx)
     started = []
-    for name in report_to(ctx):
+    for name in report_to(ctx) if is_main_process() else []:
         tracker_class = LOGGER_TYPE_TO_CLASS[name]
         # A directory tracker (TensorBoard) writes into <directory>/<name>: here, the artifact's logs/ itself.
         if tracker_class.requires_logging_directory:

@@ -6,6 +6,10 @@ model's estimates gives advantages, whitened; then several PPO epochs of clipped
 shuffled mini-batches. The value model starts from the reward model, as in InstructGPT.
 With `rl.ppo.lora`, the policy and the value model train LoRA adapters, and the reference is the policy with
 its adapter disabled: no second copy of the policy's weights.
+
+On several processes (`deploy.stages.rl.processes`) each generates, scores and trains on its share of every
+batch and mini-batch (`modeling.data_parallel`); batch sizes, epochs, whitening and metrics mean what they mean
+in one process, and sampling is seeded per prompt, so that any number of processes draws the same rollouts.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from rlhf_pipeline.stages.core.config import PPOConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.data_parallel import join_processes
 from rlhf_pipeline.stages.modeling.loading import autocast, disable_dropout, load_policy, load_scorer, load_tokenizer
 from rlhf_pipeline.stages.modeling.lora import (
     AdapterBase,
@@ -38,12 +43,21 @@ from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
 from rlhf_pipeline.stages.rlhf import ppo_math
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
-from rlhf_pipeline.stages.rlhf.rollout import Rollout, reference_logprobs, response_logprobs, sample, token_values
+from rlhf_pipeline.stages.rlhf.rollout import (
+    Rollout,
+    decode_responses,
+    prompt_seeds,
+    reference_logprobs,
+    response_logprobs,
+    sample,
+    token_values,
+)
 from rlhf_pipeline.stages.rlhf.scoring import rollout_scores
 
 log = logging.getLogger("rlhf.stage")
 
 PHASES = ("generation", "scoring", "reference_values", "optimization")
+SAMPLES_EVERY = 10  # steps between the rollouts kept in the artifact's ppo_samples.jsonl (and the last one)
 
 
 class PhaseTimer:
@@ -73,9 +87,11 @@ class PPOTrainer:
         self.ctx = ctx
         self.config = config
         self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
+        self.processes = join_processes(ctx.device)
         self.tokenizer = load_tokenizer(self.sft_dir)
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
+        self.samples: list[dict[str, Any]] = []  # what the policy answered, every SAMPLES_EVERY steps
         self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
         if self.start:
             self.load_checkpoint(self.restore_dir(self.start))
@@ -138,22 +154,36 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, step: int, timer: PhaseTimer) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
+        """The step's rollouts and everything PPO needs of them, for the whole batch: this process generates
+        and scores its share of the prompts, and the shares are gathered."""
         self.policy.eval()
         self.value_model.eval()
-        device, max_length = self.ctx.device, self.ctx.config.model.max_length
+        device, max_length, shares = self.ctx.device, self.ctx.config.model.max_length, self.processes
+        prompts = self.prompts_for_step(step)
+        seeds = prompt_seeds(self.ctx.config.run.seed, f"ppo-step-{step}", range(len(prompts)))
+        mine = shares.share(len(prompts))
         with timer.phase("generation"), autocast(device):
-            rollout = sample(
-                self.policy, self.tokenizer, self.prompts_for_step(step), self.config.generation, max_length
+            sampled = sample(
+                self.policy,
+                self.tokenizer,
+                [prompts[i] for i in mine],
+                self.config.generation,
+                [seeds[i] for i in mine],
+                max_length,
             )
-        mask = rollout.response_mask.float()
+        rows = shares.gather_objects(sampled.rows())
+        rollout = Rollout.from_rows(prompts, rows, sampled.end_ids, self.tokenizer.pad_token_id, device)
+        part = rollout.select(torch.tensor(mine, device=device))
         with timer.phase("scoring"), autocast(device):
-            scores = rollout_scores(self.reward_model, self.tokenizer, rollout)
+            scores = rollout_scores(self.reward_model, self.tokenizer, part)
+        with timer.phase("reference_values"), autocast(device):
+            logprobs, support = self.policy_logprobs(part)
+            ref_logprobs = self.reference_logprobs(part, support)
+            values = token_values(self.value_model, part)
+        scores, logprobs, ref_logprobs, values = map(shares.gather_rows, (scores, logprobs, ref_logprobs, values))
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
-        with timer.phase("reference_values"), autocast(device):
-            logprobs, support = self.policy_logprobs(rollout)
-            ref_logprobs = self.reference_logprobs(rollout, support)
-            values = token_values(self.value_model, rollout)
+        mask = rollout.response_mask.float()
         rewards, kl = ppo_math.kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.config.kl_coef)
         advantages, returns = ppo_math.generalized_advantages(rewards, values, mask, self.config.gamma, self.config.lam)
         batch = {
@@ -162,6 +192,7 @@ class PPOTrainer:
             "advantages": ppo_math.masked_whiten(advantages, mask),
             "returns": returns,
             "mask": mask,
+            "scores": scores,
         }
         stats = {
             "tokens": rollout.input_ids.numel(),
@@ -172,52 +203,76 @@ class PPOTrainer:
         }
         return rollout, batch, stats
 
-    def optimize(self, rollout: Rollout, batch: dict[str, torch.Tensor], timer: PhaseTimer) -> dict[str, float]:
-        """`ppo_epochs` passes of clipped updates over shuffled mini-batches. The first mini-batch of the first
-        epoch sees the very model that sampled (dropout is off): its ratio is 1 and its approximate KL 0, which
-        `first_ratio_error` and `first_approx_kl` report."""
+    def mini_batches(self, step: int) -> list[torch.Tensor]:
+        """The rows of each mini-batch of every epoch: shuffled by a generator seeded by the step, the same in
+        every process and in a resumed run."""
+        config, generator = self.config, torch.Generator()
+        generator.manual_seed(random.Random(f"{self.ctx.config.run.seed}-ppo-order-{step}").getrandbits(63))
+        batches = []
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(config.batch_size, generator=generator)
+            batches += list(order.split(config.mini_batch_size))
+        return batches
+
+    def optimize(
+        self, step: int, rollout: Rollout, batch: dict[str, torch.Tensor], timer: PhaseTimer
+    ) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped updates over shuffled mini-batches; each process computes its share of
+        a mini-batch's rows, with the losses averaged over the whole mini-batch's tokens and the gradients
+        summed. The first mini-batch of the first epoch sees the very model that sampled (dropout is off): its
+        ratio is 1 and its approximate KL 0, which `first_ratio_error` and `first_approx_kl` report."""
         self.policy.train()
         self.value_model.train()
-        config = self.config
-        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        config, shares = self.config, self.processes
+        names = ("policy_loss", "value_loss", "clip_fraction", "approx_kl")
+        totals = dict.fromkeys(names, 0.0)
         first: dict[str, float] = {}
         updates = 0
         with timer.phase("optimization"):
-            for _ in range(config.ppo_epochs):
-                order = torch.randperm(config.batch_size, device=rollout.response_ids.device)
-                for start in range(0, config.batch_size, config.mini_batch_size):
-                    index = order[start : start + config.mini_batch_size]
-                    mini = rollout.select(index)
-                    mask = batch["mask"][index]
-                    with autocast(self.ctx.device):
-                        logprobs = self.policy_logprobs(mini)[0]
-                        values = token_values(self.value_model, mini)
-                    old_logprobs = batch["logprobs"][index]
-                    policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
-                        logprobs, old_logprobs, batch["advantages"][index], mask, config.clip_range
-                    )
-                    value_loss = ppo_math.clipped_value_loss(
-                        values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value
-                    )
-                    approx_kl = ppo_math.approx_kl(logprobs.detach(), old_logprobs, mask)
-                    if not first:
-                        ratio = torch.exp(logprobs.detach() - old_logprobs)
-                        first = {
-                            "first_ratio_error": ((ratio - 1).abs() * mask).max().item(),
-                            "first_approx_kl": approx_kl.item(),
-                        }
-                    self.optimizer.zero_grad()
-                    (policy_loss + config.vf_coef * value_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
-                    self.optimizer.step()
-                    totals["policy_loss"] += policy_loss.item()
-                    totals["value_loss"] += value_loss.item()
-                    totals["clip_fraction"] += clip_fraction.item()
-                    totals["approx_kl"] += approx_kl.item()
-                    updates += 1
+            for rows in self.mini_batches(step):
+                tokens = batch["mask"][rows].sum()  # the whole mini-batch's: every loss is a mean over them
+                mine = shares.share(len(rows))
+                index = rows[mine.start : mine.stop].to(rollout.response_ids.device)
+                mini = rollout.select(index)
+                mask = batch["mask"][index]
+                with autocast(self.ctx.device):
+                    logprobs = self.policy_logprobs(mini)[0]
+                    values = token_values(self.value_model, mini)
+                old_logprobs = batch["logprobs"][index]
+                policy_loss, clip_fraction = ppo_math.clipped_policy_loss(
+                    logprobs, old_logprobs, batch["advantages"][index], mask, config.clip_range, tokens
+                )
+                value_loss = ppo_math.clipped_value_loss(
+                    values, batch["values"][index], batch["returns"][index], mask, config.clip_range_value, tokens
+                )
+                approx_kl = ppo_math.approx_kl(logprobs.detach(), old_logprobs, mask, tokens)
+                losses = (policy_loss, value_loss, clip_fraction, approx_kl)
+                parts = shares.sum({name: value.item() for name, value in zip(names, losses, strict=True)})
+                if not first:
+                    ratio = torch.exp(logprobs.detach() - old_logprobs)
+                    error = shares.max({"first_ratio_error": ((ratio - 1).abs() * mask).max().item()})
+                    first = error | {"first_approx_kl": parts["approx_kl"]}
+                self.optimizer.zero_grad()
+                (policy_loss + config.vf_coef * value_loss).backward()
+                shares.sum_gradients(self.trainable_parameters())
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
+                self.optimizer.step()
+                for name in names:
+                    totals[name] += parts[name]
+                updates += 1
         return {name: total / updates for name, total in totals.items()} | first
 
+    def keep_samples(self, step: int, rollout: Rollout, scores: torch.Tensor) -> None:
+        responses = decode_responses(self.tokenizer, rollout)
+        self.samples += [
+            {"step": step + 1, "prompt": prompt, "response": response, "score": round(score, 5)}
+            for prompt, response, score in zip(rollout.prompts, responses, scores.tolist(), strict=True)
+        ]
+
     def save_checkpoint(self, step: int) -> None:
+        """The main process's models and optimizer: every process holds the same."""
+        if not self.processes.main:
+            return
         local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
         self.policy.save_pretrained(local / "policy")
         self.value_model.save_pretrained(local / "value")
@@ -226,6 +281,7 @@ class PPOTrainer:
             local / "state.pt",
         )
         (local / "history.json").write_text(json.dumps(self.history))
+        (local / "samples.json").write_text(json.dumps(self.samples))
         self.ctx.checkpoints.save(step, local)
         shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
         log.info("rl: checkpoint at step %d saved to the store", step)
@@ -239,6 +295,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.history = json.loads((local / "history.json").read_text())
+        self.samples = json.loads((local / "samples.json").read_text())
 
     def train(self) -> None:
         if self.start:
@@ -251,14 +308,16 @@ class PPOTrainer:
                 started = time.perf_counter()
                 timer = PhaseTimer(self.ctx.device)
                 rollout, batch, stats = self.rollout(step, timer)
-                stats |= self.optimize(rollout, batch, timer) | timer.seconds()
+                if step % SAMPLES_EVERY == 0 or step + 1 == self.config.steps:
+                    self.keep_samples(step, rollout, batch["scores"])
+                stats |= self.optimize(step, rollout, batch, timer) | timer.seconds()
                 stats["seconds"] = time.perf_counter() - started
                 self.history.append({"step": step + 1, **{k: round(v, 5) for k, v in stats.items()}})
                 throughput = {"tokens_per_second": stats["tokens"] / stats["seconds"]}
                 report_progress("rl", step + 1, self.config.steps)
                 report_metrics("rl", step + 1, self.history[-1] | throughput)
                 log_metrics(stats | throughput, step + 1)
-                if step % 10 == 0 or step + 1 == self.config.steps:
+                if self.processes.main and (step % 10 == 0 or step + 1 == self.config.steps):
                     log.info("rl: step %d/%d %s", step + 1, self.config.steps, self.history[-1])
                 if (step + 1) % every == 0 and step + 1 < self.config.steps:
                     self.save_checkpoint(step + 1)
@@ -267,12 +326,14 @@ class PPOTrainer:
 def run(ctx: StageContext) -> dict[str, Any]:
     trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
     trainer.train()
-    base = AdapterBase(trainer.sft_dir, artifact_base("sft"))
-    save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
+    if trainer.processes.main:
+        base = AdapterBase(trainer.sft_dir, artifact_base("sft"))
+        save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
     # Wall-clock seconds differ from run to run: they go to logs/ (left out of the digest), not into the record
     # of what was trained, so that a resumed run's artifact has the digest of an uninterrupted one.
     timeless = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in trainer.history]
     write_history(ctx.out_dir / "ppo_history.jsonl", timeless)
+    write_history(ctx.out_dir / "ppo_samples.jsonl", trainer.samples)
     throughput = {
         "train_tokens": sum(h["tokens"] for h in trainer.history),
         "train_seconds": round(sum(h["seconds"] for h in trainer.history), 2),
@@ -281,10 +342,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     keys = ("score", "kl", "response_length", "policy_loss", "value_loss", "finished_fraction")
     first = trainer.history[0] if trainer.history else {}
     checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
-    return summarize(trainer.history, keys) | throughput | phases | checks
+    processes = {"processes": trainer.processes.count} if trainer.processes.count > 1 else {}
+    return summarize(trainer.history, keys) | throughput | phases | checks | processes
 
 
-def write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
 
 

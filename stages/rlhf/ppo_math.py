@@ -1,6 +1,8 @@
 """The arithmetic of PPO for language models, as pure tensor functions (each tested against hand-computed values).
 
-Shapes are (batch, response tokens); `mask` is 1 on real response tokens and 0 on padding.
+Shapes are (batch, response tokens); `mask` is 1 on real response tokens and 0 on padding. The losses take the
+count of real tokens they average over (`count`, default: those in `mask`): a process given a share of a
+mini-batch's rows computes its part of the whole mini-batch's mean, and the parts sum to it.
 """
 
 from __future__ import annotations
@@ -8,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    total = mask.sum() if count is None else count
+    return (values * mask).sum() / total.clamp(min=1)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,13 +65,14 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, to minimise: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))). Also the clip fraction."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask, count)
     return loss, clip_fraction
 
 
@@ -78,14 +82,17 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """½·mean(max((V − R)², (clip(V, V_old ± ε) − R)²))."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, count)
 
 
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def approx_kl(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(π_old ‖ π) estimated on π_old's samples, mean((ρ − 1) − log ρ): never negative, 0 exactly when the
     policy has not moved (Schulman's k3 estimator)."""
     log_ratio = logprobs - old_logprobs
-    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask, count)

@@ -2,6 +2,8 @@
 score them with the reward model, keep the best per prompt and fine-tune the policy on those.
 
 Each finished round is a checkpoint in the store; a retried stage resumes after the last finished round.
+On several processes each samples and scores its share of a round's prompts; the fine-tuning is TRL's
+data-parallel SFTTrainer (`training.batch_size` rows per process, as in the sft stage).
 With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
 just that adapter.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,9 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
-from rlhf_pipeline.stages.core.config import RejectionSamplingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.data_parallel import Processes, join_processes
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, merged_adapter
 from rlhf_pipeline.stages.modeling.lora import (
     AdapterBase,
@@ -38,7 +41,7 @@ from rlhf_pipeline.stages.modeling.tracking import trackers
 from rlhf_pipeline.stages.modeling.trainer import training_arguments
 from rlhf_pipeline.stages.rlhf.ppo import summarize, write_history
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
-from rlhf_pipeline.stages.rlhf.rollout import decode_responses, sample
+from rlhf_pipeline.stages.rlhf.rollout import decode_responses, prompt_seeds, sample
 from rlhf_pipeline.stages.rlhf.scoring import rollout_scores
 
 log = logging.getLogger("rlhf.stage")
@@ -73,35 +76,49 @@ class BestAnswer:
 
 
 def best_of_n(
-    ctx: StageContext, round_dir: Path | None, prompts: list, config: RejectionSamplingConfig, seed: int
+    ctx: StageContext,
+    round_dir: Path | None,
+    prompts: list,
+    round_index: int,
+    processes: Processes,
 ) -> tuple[list[BestAnswer], dict]:
-    """The reward model's favourite of `samples_per_prompt` responses to each prompt. Sampling is seeded by the
-    round (`seed`), not by what the rounds before left in the RNG: a run resumed after round k samples what the
-    uninterrupted run sampled."""
+    """The reward model's favourite of `samples_per_prompt` responses to each prompt, for all prompts: each
+    process answers its share of them and the shares are gathered. Every answer is sampled from its own seed
+    (the run's seed, the round, the prompt's place in the round, the answer's number), not from what the rounds
+    before left in an RNG: a resumed run, and any number of processes, sample what one uninterrupted process
+    samples."""
+    config = ctx.config.rl.rejection_sampling
     tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
     policy = load_round_policy(ctx, round_dir, trainable=False).eval()
     reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
-    torch.manual_seed(seed)
     n = config.samples_per_prompt
+    seeds = prompt_seeds(ctx.config.run.seed, f"rejection-round-{round_index}", range(len(prompts) * n))
     per_batch = max(1, ROLLOUT_BATCH // n)
     max_length = ctx.config.model.max_length
-    kept, mean_scores, best_scores = [], [], []
-    for start in range(0, len(prompts), per_batch):
-        chunk = prompts[start : start + per_batch]
-        rollout = sample(policy, tokenizer, [p for p in chunk for _ in range(n)], config.generation, max_length)
+    mine = processes.share(len(prompts))
+    kept, mean_scores = [], []
+    for start in range(mine.start, mine.stop, per_batch):
+        chunk = prompts[start : min(start + per_batch, mine.stop)]
+        answers = [p for p in chunk for _ in range(n)]
+        chunk_seeds = seeds[start * n : start * n + len(answers)]
+        rollout = sample(policy, tokenizer, answers, config.generation, chunk_seeds, max_length)
         scores = rollout_scores(reward_model, tokenizer, rollout).view(len(chunk), n)
         best = scores.argmax(dim=1)
         chosen = rollout.select(best + torch.arange(len(chunk), device=best.device) * n)
         responses = decode_responses(tokenizer, chosen)
-        top = scores.max(dim=1).values.tolist()
-        kept += map(BestAnswer, chunk, responses, chosen.finished.tolist(), top)
+        kept += map(BestAnswer, chunk, responses, chosen.finished.tolist(), scores.max(dim=1).values.tolist())
         mean_scores += scores.mean(dim=1).tolist()
-        best_scores += top
-    stats = {"score": sum(mean_scores) / len(mean_scores), "best_score": sum(best_scores) / len(best_scores)}
+    kept, mean_scores = processes.gather_objects(kept), processes.gather_objects(mean_scores)
+    stats = {
+        "score": sum(mean_scores) / len(mean_scores),
+        "best_score": sum(answer.score for answer in kept) / len(kept),
+    }
     return kept, stats
 
 
 def fine_tune(ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int) -> None:
+    """One round's fine-tuning on the best answers (TRL's SFTTrainer: data-parallel on several processes);
+    the main process saves the round's policy in `out_dir` (transformers saves from rank 0 only)."""
     config = ctx.config.rl.rejection_sampling.training
     arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
     # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
@@ -129,14 +146,20 @@ def save_final(ctx: StageContext, round_dir: Path) -> None:
     shutil.copy(round_dir / "rounds.jsonl", ctx.out_dir)
 
 
+def round_dir_of(ctx: StageContext) -> Callable[[int], Path]:
+    """Where the policy after a round is kept in this process (each process has its own work directory)."""
+    return lambda done: ctx.work_dir / f"round-{done}"
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
+    processes = join_processes(ctx.device)
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
-    start = ctx.checkpoints.restore_latest(lambda done: ctx.work_dir / f"round-{done}") or 0
+    start = ctx.checkpoints.restore_latest(round_dir_of(ctx)) or 0
     if start:
-        round_dir = ctx.work_dir / f"round-{start}"
+        round_dir = round_dir_of(ctx)(start)
         history = load_rows(round_dir / "rounds.jsonl")
         ctx.resumed_from = start
         log.info("rl: resuming rejection sampling after round %d", start)
@@ -145,8 +168,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             take_cpu_share()
             rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-            kept, stats = best_of_n(ctx, round_dir, chosen, config, seed=rng.getrandbits(63))
-            out = ctx.work_dir / f"round-{round_index + 1}"
+            kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes)
+            out = round_dir_of(ctx)(round_index + 1)
             fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index)
             history.append({"round": round_index + 1, **stats})
             report_progress("rl", round_index + 1, config.rounds)
@@ -154,10 +177,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
             report_metrics("rl", round_index + 1, metrics)
             log_metrics(metrics, round_index + 1)
             write_history(out / "rounds.jsonl", history)
-            log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
-            ctx.checkpoints.save(round_index + 1, out)
+            if processes.main:
+                log.info("rl: rejection sampling round %d/%d %s", round_index + 1, config.rounds, stats)
+                ctx.checkpoints.save(round_index + 1, out)
+            processes.wait_for_main()
+            if not processes.main:  # the round's policy was saved by the main process: take it from the store
+                shutil.rmtree(out)
+                if ctx.checkpoints.restore_latest(round_dir_of(ctx)) != round_index + 1:
+                    raise RuntimeError(f"rl: round {round_index + 1}'s checkpoint is not the newest in the store")
             if round_dir is not None:  # the round before, now in the store: only the newest is needed here
                 shutil.rmtree(round_dir)
             round_dir = out
-    save_final(ctx, round_dir)
-    return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}
+    if processes.main:
+        save_final(ctx, round_dir)
+    several = {"processes": processes.count} if processes.count > 1 else {}
+    return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round} | several

@@ -6,17 +6,29 @@ which is any of the ids `end_of_turn_ids` finds (the template's turn ending, eos
 Positions are given explicitly so that left padding does not shift them. Sampling uses a generation config
 built here from the stage's settings alone: a model's own `generation_config.json` (repetition penalty, top-p,
 ...) never changes what is sampled.
+
+Sampling is seeded per prompt (`prompt_seeds`): each prompt's answer is drawn with its own random stream, so it
+is the same whichever prompts share its batch, its process or the number of processes.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
 
 from rlhf_pipeline.stages.core.config import GenerationConfig
 from rlhf_pipeline.stages.modeling.chat_template import Conversation, end_of_turn_ids, fit_prompt
@@ -56,6 +68,56 @@ class Rollout:
             self.end_ids,
         )
 
+    def rows(self) -> list[tuple[list[int], list[int], bool]]:
+        """Each row's prompt ids and response ids without padding, and whether it ended its turn."""
+        return [
+            (prompt[prompt_mask.bool()].tolist(), response[response_mask.bool()].tolist(), done)
+            for prompt, prompt_mask, response, response_mask, done in zip(
+                self.prompt_ids,
+                self.prompt_mask,
+                self.response_ids,
+                self.response_mask,
+                self.finished.tolist(),
+                strict=True,
+            )
+        ]
+
+    @staticmethod
+    def from_rows(
+        prompts: list[Conversation],
+        rows: list[tuple[list[int], list[int], bool]],
+        end_ids: tuple[int, ...],
+        pad_id: int,
+        device: torch.device,
+    ) -> Rollout:
+        """The rollout of `rows` (as `rows()` gives them, from any number of rollouts), padded as `sample` pads."""
+        prompt_width = max(len(prompt) for prompt, _, _ in rows)
+        response_width = max(len(response) for _, response, _ in rows)
+
+        def padded(ids: list[int], width: int, left: bool) -> tuple[list[int], list[int]]:
+            pad = [pad_id] * (width - len(ids))
+            fill = [0] * len(pad)
+            return (pad + ids, fill + [1] * len(ids)) if left else (ids + pad, [1] * len(ids) + fill)
+
+        prompt_ids, prompt_mask = zip(*(padded(prompt, prompt_width, left=True) for prompt, _, _ in rows), strict=True)
+        response_ids, response_mask = zip(
+            *(padded(response, response_width, left=False) for _, response, _ in rows), strict=True
+        )
+
+        def tensor(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        finished = torch.tensor([done for _, _, done in rows], dtype=torch.bool, device=device)
+        return Rollout(
+            list(prompts),
+            tensor(prompt_ids),
+            tensor(prompt_mask),
+            tensor(response_ids),
+            tensor(response_mask),
+            finished,
+            end_ids,
+        )
+
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[Conversation], device: torch.device, budget: int | None = None
@@ -79,23 +141,53 @@ def own_generation_config(policy: PreTrainedModel):
         model.generation_config = saved
 
 
+def prompt_seeds(run_seed: int, purpose: str, indices: Iterable[int]) -> list[int]:
+    """One seed per prompt, from the run's seed, what is sampled (`ppo-step-7`, ...) and the prompt's index in
+    the whole batch (not in a process's share of it)."""
+    return [random.Random(f"{run_seed}-{purpose}-{index}").getrandbits(63) for index in indices]
+
+
+class PromptSeededNoise(LogitsProcessor):
+    """Gumbel noise from one random stream per row, seeded by that row's prompt seed alone. The arg-max of
+    scores plus Gumbel noise is an exact draw from softmax(scores) (the Gumbel-max trick), so greedy decoding
+    over these scores samples, from the scores as the processors before this one left them (minimum length,
+    temperature, top-k), with no draw depending on another row."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds = seeds
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
+        vocabulary = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocabulary, generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+        return scores + gumbel.to(scores.dtype)
+
+
 def sampling_config(
     tokenizer: PreTrainedTokenizerBase, config: GenerationConfig | None, end_ids: list[int], new_tokens: int
 ) -> HFGenerationConfig:
-    """Everything transformers samples with, and nothing else: temperature, top-k and the minimum of new
-    tokens from `config` (greedy when it is None), stopping at every end-of-turn id."""
-    settings: dict[str, Any] = {"do_sample": False}
-    if config is not None:
-        settings = {
-            "do_sample": True,
-            "temperature": config.temperature,
-            "top_k": config.top_k,
-            "top_p": 1.0,
-            "min_new_tokens": config.min_new_tokens,
-        }
+    """Everything transformers generates with besides `sampling_processors`, and nothing else: the minimum of
+    new tokens from `config` and the response budget, stopping at every end-of-turn id. Decoding is greedy:
+    sampling is the prompt-seeded noise's arg-max."""
+    settings: dict[str, Any] = {} if config is None else {"min_new_tokens": config.min_new_tokens}
     return HFGenerationConfig(
-        max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids, **settings
+        max_new_tokens=new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=end_ids,
+        do_sample=False,
+        **settings,
     )
+
+
+def sampling_processors(config: GenerationConfig, seeds: list[int]) -> LogitsProcessorList:
+    """Temperature, top-k and the prompts' own noise, in transformers' order (after its minimum length)."""
+    processors: list[LogitsProcessor] = [TemperatureLogitsWarper(config.temperature)]
+    if config.top_k > 0:
+        processors.append(TopKLogitsWarper(config.top_k))
+    return LogitsProcessorList([*processors, PromptSeededNoise(seeds)])
 
 
 @torch.no_grad()
@@ -104,18 +196,30 @@ def sample(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Conversation],
     config: GenerationConfig | None,
+    seeds: list[int] | None = None,
     max_length: int | None = None,
     max_new_tokens: int | None = None,
 ) -> Rollout:
-    """Responses to `prompts`: sampled as `config` says (temperature, top-k, minimum length), or greedy when
-    it is None. Prompt and response together stay within `max_length` tokens."""
+    """Responses to `prompts`: sampled as `config` says (temperature, top-k, minimum length), each prompt
+    from its seed (`seeds`, one per prompt), or greedy when `config` is None. Prompt and response together
+    stay within `max_length` tokens."""
     new_tokens = max_new_tokens or config.max_new_tokens
     budget = max_length - new_tokens if max_length else None
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, policy.device, budget)
     end_ids = end_of_turn_ids(tokenizer, policy)
     generation = sampling_config(tokenizer, config, end_ids, new_tokens)
+    processors = None
+    if config is not None:
+        if seeds is None or len(seeds) != len(prompts):
+            raise ValueError("sampling needs one seed per prompt")
+        processors = sampling_processors(config, seeds)
     with own_generation_config(policy):
-        output = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+        output = policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=generation,
+            logits_processor=processors,
+        )
     response_ids = output[:, prompt_ids.shape[1] :]
     response_mask = response_mask_until_end(response_ids, end_ids)
     finished = (torch.isin(response_ids, torch.tensor(end_ids, device=response_ids.device)) & response_mask.bool()).any(

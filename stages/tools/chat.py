@@ -169,6 +169,8 @@ class ChatModel:
         answers = []
         for start in range(0, len(conversations), BATCH):
             batch = conversations[start : start + BATCH]
-            rollout = sample(self.policy, self.tokenizer, batch, None, self.window, max_new_tokens)
+            rollout = sample(
+                self.policy, self.tokenizer, batch, None, max_length=self.window, max_new_tokens=max_new_tokens
+            )
             answers += decode_responses(self.tokenizer, rollout)
         return answers

@@ -86,13 +86,13 @@ def test_threads_are_the_cpus_shared_among_live_stage_processes(work_root, sleep
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(cpus, "cgroup_quota", lambda: None)
     monkeypatch.delenv(cpus.CPUS_ENV, raising=False)
-    assert cpus.compute_threads() == 8  # no stage running: this process alone
+    assert cpus.compute_threads(cpus.granted_cpus()) == 8  # no stage running: this process alone
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (work_root / f"sft-{dead.stdout.strip()}").mkdir()  # left behind by a stage that is gone: not counted
     for process in sleepers(2):
         (work_root / f"rl-{process.pid}").mkdir()
     with work_directory("sft") as own:
         assert own.parent == work_root and len(live_stage_processes()) == 3
-        assert cpus.compute_threads() == 2  # 8 CPUs among 3 stage processes
+        assert cpus.compute_threads(cpus.granted_cpus()) == 2  # 8 CPUs among 3 stage processes
         monkeypatch.setenv(cpus.CPUS_ENV, "2")
-        assert cpus.compute_threads() == 1  # never fewer than one
+        assert cpus.compute_threads(cpus.granted_cpus()) == 1  # never fewer than one

@@ -1,14 +1,16 @@
 """A stage in several data-parallel processes (`deploy.stages.<stage>.processes`): `torchrun` starts
-them (gloo on CPU here, NCCL on GPUs), TRL's trainer splits the batches, and only the main process publishes."""
+them (gloo on CPU here, NCCL on GPUs), TRL's trainer or the stage's own loop splits the batches, and only the
+main process publishes."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
-from rlhf_pipeline.stages.core.artifacts import read_manifest
+from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
@@ -62,8 +64,68 @@ def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_thread
 
 
 def test_stages_that_train_in_one_process_refuse_several():
-    with pytest.raises(Exception, match="deploy.stages.rl: this stage trains in one process"):
-        load_config(None, ["deploy.stages.rl.gpus=4"])
-    config = load_config(None, ["deploy.stages.rl.gpus=4", "deploy.stages.rl.processes=1"])
-    assert config.deploy.processes("rl") == 1
+    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage trains in one process"):
+        load_config(None, ["deploy.stages.evaluate.gpus=4"])
+    config = load_config(None, ["deploy.stages.evaluate.gpus=4", "deploy.stages.evaluate.processes=1"])
+    assert config.deploy.processes("evaluate") == 1
     assert load_config(None, ["deploy.stages.sft.gpus=8"]).deploy.processes("sft") == 8
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> tuple[LocalStore, list[str]]:
+    """prepare, sft and reward once, for the RL stages on one and on two processes."""
+    store = LocalStore(tmp_path_factory.mktemp("rl") / "store")
+    overrides = [*TINY, f"run.store={store.uri}", "run.device=cpu"]
+    config = load_config(None, overrides)
+    for stage in ("prepare", "sft", "reward"):
+        run_stage(stage, config, store)
+    return store, overrides
+
+
+def rl_on_two_processes(store: LocalStore, overrides: list[str], name: str) -> tuple[Manifest, Manifest, _Log]:
+    """The rl stage of `overrides` in this process, and on two processes under torchrun."""
+    one = run_stage("rl", load_config(None, overrides), store)[0]
+    two = load_config(None, [*overrides, "deploy.stages.rl.processes=2"])
+    store.write_bytes(f"runs/{name}/config.yaml", dump_config(two).encode())
+    log = _Log()
+    ProcessLauncher().launch("rl", store.uri_of(f"runs/{name}/config.yaml"), log)
+    assert sum("rlhf.stage INFO rl: done" in line for line in log.lines) == 1  # one published
+    return one, read_manifest(store, plan_stage(store, two, "rl").prefix), log
+
+
+def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
+    prefix = artifact_prefix("rl", manifest.cache_key)
+    return [json.loads(line) for line in read_verified(store, prefix, path).decode().splitlines()]
+
+
+def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream):
+    """Each process generates, scores and trains on half of every batch and mini-batch: the rollouts are
+    the one-process run's token for token (sampling is seeded per prompt), and every step's numbers, which
+    are computed over the whole batch, agree within float rounding (gradients summed in another order)."""
+    store, overrides = upstream
+    one, two, log = rl_on_two_processes(store, [*overrides, "rl.ppo.steps=4"], "ppo")
+    assert two.metrics["processes"] == 2 and two.cache_key != one.cache_key
+    assert sum("rl: step 1/4" in line for line in log.lines) == 1  # the main process reports
+    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
+    assert len(samples[0]) == 2 * 16  # the first step's rollouts and the last's
+    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
+    assert [s["score"] for s in samples[1]] == pytest.approx([s["score"] for s in samples[0]], abs=1e-4)
+    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
+    for single, split in zip(*histories, strict=True):
+        # the first step within the history's rounding (5 decimals), later ones as the rounding drifts
+        tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
+        for key in ("score", "kl", "response_length", "tokens", "policy_loss", "value_loss", "approx_kl"):
+            assert split[key] == pytest.approx(single[key], **tolerance), (split["step"], key)
+    assert histories[1][0]["first_ratio_error"] <= 1e-6
+
+
+def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstream):
+    """Each process samples and scores half of a round's prompts: the first round's scores (before any
+    fine-tuning, which is TRL's data-parallel trainer with its per-process batches) are the one-process run's."""
+    store, overrides = upstream
+    one, two, _ = rl_on_two_processes(store, [*overrides, "rl.algorithm=rejection_sampling"], "rejection")
+    assert two.metrics["processes"] == 2
+    rounds = [jsonl(store, manifest, "rounds.jsonl") for manifest in (one, two)]
+    assert len(rounds[1]) == 2
+    assert rounds[1][0]["score"] == pytest.approx(rounds[0][0]["score"], abs=1e-5)
+    assert rounds[1][0]["best_score"] == pytest.approx(rounds[0][0]["best_score"], abs=1e-5)

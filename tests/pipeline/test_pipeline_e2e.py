@@ -341,7 +341,10 @@ def test_compare_answers_each_prompt_with_each_model_greedily(first_run, bucket,
     assert compared["models"] == [label_of(sft), label_of(rl)]
     assert compared["prompts"] == list(PROMPTS)
     for answers in compared["answers"].values():
-        assert len(answers) == len(PROMPTS) and all(isinstance(a, str) and a.strip() for a in answers)
+        assert len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+    # The tiny PPO policy may well answer greedily with the end of its turn at once (its reward favours short
+    # answers); the SFT model writes something.
+    assert all(a.strip() for a in compared["answers"][label_of(sft)])
     # Another process, the models in another order, SFT from a plain model directory: the same answers.
     store = S3Store(f"s3://{bucket}/runs")
     fetch_dir(store, artifact_key(store, sft), tmp_path / "sft-copy")

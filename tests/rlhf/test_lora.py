@@ -99,10 +99,10 @@ def test_ppo_with_lora_uses_the_disabled_adapter_as_reference_and_keeps_the_adap
         inputs["sft"]
     )
     # evaluate loaded the kept adapter onto the SFT model: RL's answers differ from SFT's (with the adapter left
-    # out they would be SFT's own, same seed: KL exactly 0, the same rewards). Twelve LoRA steps raise PPO's own
-    # score but not the held-out reward on this tiny model (full fine-tuning does: test_pipeline_e2e).
+    # out they would be SFT's own, same seeds per prompt: KL exactly 0, the same rewards). Twelve LoRA steps raise
+    # PPO's own score but not the held-out reward on this tiny model (full fine-tuning does: test_pipeline_e2e).
     report = manifests["evaluate"].metrics
-    assert report["kl_rl_sft"] > 0.05 and report["mean_reward"]["rl"] != report["mean_reward"]["sft"]
+    assert report["kl_rl_sft"] != 0 and report["mean_reward"]["rl"] != report["mean_reward"]["sft"]
     # `rlhf chat` follows the lineage from the rl artifact alone: the same chain, the same model
     chat_dir = fetch_model(store.uri_of(f"artifacts/rl/{rl.cache_key}"), tmp_path).path
     sft_dir = json.loads((chat_dir / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -21,6 +21,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LogitsProcessor,
 )
 
 from rlhf_pipeline.stages.core.config import GenerationConfig
@@ -28,6 +29,7 @@ from rlhf_pipeline.stages.core.config_loading import load_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fit_prompt, prompt_ids
+from rlhf_pipeline.stages.modeling.data_parallel import Processes
 from rlhf_pipeline.stages.modeling.lengths import answerable, whole_pairs
 from rlhf_pipeline.stages.modeling.loading import (
     load_policy,
@@ -39,7 +41,16 @@ from rlhf_pipeline.stages.modeling.loading import (
 from rlhf_pipeline.stages.rlhf import rejection_sampling
 from rlhf_pipeline.stages.rlhf.ppo import PhaseTimer, PPOTrainer
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
-from rlhf_pipeline.stages.rlhf.rollout import Rollout, own_generation_config, response_logprobs, sample, sampling_config
+from rlhf_pipeline.stages.rlhf.rollout import (
+    PromptSeededNoise,
+    Rollout,
+    own_generation_config,
+    prompt_seeds,
+    response_logprobs,
+    sample,
+    sampling_config,
+    sampling_processors,
+)
 from rlhf_pipeline.stages.rlhf.scoring import conversation_scores, response_scores, rollout_scores
 from rlhf_pipeline.stages.runner import run_stage, stage_context
 from tests.conftest import REPO, TINY, forced_token
@@ -159,9 +170,8 @@ def test_generation_stops_at_the_end_of_turn_when_it_is_not_eos(tokenizer_dirs, 
     source = random_llama(tokenizer_dirs["chatml-eos"], tmp_path / "p")
     policy, tokenizer = load_policy(source, CPU).eval(), load_tokenizer(source)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(0)
     with forced_token(policy, im_end, step=3):
-        rollout = sample(policy, tokenizer, PROMPTS * 3, GenerationConfig(max_new_tokens=10))
+        rollout = sample(policy, tokenizer, PROMPTS * 3, GenerationConfig(max_new_tokens=10), list(range(6)))
     assert rollout.finished.all() and rollout.response_mask.sum(dim=1).tolist() == [4] * 6
     assert (rollout.response_ids[:, 3] == im_end).all()
     assert (rollout.response_ids[:, 4:] == tokenizer.pad_token_id).all()
@@ -174,11 +184,46 @@ def test_sampling_ignores_the_models_own_generation_config(tokenizer_dirs, tmp_p
     plain, tuned = load_policy(source, CPU).eval(), load_policy(source, CPU).eval()
     tuned.generation_config.update(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1, min_new_tokens=10)
     config = GenerationConfig(max_new_tokens=10, temperature=1.0)
-    torch.manual_seed(0)
-    expected = sample(plain, tokenizer, PROMPTS * 4, config).response_ids
-    torch.manual_seed(0)
-    assert torch.equal(sample(tuned, tokenizer, PROMPTS * 4, config).response_ids, expected)
+    expected = sample(plain, tokenizer, PROMPTS * 4, config, list(range(8))).response_ids
+    assert torch.equal(sample(tuned, tokenizer, PROMPTS * 4, config, list(range(8))).response_ids, expected)
     assert tuned.generation_config.repetition_penalty == 50.0  # the model keeps its own config
+
+
+class ScoresSeen(LogitsProcessor):
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+def test_prompt_seeded_noise_draws_from_the_softmax_of_the_scores():
+    """The Gumbel-max trick: the arg-max of scores plus each row's noise is distributed as softmax(scores)."""
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = 4000
+    noise = PromptSeededNoise(prompt_seeds(0, "test", range(draws)))
+    picked = noise(torch.zeros(draws, 1, dtype=torch.long), probabilities.log().expand(draws, 4)).argmax(dim=-1)
+    frequencies = torch.bincount(picked, minlength=4) / draws
+    assert frequencies.tolist() == pytest.approx(probabilities.tolist(), abs=0.025)  # about 3 standard errors
+
+
+def test_a_prompts_sampled_answer_does_not_depend_on_the_prompts_beside_it(tokenizer_dirs, tmp_path):
+    """Seeded per prompt: the same prompt and seed give the same answer alone, in a batch of other prompts
+    (of other lengths: other padding), and in another order; other seeds give other answers."""
+    source = random_llama(tokenizer_dirs["smollm2"], tmp_path / "p")
+    policy, tokenizer = load_policy(source, CPU).eval(), load_tokenizer(source)
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50)
+    others = [[{"role": "user", "content": f"Tell me about day {i}, " + "and more " * i}] for i in range(5)]
+    alone = sample(policy, tokenizer, PROMPTS[:1], config, [7]).rows()[0][1]
+    batch = sample(policy, tokenizer, [*others[:3], PROMPTS[0], *others[3:]], config, [1, 2, 3, 7, 4, 5]).rows()
+    assert batch[3][1] == alone
+    reordered = sample(policy, tokenizer, [PROMPTS[0], *others[::-1]], config, [7, 5, 4, 3, 2, 1]).rows()
+    assert (
+        reordered[0][1] == alone
+        and [row[1] for row in reordered[1:]] == [row[1] for row in batch[:3] + batch[4:]][::-1]
+    )
+    assert sample(policy, tokenizer, PROMPTS[:1], config, [8]).rows()[0][1] != alone
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -191,25 +236,26 @@ def test_sampled_tokens_are_scored_by_the_distribution_transformers_sampled_from
     end = end_of_turn_ids(tokenizer, policy)[0]
     free = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20)
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=5, temperature=0.7, top_k=20)
+    seeds = [11, 12, 13, 14]
     with forced_token(policy, end, step=None, bias=8.0):  # the model would end its turn at once
-        assert sample(policy, tokenizer, PROMPTS * 2, free).response_mask.sum(dim=1).tolist() == [1] * 4
-        torch.manual_seed(0)
-        rollout = sample(policy, tokenizer, PROMPTS * 2, config)
+        assert sample(policy, tokenizer, PROMPTS * 2, free, seeds).response_mask.sum(dim=1).tolist() == [1] * 4
+        rollout = sample(policy, tokenizer, PROMPTS * 2, config, seeds)
+        seen = ScoresSeen()  # the scores as transformers' processors left them, before the prompts' own noise
+        processors = sampling_processors(config, seeds)
+        processors.insert(-1, seen)
         with own_generation_config(policy):
-            torch.manual_seed(0)
             output = policy.generate(
                 input_ids=rollout.prompt_ids,
                 attention_mask=rollout.prompt_mask,
                 generation_config=sampling_config(tokenizer, config, list(rollout.end_ids), 8),
-                output_scores=True,
-                return_dict_in_generate=True,
+                logits_processor=processors,
             )
         with torch.no_grad():
             scored = response_logprobs(policy, rollout, config)[0]
     assert rollout.response_mask.sum(dim=1).tolist() == [6] * 4  # the end of turn as soon as it is allowed
     mask = rollout.response_mask.bool()
-    assert torch.equal(output.sequences[:, rollout.prompt_ids.shape[1] :][mask], rollout.response_ids[mask])
-    sampled_from = torch.stack(output.scores, dim=1).log_softmax(-1)
+    assert torch.equal(output[:, rollout.prompt_ids.shape[1] :][mask], rollout.response_ids[mask])
+    sampled_from = torch.stack(seen.scores, dim=1).log_softmax(-1)
     expected = sampled_from.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     assert scored[mask] == pytest.approx(expected[mask], abs=1e-4)
 
@@ -309,7 +355,7 @@ def test_first_ppo_update_sees_the_sampling_policy_ratio_one_and_kl_zero(name, l
     value_head = unwrap_adapter(trainer.value_model).score
     value_head.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     rollout, batch, stats = trainer.rollout(0, timer)
-    updates = trainer.optimize(rollout, batch, timer)
+    updates = trainer.optimize(0, rollout, batch, timer)
     assert updates["first_ratio_error"] <= 1e-6 and abs(updates["first_approx_kl"]) <= 1e-7
     assert abs(stats["kl"]) <= 1e-6  # the policy is still the reference (top-k restricted alike): KL 0
     assert updates["approx_kl"] > 0  # later mini-batches see a moved policy
@@ -332,7 +378,7 @@ def test_minimum_length_keeps_the_first_rollouts_kl_zero_over_the_full_softmax(p
     rollout, batch, stats = trainer.rollout(0, timer)
     assert (rollout.response_mask.sum(dim=1) >= 6).all()
     assert abs(stats["kl"]) <= 1e-6 and torch.isfinite(batch["advantages"]).all()
-    updates = trainer.optimize(rollout, batch, timer)
+    updates = trainer.optimize(0, rollout, batch, timer)
     assert updates["first_ratio_error"] <= 1e-6 and updates["policy_loss"] == updates["policy_loss"]
 
 
@@ -360,8 +406,7 @@ def test_best_of_n_keeps_the_highest_scored_answer(name, pipelines, tmp_path):
     config = load_config(None, [*overrides, "rl.algorithm=rejection_sampling"])
     ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
     prompts = [json.loads(line)["prompt"] for line in (ctx.inputs["prepare"] / "prompt_train.jsonl").open()][:6]
-    torch.manual_seed(0)
-    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, config.rl.rejection_sampling, seed=0)
+    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, 0, Processes(rank=0, count=1))
     tokenizer = load_tokenizer(str(ctx.inputs["reward"]))
     reward_model = load_reward_model(str(ctx.inputs["reward"]), CPU, tokenizer.pad_token_id)
     rescored = response_scores(reward_model, tokenizer, prompts, [a.response for a in kept], [a.finished for a in kept])
@@ -388,7 +433,7 @@ def test_gradient_checkpointing_recomputes_the_value_model_too(pipelines, tmp_pa
             calls[checkpointing] += 1
 
         mlp.register_forward_pre_hook(counted)
-        trainer.optimize(rollout, batch, timer)
+        trainer.optimize(0, rollout, batch, timer)
     updates = config.rl.ppo.ppo_epochs * config.rl.ppo.batch_size // config.rl.ppo.mini_batch_size
     assert calls == {False: updates, True: 2 * updates}
 

@@ -81,10 +81,9 @@ def test_sampled_responses_are_masked_after_end_of_turn(tmp_path):
     source = _tiny(tmp_path)
     tokenizer = load_tokenizer(source)
     policy = load_policy(source, torch.device("cpu"))
-    torch.manual_seed(0)
     prompts = [[{"role": "user", "content": "describe the cat today ."}], [{"role": "user", "content": "hi"}]] * 3
     with forced_token(policy, tokenizer.eos_token_id, step=2):
-        rollout = sample(policy, tokenizer, prompts, GenerationConfig(max_new_tokens=8))
+        rollout = sample(policy, tokenizer, prompts, GenerationConfig(max_new_tokens=8), list(range(6)))
     assert rollout.prompt_mask[1].tolist().count(0) > 0 and (rollout.prompt_mask[:, -1] == 1).all()
     assert rollout.finished.all() and (rollout.response_ids[:, 2] == tokenizer.eos_token_id).all()
     assert rollout.response_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0][: rollout.response_ids.shape[1]]] * 6
