@@ -258,7 +258,7 @@ def run_stages(
     layout = run_layout(config)
     configs = step_configs(store, config, config_uri, run_id)
     shared = [step for step in layout if step.method is None]
-    branches = {m: [step for step in layout if step.method == m] for m in config.rl.methods if len(configs) > 1}
+    branches = {m: [step for step in layout if step.method == m] for m in configs if m is not None}
     record = RunRecord(heartbeat, recompute_budget=len(STAGE_NAMES))
     start = 0
     while True:

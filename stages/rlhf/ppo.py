@@ -277,7 +277,7 @@ class PPOTrainer:
         self.policy.save_pretrained(local / "policy")
         self.value_model.save_pretrained(local / "value")
         torch.save(
-            {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
+            {"optimizer": self.optimizer.state_dict(), "step": step},
             local / "state.pt",
         )
         (local / "history.json").write_text(json.dumps(self.history))
@@ -293,7 +293,6 @@ class PPOTrainer:
         self.build_trainable(local)
         state = torch.load(local / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
         self.history = json.loads((local / "history.json").read_text())
         self.samples = json.loads((local / "samples.json").read_text())
 
