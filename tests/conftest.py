@@ -8,10 +8,12 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -19,6 +21,9 @@ from pathlib import Path
 
 import boto3
 import pytest
+
+from rlhf_pipeline.flows.launchers.launcher import StageCrashed
+from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 
 REPO = Path(__file__).resolve().parent.parent
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -129,6 +134,41 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
             return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
+class PidLog:
+    """The launcher's logger: it says the stage process's pid."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+
+    def info(self, message, *args) -> None:
+        if message.startswith("stage process pid"):
+            self.pid = args[0]
+
+
+def kill_after_first_checkpoint(stage: str, config_path: Path, checkpoints: Path) -> int:
+    """Start the stage as a real process; SIGKILL it once a checkpoint of it is complete; that step."""
+    log, crashed = PidLog(), []
+
+    def launch() -> None:
+        try:
+            ProcessLauncher().launch(stage, str(config_path), log)
+        except StageCrashed as exc:
+            crashed.append(exc)
+
+    attempt = threading.Thread(target=launch)
+    attempt.start()
+    deadline = time.monotonic() + 300
+    while attempt.is_alive() and time.monotonic() < deadline:
+        complete = sorted(checkpoints.rglob("step-*/manifest.json"))
+        if complete and log.pid:
+            os.kill(log.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    attempt.join()
+    assert crashed and "killed by SIGKILL" in str(crashed[0]), "the stage ended before it could be killed"
+    return int(complete[0].parent.name.removeprefix("step-"))
 
 
 class LocalBucketServer:

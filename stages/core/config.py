@@ -318,6 +318,22 @@ class GroupRLConfig(TrainingConfig):
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # the registry's names
 
 
+class DistributedConfig(Section):
+    """How the processes of `deploy.stages.<stage>.processes` hold the models (one process: no difference)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds whole models and the gradients are summed; fsdp: FSDP2 "
+        "(fully_shard) shards each trained model's parameters, gradients and optimizer state over the processes, "
+        "and checkpoints are sharded (torch.distributed.checkpoint)",
+    )
+    frozen: Literal["shard", "replicate"] = Field(
+        "shard",
+        description="fsdp: the models that do not train (PPO's reference and reward model) sharded too (least "
+        "memory), or whole in every process (no gathering of their weights in each forward pass)",
+    )
+
+
 class RLConfig(Section):
     algorithm: AlgorithmName | list[AlgorithmName] = Field(  # type: ignore[valid-type]
         "ppo",
@@ -332,6 +348,9 @@ class RLConfig(Section):
     dpo: DPOConfig = Field(DPOConfig(), description="TRL's DPOTrainer")
     grpo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's GRPOTrainer")
     rloo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's RLOOTrainer")
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="how several processes of the rl stage hold the models"
+    )
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -481,6 +500,20 @@ class PipelineConfig(Section):
                     f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
                     "reward, rl); set processes: 1 to give it several GPUs anyway"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_where_written(self) -> PipelineConfig:
+        if self.rl.distributed.strategy != "fsdp":
+            return self
+        others = [method for method in self.rl.methods if method != "ppo"]
+        if others:
+            raise ValueError(
+                f"rl.distributed.strategy: fsdp is written for ppo only so far, not for {', '.join(others)}; "
+                "use ddp for them"
+            )
+        if self.rl.ppo.lora is not None:
+            raise ValueError("rl.distributed.strategy: fsdp does not shard LoRA adapters yet; use ddp with rl.ppo.lora")
         return self
 
     @model_validator(mode="after")

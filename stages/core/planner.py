@@ -19,13 +19,16 @@ from rlhf_pipeline.stages.core.store import ArtifactStore
 def key_sections(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The parts of the config a stage's output depends on: what goes into its cache key."""
     dumped = config.model_dump(mode="json")
+    # Several data-parallel processes multiply the batch a step trains on: a different model.
+    processes = config.deploy.processes(stage)
     if "rl" in STAGES[stage].sections:
         # Only the chosen algorithm's section, so that editing another's settings reruns nothing.
         method = config.rl.method
-        dumped["rl"] = {"algorithm": method, method: dumped["rl"][method]}
+        rl = {"algorithm": method, method: dumped["rl"][method]}
+        if processes > 1 and config.rl.distributed.strategy != "ddp":  # sums in another order
+            rl["distributed"] = dumped["rl"]["distributed"]
+        dumped["rl"] = rl
     sections = {"seed": config.run.seed} | {name: dumped[name] for name in STAGES[stage].sections}
-    # Several data-parallel processes multiply the batch a step trains on: a different model.
-    processes = config.deploy.processes(stage)
     return sections | ({"processes": processes} if processes > 1 else {})
 
 

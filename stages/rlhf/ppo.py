@@ -10,6 +10,8 @@ its adapter disabled: no second copy of the policy's weights.
 On several processes (`deploy.stages.rl.processes`) each generates, scores and trains on its share of every
 batch and mini-batch (`modeling.data_parallel`); batch sizes, epochs, whitening and metrics mean what they mean
 in one process, and sampling is seeded per prompt, so that any number of processes draws the same rollouts.
+With `rl.distributed.strategy: fsdp` the policy and the value model are sharded over the processes
+(`modeling.sharding`), the frozen reference and reward model too unless `rl.distributed.frozen: replicate`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -38,6 +41,14 @@ from rlhf_pipeline.stages.modeling.lora import (
     with_adapter,
 )
 from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.sharding import (
+    full_state_dict,
+    load_sharded,
+    save_sharded,
+    shard_frozen,
+    shard_model,
+    training_state_bytes,
+)
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
@@ -88,10 +99,15 @@ class PPOTrainer:
         self.config = config
         self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
         self.processes = join_processes(ctx.device)
+        distributed = ctx.config.rl.distributed
+        self.sharded = distributed.strategy == "fsdp" and self.processes.count > 1
+        # Sharded checkpoints are written by every process into one folder: the main process's.
+        self.shared_dir = Path(self.processes.gather_objects([str(ctx.work_dir)])[0])
         self.tokenizer = load_tokenizer(self.sft_dir)
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
         self.samples: list[dict[str, Any]] = []  # what the policy answered, every SAMPLES_EVERY steps
+        self.checkpoint_seconds = {"save_seconds": 0.0, "load_seconds": 0.0}  # saved / loaded, store transfers aside
         self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
         if self.start:
             self.load_checkpoint(self.restore_dir(self.start))
@@ -102,6 +118,10 @@ class PPOTrainer:
             self.reference = load_policy(self.sft_dir, ctx.device).eval().requires_grad_(False)
         self.reward_model = load_reward_model(self.reward_dir, ctx.device, self.tokenizer.pad_token_id)
         self.reward_model.requires_grad_(False)
+        if self.sharded and distributed.frozen == "shard":
+            self.reward_model = shard_frozen(self.reward_model, self.processes)
+            if self.reference is not None:
+                self.reference = shard_model(self.reference, self.processes)
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
 
     def build_trainable(self, checkpoint: Path | None = None) -> None:
@@ -109,8 +129,10 @@ class PPOTrainer:
         Full fine-tuning trains fp32 master weights; dropout is off in both models."""
         device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
         if lora is None:
-            policy_dir = str(checkpoint / "policy") if checkpoint else self.sft_dir
-            value_dir = str(checkpoint / "value") if checkpoint else self.reward_dir
+            # A sharded checkpoint's weights are loaded into the models once they are sharded (load_checkpoint).
+            from_checkpoint = checkpoint is not None and not self.sharded
+            policy_dir = str(checkpoint / "policy") if from_checkpoint else self.sft_dir
+            value_dir = str(checkpoint / "value") if from_checkpoint else self.reward_dir
             self.policy = load_policy(policy_dir, device, train=True)
             self.value_model = load_scorer(value_dir, device, pad, train=True)
         else:
@@ -126,7 +148,12 @@ class PPOTrainer:
             if self.config.gradient_checkpointing:
                 enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
                 enable({"use_reentrant": False})
+            if self.sharded:
+                shard_model(model, self.processes)
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+
+    def trained_models(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({"policy": self.policy, "value": self.value_model})
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for model in (self.policy, self.value_model) for p in model.parameters() if p.requires_grad]
@@ -254,7 +281,8 @@ class PPOTrainer:
                     first = error | {"first_approx_kl": parts["approx_kl"]}
                 self.optimizer.zero_grad()
                 (policy_loss + config.vf_coef * value_loss).backward()
-                shares.sum_gradients(self.trainable_parameters())
+                if not self.sharded:  # sharded models' gradients are summed by FSDP
+                    shares.sum_gradients(self.trainable_parameters())
                 torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=1.0)
                 self.optimizer.step()
                 for name in names:
@@ -270,16 +298,18 @@ class PPOTrainer:
         ]
 
     def save_checkpoint(self, step: int) -> None:
-        """The main process's models and optimizer: every process holds the same."""
+        """The main process's models and optimizer (every process holds the same), or every process's shards."""
+        local = self.shared_dir / f"ppo-checkpoint-{step}"
+        started = time.perf_counter()
+        if self.sharded:
+            save_sharded(self.trained_models(), self.optimizer, local / "sharded")
         if not self.processes.main:
             return
-        local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
-        self.policy.save_pretrained(local / "policy")
-        self.value_model.save_pretrained(local / "value")
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "step": step},
-            local / "state.pt",
-        )
+        if not self.sharded:
+            self.policy.save_pretrained(local / "policy")
+            self.value_model.save_pretrained(local / "value")
+            torch.save({"optimizer": self.optimizer.state_dict(), "step": step}, local / "state.pt")
+        self.checkpoint_seconds["save_seconds"] += time.perf_counter() - started
         (local / "history.json").write_text(json.dumps(self.history))
         (local / "samples.json").write_text(json.dumps(self.samples))
         self.ctx.checkpoints.save(step, local)
@@ -290,11 +320,34 @@ class PPOTrainer:
         return self.ctx.work_dir / f"ppo-restore-{step}"
 
     def load_checkpoint(self, local: Path) -> None:
+        started = time.perf_counter()
         self.build_trainable(local)
-        state = torch.load(local / "state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_sharded(self.trained_models(), self.optimizer, local / "sharded")
+        else:
+            self.optimizer.load_state_dict(torch.load(local / "state.pt", weights_only=True)["optimizer"])
+        self.checkpoint_seconds["load_seconds"] = time.perf_counter() - started
         self.history = json.loads((local / "history.json").read_text())
         self.samples = json.loads((local / "samples.json").read_text())
+
+    def publish(self, out_dir: Path) -> None:
+        """The trained policy as one ordinary model, saved by the main process (gathered whole if sharded)."""
+        weights = full_state_dict(self.policy) if self.sharded else None
+        if not self.processes.main:
+            return
+        if weights is not None:
+            self.policy.save_pretrained(out_dir, state_dict=weights)
+            self.tokenizer.save_pretrained(out_dir)
+            return
+        base = AdapterBase(self.sft_dir, artifact_base("sft"))
+        save_model(self.policy, self.tokenizer, out_dir, self.config.lora, base)
+
+    def memory(self) -> dict[str, float]:
+        """The trained state one process holds (the most any holds: shards differ by rounding) and the largest
+        resident memory any process reached."""
+        held = training_state_bytes([self.policy, self.value_model], self.optimizer)
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        return self.processes.max(held | peak)
 
     def train(self) -> None:
         if self.start:
@@ -325,9 +378,8 @@ class PPOTrainer:
 def run(ctx: StageContext) -> dict[str, Any]:
     trainer = PPOTrainer(ctx, ctx.config.rl.ppo)
     trainer.train()
-    if trainer.processes.main:
-        base = AdapterBase(trainer.sft_dir, artifact_base("sft"))
-        save_model(trainer.policy, trainer.tokenizer, ctx.out_dir, ctx.config.rl.ppo.lora, base)
+    memory = trainer.memory()
+    trainer.publish(ctx.out_dir)
     # Wall-clock seconds differ from run to run: they go to logs/ (left out of the digest), not into the record
     # of what was trained, so that a resumed run's artifact has the digest of an uninterrupted one.
     timeless = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in trainer.history]
@@ -342,7 +394,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     first = trainer.history[0] if trainer.history else {}
     checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
     processes = {"processes": trainer.processes.count} if trainer.processes.count > 1 else {}
-    return summarize(trainer.history, keys) | throughput | phases | checks | processes
+    checkpoints = {f"checkpoint_{k}": round(v, 2) for k, v in trainer.checkpoint_seconds.items() if v}
+    per_process = memory_per_process(memory)
+    return summarize(trainer.history, keys) | throughput | phases | checks | processes | per_process | checkpoints
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -357,3 +411,8 @@ def summarize(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[st
         summary[f"first_{key}"] = round(sum(h[key] for h in history[:window]) / window, 4)
         summary[f"last_{key}"] = round(sum(h[key] for h in history[-window:]) / window, 4)
     return summary
+
+
+def memory_per_process(memory: dict[str, float]) -> dict[str, int]:
+    """What one process holds, in bytes (parameters, gradients, optimizer state; peak resident memory)."""
+    return {f"{name}_per_process": int(value) for name, value in memory.items()}

@@ -133,17 +133,19 @@ def build_model(args: argparse.Namespace, out: Path) -> int:
 
 def warm_up(base: Path, device: str) -> None:
     """A forward and backward pass before anything is timed, so the first stage measured does not pay for the
-    CUDA context and cuBLAS start-up."""
+    CUDA context and cuBLAS start-up (nothing to warm up on a CPU, where bf16 logits over GPT-2's vocabulary
+    would take minutes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device != "cuda":
+        return
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
     tokens = torch.randint(0, model.config.vocab_size, (64, 96), device=device)
     model(input_ids=tokens, labels=tokens).loss.backward()
     del model
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def stage_flops(stage: str, algorithm: str, metrics: dict, parameters: int, ppo_epochs: int) -> float | None:

@@ -130,3 +130,13 @@ def test_a_methods_branch_keys_as_a_run_of_that_method_alone():
             assert STAGES[stage].modules_for(several.for_method(method)) == STAGES[stage].modules_for(alone)
     for stage in ("prepare", "sft", "reward"):  # shared: keyed as in a run of one method
         assert key_sections(several, stage) == key_sections(load_config(None, []), stage)
+
+
+def test_sharding_enters_the_rl_key_only_where_it_changes_the_sums():
+    def rl_key(*overrides: str) -> dict:
+        return key_sections(load_config(None, list(overrides)), "rl")
+
+    assert rl_key("rl.distributed.strategy=fsdp") == rl_key()  # one process: nothing is sharded
+    two = "deploy.stages.rl.processes=2"
+    assert rl_key(two, "rl.distributed.strategy=fsdp") != rl_key(two)
+    assert "distributed" not in rl_key(two)["rl"]  # the keys of runs without sharding are what they were

@@ -227,3 +227,14 @@ def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
     result = rlhf("stage", "rl", "--config", str(path), timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "rl.algorithm lists several methods (ppo, dpo): a stage trains one" in result.stderr
+
+
+def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
+    assert load_config(None, ["rl.distributed.strategy=fsdp"]).rl.distributed.frozen == "shard"
+    with pytest.raises(InputError, match="fsdp does not shard LoRA adapters yet; use ddp with rl.ppo.lora"):
+        load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8"])
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump({"rl": {"algorithm": ["ppo", "dpo"], "distributed": {"strategy": "fsdp"}}}))
+    result = rlhf("validate", str(path), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "rl.distributed.strategy: fsdp is written for ppo only so far, not for dpo; use ddp" in result.stderr

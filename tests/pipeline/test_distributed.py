@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import load as load_weights
 
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
@@ -15,7 +18,7 @@ from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_after_first_checkpoint
 
 
 class _Log:
@@ -129,3 +132,43 @@ def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstrea
     assert len(rounds[1]) == 2
     assert rounds[1][0]["score"] == pytest.approx(rounds[0][0]["score"], abs=1e-5)
     assert rounds[1][0]["best_score"] == pytest.approx(rounds[0][0]["best_score"], abs=1e-5)
+
+
+def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_exactly(upstream, tmp_path):
+    """FSDP2: the policy, the value model and their optimizer state are sharded over the two processes (the
+    frozen reference and reward model too). Each process holds half of the trained state; the rollouts and
+    every step's numbers are the one-process run's; the published model is one ordinary checkpoint. A run
+    killed after its sharded checkpoint resumes from it and ends with the uninterrupted run's bytes, though it
+    keeps the frozen models whole (`frozen: replicate`): a sharded forward pass gathers the very same weights."""
+    store, overrides = upstream
+    sharded = [*overrides, "rl.ppo.steps=4", "rl.distributed.strategy=fsdp", "run.checkpoint_every=2"]
+    one, two, _ = rl_on_two_processes(store, sharded, "fsdp")
+    for name in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+        held, whole = two.metrics[f"{name}_per_process"], one.metrics[f"{name}_per_process"]
+        assert whole / 2 <= held <= 1.15 * whole / 2, name
+    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
+    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
+    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
+    for single, split in zip(*histories, strict=True):
+        tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
+        for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl"):
+            assert split[key] == pytest.approx(single[key], **tolerance), (split["step"], key)
+    weights = [
+        load_weights(read_verified(store, artifact_prefix("rl", m.cache_key), "model.safetensors")) for m in (one, two)
+    ]
+    assert sorted(weights[1]) == sorted(weights[0])  # tied embeddings saved once, as an unsharded model saves them
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-4)
+
+    resumed = LocalStore(tmp_path / "store")
+    shutil.copytree(store.root, resumed.root, ignore=shutil.ignore_patterns("rl"))
+    replicated = [*sharded, "rl.distributed.frozen=replicate", "deploy.stages.rl.processes=2"]
+    config = load_config(None, [*replicated, f"run.store={resumed.uri}"])
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    killed_at = kill_after_first_checkpoint("rl", config_path, resumed.root / "checkpoints" / "rl")
+    assert killed_at == 2
+    ProcessLauncher().launch("rl", str(config_path), _Log())
+    again = read_manifest(resumed, plan_stage(resumed, config, "rl").prefix)
+    assert again.resumed_from == killed_at
+    assert again.digest == two.digest

@@ -7,22 +7,16 @@ and the resumed one run in this process, beside upstream artifacts computed once
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from rlhf_pipeline.flows.launchers.launcher import StageCrashed
-from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_after_first_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -49,17 +43,6 @@ CASES: dict[str, tuple[str, list[str]]] = {
 CHECKPOINT_EVERY = 3
 
 
-class _PidLog:
-    """The launcher's logger: it says the stage process's pid."""
-
-    def __init__(self) -> None:
-        self.pid: int | None = None
-
-    def info(self, message, *args) -> None:
-        if message.startswith("stage process pid"):
-            self.pid = args[0]
-
-
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """One store for every case's upstream artifacts (content-keyed: each config finds its own)."""
@@ -68,30 +51,6 @@ def upstream(tmp_path_factory) -> Path:
 
 def _config(store: Path, overrides: list[str], checkpoint_every: int):
     return load_config(None, [*TINY, *overrides, f"run.store={store}", f"run.checkpoint_every={checkpoint_every}"])
-
-
-def _kill_after_first_checkpoint(stage: str, config_path: Path, checkpoints: Path) -> int:
-    """Start the stage as a real process; SIGKILL it once a checkpoint of it is complete; that step."""
-    log, crashed = _PidLog(), []
-
-    def launch() -> None:
-        try:
-            ProcessLauncher().launch(stage, str(config_path), log)
-        except StageCrashed as exc:
-            crashed.append(exc)
-
-    attempt = threading.Thread(target=launch)
-    attempt.start()
-    deadline = time.monotonic() + 300
-    while attempt.is_alive() and time.monotonic() < deadline:
-        complete = sorted(checkpoints.rglob("step-*/manifest.json"))
-        if complete and log.pid:
-            os.kill(log.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    attempt.join()
-    assert crashed and "killed by SIGKILL" in str(crashed[0]), "the stage ended before it could be killed"
-    return int(complete[0].parent.name.removeprefix("step-"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -108,7 +67,7 @@ def test_a_killed_and_resumed_stage_ends_with_the_bytes_of_an_uninterrupted_run(
     config = _config(resumed, overrides, CHECKPOINT_EVERY)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(dump_config(config))
-    killed_at = _kill_after_first_checkpoint(stage, config_path, resumed / "checkpoints" / stage)
+    killed_at = kill_after_first_checkpoint(stage, config_path, resumed / "checkpoints" / stage)
     again, cached = run_stage(stage, config, LocalStore(resumed))
 
     assert not cached and reference.resumed_from is None

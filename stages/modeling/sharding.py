@@ -1,0 +1,105 @@
+"""FSDP2 (`fully_shard`) for the hand-written loops (PPO): each process keeps 1/N of every sharded model's
+parameters, gradients and optimizer state, and gathers a layer's weights only while it computes with them.
+
+Each transformer block (the classes a model names in `_no_split_modules`) is its own shard group, as the HF
+Trainer's FSDP2 auto-wrap does; so is each top part of the model (backbone, head) unless they share weights
+(tied embeddings), since PPO calls a value model's backbone and head on their own; the model is the outer group.
+Gradients are summed, not averaged: PPO's losses are
+each process's part of the whole mini-batch's mean (`modeling.data_parallel`), so the sum is the one-process
+gradient. Checkpoints are sharded with torch.distributed.checkpoint (each process writes its shards, resume
+reads them back); the published model is gathered whole into the main process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from rlhf_pipeline.stages.modeling.data_parallel import Processes
+
+
+def shard_model(model: torch.nn.Module, processes: Processes) -> torch.nn.Module:
+    """`model` sharded in place over the processes: its transformer blocks, then the rest; gradients summed."""
+    mesh = init_device_mesh(next(model.parameters()).device.type, (processes.count,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    parts = [child for child in model.children() if any(True for _ in child.parameters())]
+    owned = [{id(p) for p in part.parameters()} for part in parts]
+    if sum(map(len, owned)) == len(set().union(*owned)):
+        for part in parts:
+            fully_shard(part, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo has too
+    return model
+
+
+def shard_frozen(model: torch.nn.Module, processes: Processes) -> torch.nn.Module:
+    """A frozen scorer sharded: a transformers model itself, or each one a wrapper combines (the safety gate
+    calls its two models' own forward passes, which is where FSDP gathers their weights)."""
+    if isinstance(model, PreTrainedModel):
+        return shard_model(model, processes)
+    for child in model.children():
+        shard_frozen(child, processes)
+    return model
+
+
+def full_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU of the main process (every process must call it: it gathers).
+    Tied weights (input and output embeddings) come back gathered twice; they are made one tensor again, which
+    `save_pretrained` then saves once, as it does for an unsharded model."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first_name: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        source = first_name.setdefault(id(parameter), name)
+        if source != name and name in weights and source in weights:
+            weights[name] = weights[source]
+    return weights
+
+
+def local_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes this process holds of `tensors`: its shards of sharded ones, all of the others."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def training_state_bytes(models: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This process's bytes of the trained models' parameters, gradients and optimizer state."""
+    parameters = [p for model in models for p in model.parameters() if p.requires_grad]
+    state = [v for per_parameter in optimizer.state.values() for v in per_parameter.values() if v.dim() > 0]
+    return {
+        "parameter_bytes": local_bytes(parameters),
+        "gradient_bytes": local_bytes([p.grad for p in parameters if p.grad is not None]),
+        "optimizer_bytes": local_bytes(state),
+    }
+
+
+def save_sharded(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every process writes its shards of the models and the optimizer into `directory` (one the processes
+    share); the main process writes the metadata that says where each piece is."""
+    weights, optimizer_state = get_state_dict(models, optimizer)
+    dcp.save({"models": weights, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The models' and the optimizer's state from a sharded checkpoint (its pieces re-sharded to this
+    process's shards)."""
+    weights, optimizer_state = get_state_dict(models, optimizer)
+    state = {"models": weights, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(models, optimizer, model_state_dict=state["models"], optim_state_dict=state["optimizer"])
