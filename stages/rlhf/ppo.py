@@ -107,7 +107,8 @@ class PPOTrainer:
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
         self.samples: list[dict[str, Any]] = []  # what the policy answered, every SAMPLES_EVERY steps
-        self.checkpoint_seconds = {"save_seconds": 0.0, "load_seconds": 0.0}  # saved / loaded, store transfers aside
+        # Seconds to save and to load checkpoints, the store's transfers aside.
+        self.checkpoint_seconds = {"checkpoint_save_seconds": 0.0, "checkpoint_load_seconds": 0.0}
         self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
         if self.start:
             self.load_checkpoint(self.restore_dir(self.start))
@@ -309,7 +310,7 @@ class PPOTrainer:
             self.policy.save_pretrained(local / "policy")
             self.value_model.save_pretrained(local / "value")
             torch.save({"optimizer": self.optimizer.state_dict(), "step": step}, local / "state.pt")
-        self.checkpoint_seconds["save_seconds"] += time.perf_counter() - started
+        self.checkpoint_seconds["checkpoint_save_seconds"] += time.perf_counter() - started
         (local / "history.json").write_text(json.dumps(self.history))
         (local / "samples.json").write_text(json.dumps(self.samples))
         self.ctx.checkpoints.save(step, local)
@@ -326,7 +327,7 @@ class PPOTrainer:
             load_sharded(self.trained_models(), self.optimizer, local / "sharded")
         else:
             self.optimizer.load_state_dict(torch.load(local / "state.pt", weights_only=True)["optimizer"])
-        self.checkpoint_seconds["load_seconds"] = time.perf_counter() - started
+        self.checkpoint_seconds["checkpoint_load_seconds"] = time.perf_counter() - started
         self.history = json.loads((local / "history.json").read_text())
         self.samples = json.loads((local / "samples.json").read_text())
 
@@ -342,12 +343,12 @@ class PPOTrainer:
         base = AdapterBase(self.sft_dir, artifact_base("sft"))
         save_model(self.policy, self.tokenizer, out_dir, self.config.lora, base)
 
-    def memory(self) -> dict[str, float]:
-        """The trained state one process holds (the most any holds: shards differ by rounding) and the largest
-        resident memory any process reached."""
+    def memory(self) -> dict[str, int]:
+        """Bytes of the trained state one process holds (parameters, gradients, optimizer state; the most any
+        process holds, as shards differ by rounding) and the largest resident memory any process reached."""
         held = training_state_bytes([self.policy, self.value_model], self.optimizer)
         peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
-        return self.processes.max(held | peak)
+        return {f"{name}_per_process": int(value) for name, value in self.processes.max(held | peak).items()}
 
     def train(self) -> None:
         if self.start:
@@ -394,9 +395,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     first = trainer.history[0] if trainer.history else {}
     checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
     processes = {"processes": trainer.processes.count} if trainer.processes.count > 1 else {}
-    checkpoints = {f"checkpoint_{k}": round(v, 2) for k, v in trainer.checkpoint_seconds.items() if v}
-    per_process = memory_per_process(memory)
-    return summarize(trainer.history, keys) | throughput | phases | checks | processes | per_process | checkpoints
+    checkpoints = {name: round(seconds, 2) for name, seconds in trainer.checkpoint_seconds.items() if seconds}
+    return summarize(trainer.history, keys) | throughput | phases | checks | processes | memory | checkpoints
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -411,8 +411,3 @@ def summarize(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[st
         summary[f"first_{key}"] = round(sum(h[key] for h in history[:window]) / window, 4)
         summary[f"last_{key}"] = round(sum(h[key] for h in history[-window:]) / window, 4)
     return summary
-
-
-def memory_per_process(memory: dict[str, float]) -> dict[str, int]:
-    """What one process holds, in bytes (parameters, gradients, optimizer state; peak resident memory)."""
-    return {f"{name}_per_process": int(value) for name, value in memory.items()}

@@ -101,6 +101,19 @@ def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
     return [json.loads(line) for line in read_verified(store, prefix, path).decode().splitlines()]
 
 
+def assert_ppo_runs_agree(store: LocalStore, one: Manifest, two: Manifest) -> list[list[dict]]:
+    """The same kept rollouts token for token, and every step's numbers within float rounding: the first step
+    within the history's rounding (5 decimals), later ones as the rounding drifts. Returns the two histories."""
+    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
+    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
+    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
+    for single, split in zip(*histories, strict=True):
+        tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
+        for key in ("score", "kl", "response_length", "tokens", "policy_loss", "value_loss", "approx_kl"):
+            assert split[key] == pytest.approx(single[key], **tolerance), (split["step"], key)
+    return histories
+
+
 def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream):
     """Each process generates, scores and trains on half of every batch and mini-batch: the rollouts are
     the one-process run's token for token (sampling is seeded per prompt), and every step's numbers, which
@@ -111,14 +124,8 @@ def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstrea
     assert sum("rl: step 1/4" in line for line in log.lines) == 1  # the main process reports
     samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
     assert len(samples[0]) == 2 * 16  # the first step's rollouts and the last's
-    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
     assert [s["score"] for s in samples[1]] == pytest.approx([s["score"] for s in samples[0]], abs=1e-4)
-    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
-    for single, split in zip(*histories, strict=True):
-        # the first step within the history's rounding (5 decimals), later ones as the rounding drifts
-        tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
-        for key in ("score", "kl", "response_length", "tokens", "policy_loss", "value_loss", "approx_kl"):
-            assert split[key] == pytest.approx(single[key], **tolerance), (split["step"], key)
+    histories = assert_ppo_runs_agree(store, one, two)
     assert histories[1][0]["first_ratio_error"] <= 1e-6
 
 
@@ -146,13 +153,7 @@ def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_exa
     for name in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
         held, whole = two.metrics[f"{name}_per_process"], one.metrics[f"{name}_per_process"]
         assert whole / 2 <= held <= 1.15 * whole / 2, name
-    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
-    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
-    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
-    for single, split in zip(*histories, strict=True):
-        tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
-        for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl"):
-            assert split[key] == pytest.approx(single[key], **tolerance), (split["step"], key)
+    assert_ppo_runs_agree(store, one, two)
     weights = [
         load_weights(read_verified(store, artifact_prefix("rl", m.cache_key), "model.safetensors")) for m in (one, two)
     ]
