@@ -6,8 +6,10 @@ torch starts one compute thread per core it sees, in every process. Two stages s
 every barrier while the other process's threads wait for a core: a PPO step of the demo went from 1.2 s to 29 s.
 So each stage process takes its share: the CPUs it may use (its affinity mask, the cgroup CPU quota of its
 container or pod, at most `deploy.stages.<stage>.cpus`) divided among the stage processes alive in this machine's
-work area (`core.work_area`: one directory per process, every rank of a multi-process stage included).
-Stages re-take their share as they go, so that one started alone gives up threads when another one starts.
+work area (`core.work_area`: one directory per process, every rank of a multi-process stage included), and
+never among fewer than the ranks `torchrun` started on this node (`LOCAL_WORLD_SIZE`), which may not have made
+their directories yet when this one starts. Stages re-take their share as they go, so that one started alone
+gives up threads when another one starts.
 """
 
 from __future__ import annotations
@@ -59,5 +61,5 @@ def granted_cpus() -> float:
 
 def compute_threads(cpus: float, root: Path | None = None) -> int:
     """This process's share of `cpus` (those it may use: `granted_cpus`), at least one thread."""
-    sharing = max(len(live_stage_processes(root)), 1)
+    sharing = max(len(live_stage_processes(root)), int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(1, math.floor(cpus / sharing))

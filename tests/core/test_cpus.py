@@ -96,3 +96,13 @@ def test_threads_are_the_cpus_shared_among_live_stage_processes(work_root, sleep
         assert cpus.compute_threads(cpus.granted_cpus()) == 2  # 8 CPUs among 3 stage processes
         monkeypatch.setenv(cpus.CPUS_ENV, "2")
         assert cpus.compute_threads(cpus.granted_cpus()) == 1  # never fewer than one
+
+
+def test_the_ranks_torchrun_started_on_this_node_share_its_cpus_before_they_register(work_root, monkeypatch):
+    """A rank that starts before its siblings have made their work directories already takes only its share."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with work_directory("sft"):
+        assert len(live_stage_processes()) == 1
+        assert cpus.compute_threads(8.0) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert cpus.compute_threads(8.0) == 8
