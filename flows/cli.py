@@ -65,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(stage)
     stage.set_defaults(handler=_stage)
 
+    node = commands.add_parser(
+        "node",
+        help="start one node's processes of a stage on several nodes (deploy.stages.<stage>.nodes); the nodes meet "
+        "at the first one, RLHF_NODE0_ADDRESS (host:port, default 127.0.0.1:29500)",
+    )
+    node.add_argument("name", choices=STAGE_NAMES)
+    node.add_argument("--config", required=True, help="resolved config: a local path or s3://bucket/key")
+    node.add_argument("--node-rank", type=int, required=True, help="this node's number, 0 being the first")
+    node.set_defaults(handler=_node)
+
     data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="COMMAND")
     convert = data.add_parser("convert", help="print a dataset's rows in TRL's conversational format as JSONL")
     convert.add_argument("path", help="a .json/.jsonl/.parquet file or a Hugging Face Hub dataset id")
@@ -218,6 +228,12 @@ def _stage(args: argparse.Namespace) -> int:
         config = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
     run_stage(args.name, config, config.run.open_store())
     return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from rlhf_pipeline.flows.launchers.process import run_node
+
+    return run_node(args.name, args.config, args.node_rank)
 
 
 def _convert(args: argparse.Namespace) -> int:

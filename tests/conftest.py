@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 
 from rlhf_pipeline.flows.launchers.launcher import StageCrashed
@@ -148,7 +149,8 @@ class PidLog:
 
 
 def kill_after_first_checkpoint(stage: str, config_path: Path, checkpoints: Path) -> int:
-    """Start the stage as a real process; SIGKILL it once a checkpoint of it is complete; that step."""
+    """Start the stage as a real process; SIGKILL it once a checkpoint of it is complete, with the processes it
+    started (torchrun's, which would otherwise train on for up to a second: a lost machine); that step."""
     log, crashed = PidLog(), []
 
     def launch() -> None:
@@ -163,7 +165,9 @@ def kill_after_first_checkpoint(stage: str, config_path: Path, checkpoints: Path
     while attempt.is_alive() and time.monotonic() < deadline:
         complete = sorted(checkpoints.rglob("step-*/manifest.json"))
         if complete and log.pid:
-            os.kill(log.pid, signal.SIGKILL)
+            stage_process = psutil.Process(log.pid)
+            for process in [stage_process, *stage_process.children(recursive=True)]:
+                process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     attempt.join()

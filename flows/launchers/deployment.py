@@ -38,7 +38,7 @@ class DeploymentLauncher:
         deploy = read_config(config_uri).deploy
         with get_client(sync_client=True) as client:
             pool_type = client.read_work_pool(deploy.work_pool).type
-        variables = job_variables(pool_type, stage, deploy)
+        variables = job_variables(pool_type, stage, deploy, config_uri)
         logger.info("running deployment %s/%s on %s pool %r", STAGE_FLOW, stage, pool_type, deploy.work_pool)
         flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # synchronous here: a FlowRun
             f"{STAGE_FLOW}/{stage}",
@@ -74,9 +74,16 @@ def await_flow_run(flow_run, stage: str, pool: str, start_timeout: float, poll: 
     return state
 
 
-def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str, Any]:
-    """The stage's image and resources in the shape each work pool type's job template takes."""
+def job_variables(pool_type: str, stage: str, deploy: DeployConfig, config_uri: str) -> dict[str, Any]:
+    """The stage's image and resources in the shape each work pool type's job template takes. A stage on several
+    nodes is a Kubernetes indexed Job of as many pods, whose pods after the first run their node's processes of
+    the stage's config (`docker/stage-entrypoint.sh`); a Docker pool starts one container per stage."""
     resources = deploy.resources(stage)
+    if resources.nodes > 1 and pool_type != "kubernetes":
+        raise StageInputError(
+            f"deploy.stages.{stage}.nodes: {resources.nodes} nodes need a kubernetes work pool (this one is "
+            f"{pool_type}); elsewhere start the nodes after the first with `rlhf node` and deploy.launcher: process"
+        )
     if pool_type == "docker":
         create: dict[str, Any] = {}
         if resources.gpus:
@@ -92,5 +99,7 @@ def job_variables(pool_type: str, stage: str, deploy: DeployConfig) -> dict[str,
         sizes = {"image": deploy.image(stage), "gpus": resources.gpus, "work_storage": resources.work_storage}
         if resources.cpus:
             sizes |= {"cpu_request": f"{resources.cpus:g}", "cpu_limit": f"{resources.cpus:g}"}
+        if resources.nodes > 1:
+            sizes |= {"nodes": resources.nodes, "env": {"RLHF_NODE_CONFIG": config_uri}}
         return sizes | {k: v for k, v in placement.items() if v}
     return {}

@@ -26,11 +26,15 @@ from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import read_config
 from rlhf_pipeline.stages.core.cpus import CPUS_ENV
-from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR
+from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, InputError
 from rlhf_pipeline.stages.core.progress import LAUNCHER_PID
 from rlhf_pipeline.stages.core.registry import ALGORITHM_MODULES, STAGE_MODULES, STAGE_NAMES
 
 CLI = "rlhf_pipeline.flows.cli"
+# Where the nodes of a stage on several nodes meet: host:port of the first node (the Kubernetes job template sets
+# it to the first pod's name under the headless Service `rlhf-stages`).
+NODE0_ADDRESS = "RLHF_NODE0_ADDRESS"
+DEFAULT_NODE0_ADDRESS = "127.0.0.1:29500"
 # What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
 # (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
 PRELOADED_MODULES = [
@@ -56,15 +60,35 @@ def stage_arguments(stage: str, config_uri: str) -> list[str]:
     return ["stage", stage, "--config", config_uri]
 
 
-def stage_command(stage: str, config: PipelineConfig, config_uri: str) -> list[str]:
-    """`rlhf stage NAME --config URI`; under `torchrun` (DDP, one process per GPU, NCCL; gloo on CPU) where the
-    config gives the stage several processes."""
+def stage_command(stage: str, config: PipelineConfig, config_uri: str, node_rank: int = 0) -> list[str]:
+    """`rlhf stage NAME --config URI`; under `torchrun` (one process per GPU, NCCL; gloo on CPU) where the config
+    gives the stage several processes. On several nodes this is node `node_rank`'s torchrun: the nodes meet at
+    the first one (NODE0_ADDRESS), whose processes take the first ranks, rank 0 (the one that reports and
+    publishes) among them. torchrun's static rendezvous keeps that order; its c10d rendezvous would number the
+    nodes by host name."""
     arguments = stage_arguments(stage, config_uri)
-    processes = config.deploy.processes(stage)
-    if processes == 1:
+    per_node, nodes = config.deploy.processes_per_node(stage), config.deploy.resources(stage).nodes
+    if per_node * nodes == 1:
         return [*rlhf_command(), *arguments]
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return [sys.executable, *torchrun, "-m", CLI, *arguments]
+    torchrun = ["--nproc-per-node", str(per_node)]
+    if nodes == 1:
+        torchrun.append("--standalone")
+    else:
+        host, _, port = os.environ.get(NODE0_ADDRESS, DEFAULT_NODE0_ADDRESS).rpartition(":")
+        torchrun += ["--nnodes", str(nodes), "--node-rank", str(node_rank)]
+        torchrun += ["--master-addr", host, "--master-port", port]
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", CLI, *arguments]
+
+
+def run_node(stage: str, config_uri: str, node_rank: int) -> int:
+    """One node's processes of a stage on several nodes (`rlhf node`: a Kubernetes pod after the first, or a
+    machine of your own), their output straight through; their exit code."""
+    config = read_config(config_uri)
+    nodes = config.deploy.resources(stage).nodes
+    if not 0 <= node_rank < nodes:
+        raise InputError(f"--node-rank {node_rank}: deploy.stages.{stage}.nodes is {nodes} (ranks 0 to {nodes - 1})")
+    command = stage_command(stage, config, config_uri, node_rank)
+    return subprocess.run(command, env=stage_environment(stage, config), check=False).returncode
 
 
 def stage_environment(stage: str, config: PipelineConfig) -> dict[str, str]:
@@ -88,7 +112,7 @@ def gpu_visible() -> bool:
 def forks_stage(stage: str, config: PipelineConfig) -> bool:
     """Fork from the warm interpreter only where that is safe and worth it: one process on a Linux CPU. CUDA
     must be initialised in a fresh process, and on a GPU the import is a small part of a stage."""
-    if config.run.stage_start != "fork" or sys.platform != "linux" or config.deploy.processes(stage) > 1:
+    if config.run.stage_start != "fork" or sys.platform != "linux" or config.deploy.world_size(stage) > 1:
         return False
     return config.run.device == "cpu" or (config.run.device == "auto" and not gpu_visible())
 

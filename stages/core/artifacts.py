@@ -148,21 +148,32 @@ def attempt_folder() -> str:
 
 def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fields: dict[str, Any]) -> Manifest:
     """Upload every file of `local_dir` under a folder of this attempt's own, then create the manifest: the
-    artifact exists only once that lands. Where another attempt's manifest landed first, this attempt's files
-    are removed and the other's manifest is returned: the artifact that exists is never changed.
+    artifact exists only once that lands (`create_manifest`)."""
+    folder = attempt_folder()
+    return create_manifest(store, prefix, folder, upload_files(store, local_dir, prefix, folder), manifest_fields)
 
-    Files are hashed while they upload (hashlib releases the GIL), so the digests cost no extra time.
-    """
+
+def upload_files(store: ArtifactStore, local_dir: Path, prefix: str, folder: str) -> list[FileEntry]:
+    """Every file of `local_dir` uploaded under the attempt's `folder` of the artifact; their entries for its
+    manifest. Files are hashed while they upload (hashlib releases the GIL), so the digests cost no extra time."""
     paths = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
     paths = [p for p in paths if p != MANIFEST and Path(p).name not in NEVER_PUBLISHED]
-    folder = attempt_folder()
     with ThreadPoolExecutor(max_workers=1) as uploader:
         upload = uploader.submit(store.upload_files, {f"{prefix}/{folder}/{p}": local_dir / p for p in paths})
         entries = [
             FileEntry(path=p, size=(local_dir / p).stat().st_size, sha256=sha256_file(local_dir / p)) for p in paths
         ]
         upload.result()
-    manifest = Manifest(files=entries, files_at=folder, **manifest_fields)
+    return entries
+
+
+def create_manifest(
+    store: ArtifactStore, prefix: str, folder: str, entries: list[FileEntry], manifest_fields: dict[str, Any]
+) -> Manifest:
+    """The manifest of the files uploaded under `folder`, created only where there is none yet. Where another
+    attempt's manifest landed first, this attempt's files are removed and the other's manifest is returned: the
+    artifact that exists is never changed."""
+    manifest = Manifest(files=sorted(entries, key=lambda entry: entry.path), files_at=folder, **manifest_fields)
     if store.create(f"{prefix}/{MANIFEST}", manifest.model_dump_json(indent=2).encode()):
         return manifest
     existing = read_manifest(store, prefix)

@@ -6,6 +6,8 @@ written one has no manifest and does not count; a damaged one is set aside and t
 Attempts at the same artifact (two runs at once, a retry racing its predecessor) share its checkpoints: each
 resumes from the newest that any of them completed (they train the same thing, so it is theirs as well), and
 each step's first manifest wins, as for artifacts. They are deleted once the artifact they lead to exists.
+A checkpoint of several processes holds what each of them wrote (its shards, its RNG state): every process
+uploads its own files, on whatever machine it runs, and the main process writes the manifest over them all.
 """
 
 from __future__ import annotations
@@ -14,12 +16,29 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
-from rlhf_pipeline.stages.core.artifacts import fetch_dir, publish_dir, read_manifest
+from rlhf_pipeline.stages.core.artifacts import (
+    FileEntry,
+    attempt_folder,
+    create_manifest,
+    fetch_dir,
+    read_manifest,
+    upload_files,
+)
 from rlhf_pipeline.stages.core.errors import DamagedArtifact
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
 log = logging.getLogger("rlhf.stage")
+
+
+class StageProcesses(Protocol):
+    """The processes of a multi-process stage (`modeling.data_parallel.Processes`)."""
+
+    @property
+    def main(self) -> bool: ...
+
+    def gather_objects(self, mine: list[Any]) -> list[Any]: ...
 
 
 class CheckpointStore:
@@ -61,15 +80,30 @@ class CheckpointStore:
             return step
         return None
 
-    def save(self, step: int, local_dir: Path) -> None:
-        publish_dir(
-            self.store,
-            local_dir,
-            self._prefix(step),
-            {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step},
-        )
+    def save(self, step: int, local_dir: Path, processes: StageProcesses | None = None) -> None:
+        """The checkpoint in `local_dir`; with `processes`, every one of them calls this with the files it wrote
+        (a collective: they all must), and the checkpoint is the union of their folders."""
+        folder = attempt_folder()
+        if processes is not None:
+            folder = processes.gather_objects([folder])[0]  # the main process's: one attempt
+        entries = upload_files(self.store, local_dir, self._prefix(step), folder)
+        if processes is not None:
+            entries = processes.gather_objects(entries)
+            if not processes.main:
+                return
+        fields = {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step}
+        create_manifest(self.store, self._prefix(step), folder, one_entry_per_path(entries), fields)
         for old in self.complete_steps()[: -self.keep]:
             self.store.delete_prefix(self._prefix(old))
 
     def clear(self) -> None:
         self.store.delete_prefix(self.root)
+
+
+def one_entry_per_path(entries: list[FileEntry]) -> list[FileEntry]:
+    """The processes' files, each path once: two processes may write the same file, never different bytes."""
+    by_path: dict[str, FileEntry] = {}
+    for entry in entries:
+        if by_path.setdefault(entry.path, entry).sha256 != entry.sha256:
+            raise RuntimeError(f"checkpoint file {entry.path}: two processes wrote different bytes")
+    return list(by_path.values())

@@ -421,8 +421,14 @@ class StageResources(Section):
     processes: int | None = Field(
         None,
         ge=1,
-        description="training processes (data-parallel, through `torchrun`); default: one per GPU. For sft, "
-        "reward (pairwise) and rl (every algorithm; PPO's batch and mini-batch are divided among them)",
+        description="training processes per node (data-parallel, through `torchrun`); default: one per GPU. For "
+        "sft, reward (pairwise) and rl (every algorithm; PPO's batch and mini-batch are divided among all of them)",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="machines the stage runs on, each with `gpus` and `processes`: a Kubernetes pool runs one pod "
+        "per node (an indexed Job); elsewhere `rlhf node` starts the nodes after the first",
     )
 
 
@@ -456,9 +462,13 @@ class DeployConfig(Section):
     def image(self, stage: str) -> str:
         return self.resources(stage).image or f"{self.image_prefix}{stage}:{self.image_tag}"
 
-    def processes(self, stage: str) -> int:
+    def processes_per_node(self, stage: str) -> int:
         resources = self.resources(stage)
         return resources.processes or max(resources.gpus, 1)
+
+    def world_size(self, stage: str) -> int:
+        """All the stage's training processes, on all its nodes."""
+        return self.resources(stage).nodes * self.processes_per_node(stage)
 
 
 class PipelineConfig(Section):
@@ -495,10 +505,10 @@ class PipelineConfig(Section):
         if len(self.rl.methods) > 1:
             return self  # each method's config is checked on its own (_each_method_valid)
         for stage in self.deploy.stages:
-            if self.deploy.processes(stage) > 1 and not STAGES[stage].distributes(self):
+            if self.deploy.world_size(stage) > 1 and not STAGES[stage].distributes(self):
                 raise ValueError(
                     f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
-                    "reward, rl); set processes: 1 to give it several GPUs anyway"
+                    "reward, rl); set processes: 1 to give it several GPUs anyway, on one node"
                 )
         return self
 
@@ -518,7 +528,7 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _ppo_batches_divide_among_processes(self) -> PipelineConfig:
-        processes = self.deploy.processes("rl")
+        processes = self.deploy.world_size("rl")
         if self.rl.methods == ("ppo",) and processes > 1:
             for name in ("batch_size", "mini_batch_size"):
                 if getattr(self.rl.ppo, name) % processes:

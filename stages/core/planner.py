@@ -12,20 +12,22 @@ from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, cache
 from rlhf_pipeline.stages.core.code_version import code_version
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.errors import MissingInput
-from rlhf_pipeline.stages.core.registry import STAGES
+from rlhf_pipeline.stages.core.registry import ALGORITHMS, STAGES
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
 
 def key_sections(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The parts of the config a stage's output depends on: what goes into its cache key."""
     dumped = config.model_dump(mode="json")
-    # Several data-parallel processes multiply the batch a step trains on: a different model.
-    processes = config.deploy.processes(stage)
+    # Several data-parallel processes multiply the batch a Trainer's step trains on: a different model.
+    processes = config.deploy.world_size(stage)
     if "rl" in STAGES[stage].sections:
         # Only the chosen algorithm's section, so that editing another's settings reruns nothing.
         method = config.rl.method
         rl = {"algorithm": method, method: dumped["rl"][method]}
-        if processes > 1 and config.rl.distributed.strategy != "ddp":  # sums in another order
+        if ALGORITHMS[method].any_process_count:
+            processes = 1  # keyed as one process: a run may resume, or be reused, on any number of them
+        elif processes > 1 and config.rl.distributed.strategy != "ddp":  # sums in another order
             rl["distributed"] = dumped["rl"]["distributed"]
         dumped["rl"] = rl
     sections = {"seed": config.run.seed} | {name: dumped[name] for name in STAGES[stage].sections}

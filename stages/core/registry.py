@@ -20,12 +20,16 @@ class Algorithm:
     name: str
     module: str  # under stages/rlhf/: its run(ctx) trains the policy
     needs_reward_model: bool  # False: it learns from the preference pairs directly
+    # True: any number of processes trains the one-process model (the same batches; sums in another order only),
+    # so the process count is not part of its cache key and a run may resume on another count.
+    # False: a Trainer's batch is per process (more processes, a bigger batch).
+    any_process_count: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     algorithm.name: algorithm
     for algorithm in (
-        Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True),
+        Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True, any_process_count=True),
         Algorithm("rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True),
         Algorithm("dpo", f"{PACKAGE}.rlhf.dpo", needs_reward_model=False),
         Algorithm("grpo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True),

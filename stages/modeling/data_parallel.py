@@ -96,12 +96,17 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def stage_processes() -> Processes:
+    """The stage's processes as `torchrun` started them (one, without it)."""
+    return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def join_processes(device: torch.device) -> Processes:
-    """The stage's processes as `torchrun` started them (one, without it); joins their process group."""
-    count = int(os.environ.get("WORLD_SIZE", "1"))
-    if count > 1 and not dist.is_initialized():
+    """The stage's processes, their process group joined (the Trainer stages' is joined by accelerate)."""
+    processes = stage_processes()
+    if processes.count > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # The others wait at a collective while the main process uploads a checkpoint: allow for a big one.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return Processes(int(os.environ.get("RANK", "0")), count)
+    return processes

@@ -6,12 +6,16 @@ Trainer's FSDP2 auto-wrap does; so is each top part of the model (backbone, head
 (tied embeddings), since PPO calls a value model's backbone and head on their own; the model is the outer group.
 Gradients are summed, not averaged: PPO's losses are
 each process's part of the whole mini-batch's mean (`modeling.data_parallel`), so the sum is the one-process
-gradient. Checkpoints are sharded with torch.distributed.checkpoint (each process writes its shards, resume
-reads them back); the published model is gathered whole into the main process.
+gradient. Checkpoints go through torch.distributed.checkpoint (each process writes its shards, a resumed run
+reads them back into its own, on any number of processes); the published model is gathered whole into the
+main process.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,17 +93,29 @@ def training_state_bytes(models: list[torch.nn.Module], optimizer: torch.optim.O
     }
 
 
-def save_sharded(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Every process writes its shards of the models and the optimizer into `directory` (one the processes
-    share); the main process writes the metadata that says where each piece is."""
+def save_state(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The models' and the optimizer's state through torch.distributed.checkpoint: every process writes its
+    shards of sharded models, and its part of replicated ones (each replica is written once), into its own
+    `directory`; the main process adds the metadata that says where each piece is. The union of the processes'
+    folders is the checkpoint (`core.checkpoints`)."""
     weights, optimizer_state = get_state_dict(models, optimizer)
-    dcp.save({"models": weights, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    with without_process_group_warning():
+        dcp.save({"models": weights, "optimizer": optimizer_state}, checkpoint_id=str(directory))
 
 
-def load_sharded(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """The models' and the optimizer's state from a sharded checkpoint (its pieces re-sharded to this
-    process's shards)."""
+def load_state(models: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The models' and the optimizer's state from a checkpoint of `save_state`, written by any number of
+    processes, sharded or not: its pieces are re-sharded to what this process holds."""
     weights, optimizer_state = get_state_dict(models, optimizer)
     state = {"models": weights, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    with without_process_group_warning():
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(models, optimizer, model_state_dict=state["models"], optim_state_dict=state["optimizer"])
+
+
+@contextmanager
+def without_process_group_warning() -> Iterator[None]:
+    """torch.distributed.checkpoint warns whenever it runs without a process group: one process is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

@@ -15,6 +15,7 @@ from transformers.integrations import TensorBoardCallback
 from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.config import TrainingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
+from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
 from rlhf_pipeline.stages.modeling.loading import compute_dtype
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 from rlhf_pipeline.stages.modeling.saving import save_model
@@ -65,17 +66,19 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
 
 
 class StoreCheckpoints(TrainerCallback):
-    """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store."""
+    """Mirror each checkpoint the Trainer saves (weights, optimizer, scheduler, RNG, step) into the store. Of
+    several processes each writes a part (the main one the model, every one its RNG state, or its shards),
+    in its own work directory, wherever it runs: the checkpoint is their union."""
 
     def __init__(self, checkpoints: CheckpointStore) -> None:
         self.checkpoints = checkpoints
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.checkpoints.save(state.global_step, local)
-        log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
+        processes = stage_processes()
+        self.checkpoints.save(state.global_step, local, processes if processes.count > 1 else None)
+        if processes.main:
+            log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
 
 
 class ReportProgress(TrainerCallback):

@@ -7,11 +7,13 @@ shuffled mini-batches. The value model starts from the reward model, as in Instr
 With `rl.ppo.lora`, the policy and the value model train LoRA adapters, and the reference is the policy with
 its adapter disabled: no second copy of the policy's weights.
 
-On several processes (`deploy.stages.rl.processes`) each generates, scores and trains on its share of every
-batch and mini-batch (`modeling.data_parallel`); batch sizes, epochs, whitening and metrics mean what they mean
-in one process, and sampling is seeded per prompt, so that any number of processes draws the same rollouts.
+On several processes (`deploy.stages.rl.processes`, on one node or several) each generates, scores and trains on
+its share of every batch and mini-batch (`modeling.data_parallel`); batch sizes, epochs, whitening and metrics
+mean what they mean in one process, and sampling is seeded per prompt, so that any number of processes draws
+the same rollouts and trains the same model (up to the order of sums): PPO is keyed alike on any count.
 With `rl.distributed.strategy: fsdp` the policy and the value model are sharded over the processes
 (`modeling.sharding`), the frozen reference and reward model too unless `rl.distributed.frozen: replicate`.
+Checkpoints go through torch.distributed.checkpoint, so a run resumes on any number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from rlhf_pipeline.stages.modeling.lora import (
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.sharding import (
     full_state_dict,
-    load_sharded,
-    save_sharded,
+    load_state,
+    save_state,
     shard_frozen,
     shard_model,
     training_state_bytes,
@@ -69,6 +71,7 @@ log = logging.getLogger("rlhf.stage")
 
 PHASES = ("generation", "scoring", "reference_values", "optimization")
 SAMPLES_EVERY = 10  # steps between the rollouts kept in the artifact's ppo_samples.jsonl (and the last one)
+CHECKPOINT_STATE = "trained"  # a checkpoint's models and optimizer, in torch.distributed.checkpoint's format
 
 
 class PhaseTimer:
@@ -101,8 +104,6 @@ class PPOTrainer:
         self.processes = join_processes(ctx.device)
         distributed = ctx.config.rl.distributed
         self.sharded = distributed.strategy == "fsdp" and self.processes.count > 1
-        # Sharded checkpoints are written by every process into one folder: the main process's.
-        self.shared_dir = Path(self.processes.gather_objects([str(ctx.work_dir)])[0])
         self.tokenizer = load_tokenizer(self.sft_dir)
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
@@ -126,16 +127,13 @@ class PPOTrainer:
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
 
     def build_trainable(self, checkpoint: Path | None = None) -> None:
-        """Policy (from SFT), value model (from the reward model) and their optimizer, or a checkpoint's.
-        Full fine-tuning trains fp32 master weights; dropout is off in both models."""
+        """Policy (from SFT), value model (from the reward model) and their optimizer; a checkpoint's adapters
+        (a full fine-tuning checkpoint's weights are loaded into the models once they are sharded, if they are:
+        `load_checkpoint`). Full fine-tuning trains fp32 master weights; dropout is off in both models."""
         device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
         if lora is None:
-            # A sharded checkpoint's weights are loaded into the models once they are sharded (load_checkpoint).
-            from_checkpoint = checkpoint is not None and not self.sharded
-            policy_dir = str(checkpoint / "policy") if from_checkpoint else self.sft_dir
-            value_dir = str(checkpoint / "value") if from_checkpoint else self.reward_dir
-            self.policy = load_policy(policy_dir, device, train=True)
-            self.value_model = load_scorer(value_dir, device, pad, train=True)
+            self.policy = load_policy(self.sft_dir, device, train=True)
+            self.value_model = load_scorer(self.reward_dir, device, pad, train=True)
         else:
             policy = load_policy(self.sft_dir, device, self.quantization)
             value = load_scorer(self.reward_dir, device, pad, self.quantization)
@@ -299,23 +297,26 @@ class PPOTrainer:
         ]
 
     def save_checkpoint(self, step: int) -> None:
-        """The main process's models and optimizer (every process holds the same), or every process's shards."""
-        local = self.shared_dir / f"ppo-checkpoint-{step}"
+        """Full fine-tuning: the models and the optimizer through torch.distributed.checkpoint, each process
+        writing its shards (or its part of the replicas), which any number of processes, sharded or not, can
+        load. LoRA: the main process's adapters and optimizer (every process holds the same)."""
+        local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
+        local.mkdir()
         started = time.perf_counter()
-        if self.sharded:
-            save_sharded(self.trained_models(), self.optimizer, local / "sharded")
-        if not self.processes.main:
-            return
-        if not self.sharded:
+        if self.config.lora is None:
+            save_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
+        elif self.processes.main:
             self.policy.save_pretrained(local / "policy")
             self.value_model.save_pretrained(local / "value")
             torch.save({"optimizer": self.optimizer.state_dict(), "step": step}, local / "state.pt")
         self.checkpoint_seconds["checkpoint_save_seconds"] += time.perf_counter() - started
-        (local / "history.json").write_text(json.dumps(self.history))
-        (local / "samples.json").write_text(json.dumps(self.samples))
-        self.ctx.checkpoints.save(step, local)
+        if self.processes.main:
+            (local / "history.json").write_text(json.dumps(self.history))
+            (local / "samples.json").write_text(json.dumps(self.samples))
+        self.ctx.checkpoints.save(step, local, self.processes if self.processes.count > 1 else None)
         shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
-        log.info("rl: checkpoint at step %d saved to the store", step)
+        if self.processes.main:
+            log.info("rl: checkpoint at step %d saved to the store", step)
 
     def restore_dir(self, step: int) -> Path:
         return self.ctx.work_dir / f"ppo-restore-{step}"
@@ -323,8 +324,8 @@ class PPOTrainer:
     def load_checkpoint(self, local: Path) -> None:
         started = time.perf_counter()
         self.build_trainable(local)
-        if self.sharded:
-            load_sharded(self.trained_models(), self.optimizer, local / "sharded")
+        if self.config.lora is None:
+            load_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
         else:
             self.optimizer.load_state_dict(torch.load(local / "state.pt", weights_only=True)["optimizer"])
         self.checkpoint_seconds["checkpoint_load_seconds"] = time.perf_counter() - started

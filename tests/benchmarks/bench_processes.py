@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -39,17 +40,21 @@ class Quiet:
         pass
 
 
-def rl_stage(store: LocalStore, overrides: list[str], processes: int) -> tuple[Manifest, float]:
-    """The rl stage's artifact and its wall-clock seconds (the processes' start and loading included)."""
-    config = load_config(None, [*overrides, f"deploy.stages.rl.processes={processes}"])
+def rl_stage(store: LocalStore, overrides: list[str], processes: int) -> tuple[LocalStore, Manifest, float]:
+    """The rl stage in a copy of `store`'s upstream artifacts (PPO is keyed alike on any count): that copy, the
+    artifact and its wall-clock seconds (the processes' start and loading included)."""
+    copy = LocalStore(store.root.parent / f"store-{processes}")
+    shutil.rmtree(copy.root, ignore_errors=True)
+    shutil.copytree(store.root, copy.root, ignore=shutil.ignore_patterns("rl"))
+    config = load_config(None, [*overrides, f"deploy.stages.rl.processes={processes}", f"run.store={copy.uri}"])
     key = f"runs/bench-{config.rl.method}-{processes}/config.yaml"
-    store.write_bytes(key, dump_config(config).encode())
+    copy.write_bytes(key, dump_config(config).encode())
     started = time.monotonic()
-    ProcessLauncher(warm=False).launch("rl", store.uri_of(key), Quiet())
+    ProcessLauncher(warm=False).launch("rl", copy.uri_of(key), Quiet())
     seconds = time.monotonic() - started
-    manifest = read_manifest(store, plan_stage(store, config, "rl").prefix)
+    manifest = read_manifest(copy, plan_stage(copy, config, "rl").prefix)
     assert manifest is not None
-    return manifest, seconds
+    return copy, manifest, seconds
 
 
 def rows(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
@@ -57,17 +62,17 @@ def rows(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def compare(store: LocalStore, method: str, one: Manifest, many: Manifest) -> dict:
+def compare(method: str, one: tuple[LocalStore, Manifest], many: tuple[LocalStore, Manifest]) -> dict:
     """How far the two runs' numbers are apart (every step's for PPO; the first round's for rejection
     sampling, whose fine-tuning trains on per-process batches) and, for PPO, its seconds per step."""
-    history = [rows(store, m, METHODS[method]) for m in (one, many)]
+    history = [rows(store, m, METHODS[method]) for store, m in (one, many)]
     if method == "rejection_sampling":
         history = [h[:1] for h in history]
     pairs = zip(*history, strict=True)
     result: dict = {"largest_difference": max(abs(a[k] - b[k]) for a, b in pairs for k in COMPARED if k in a)}
     if method == "ppo":
-        result["ppo_step_seconds"] = [round(m.metrics["train_seconds"] / m.metrics["steps"], 3) for m in (one, many)]
-        samples = [rows(store, m, "ppo_samples.jsonl") for m in (one, many)]
+        result["ppo_step_seconds"] = [round(m.metrics["train_seconds"] / m.metrics["steps"], 3) for _, m in (one, many)]
+        samples = [rows(store, m, "ppo_samples.jsonl") for store, m in (one, many)]
         result["samples_identical"] = [s["response"] for s in samples[0]] == [s["response"] for s in samples[1]]
     return result
 
@@ -86,12 +91,12 @@ def main() -> None:
             ProcessLauncher(warm=False).launch(stage, store.uri_of("runs/bench/config.yaml"), Quiet())
         for method in METHODS:
             method_overrides = [*overrides, f"rl.algorithm={method}"]
-            (one, one_seconds), (many, many_seconds) = (
+            (one_store, one, one_seconds), (many_store, many, many_seconds) = (
                 rl_stage(store, method_overrides, n) for n in (1, args.processes)
             )
             result = {"stage_seconds": [round(one_seconds, 1), round(many_seconds, 1)]}
             result["ratio"] = round(many_seconds / one_seconds, 2)
-            result |= compare(store, method, one, many)
+            result |= compare(method, (one_store, one), (many_store, many))
             print(json.dumps({"method": method, "processes": args.processes, **result}), flush=True)
 
 

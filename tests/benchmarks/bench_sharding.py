@@ -59,23 +59,22 @@ class Quiet:
 
 
 def rl_stage(store: LocalStore, overrides: list[str], processes: int, work: Path) -> tuple[Manifest, Manifest]:
-    """The rl stage on `processes` processes run through, and run again in a copy of the store: killed after its
-    first checkpoint and resumed from it."""
-    config = load_config(None, [*overrides, f"deploy.stages.rl.processes={processes}"])
-    path = work / f"rl-{processes}.yaml"
-    path.write_text(dump_config(config))
-    ProcessLauncher(warm=False).launch("rl", str(path), Quiet())
-    through = read_manifest(store, plan_stage(store, config, "rl").prefix)
-    copy = LocalStore(work / f"store-{processes}")
-    shutil.copytree(store.root, copy.root, ignore=shutil.ignore_patterns("rl"))
-    resumed_config = load_config(None, [*overrides, f"run.store={copy.uri}", f"deploy.stages.rl.processes={processes}"])
-    resumed_path = work / f"rl-{processes}-resumed.yaml"
-    resumed_path.write_text(dump_config(resumed_config))
-    kill_after_first_checkpoint("rl", resumed_path, copy.root / "checkpoints" / "rl")
-    ProcessLauncher(warm=False).launch("rl", str(resumed_path), Quiet())
-    resumed = read_manifest(copy, plan_stage(copy, resumed_config, "rl").prefix)
-    assert through is not None and resumed is not None
-    return through, resumed
+    """The rl stage on `processes` processes run through, and again killed after its first checkpoint and
+    resumed from it; each in its own copy of the upstream artifacts (PPO is keyed alike on any count)."""
+    runs = []
+    for name in ("through", "resumed"):
+        copy = LocalStore(work / f"store-{processes}-{name}")
+        shutil.copytree(store.root, copy.root, ignore=shutil.ignore_patterns("rl"))
+        config = load_config(None, [*overrides, f"run.store={copy.uri}", f"deploy.stages.rl.processes={processes}"])
+        path = work / f"rl-{processes}-{name}.yaml"
+        path.write_text(dump_config(config))
+        if name == "resumed":
+            kill_after_first_checkpoint("rl", path, copy.root / "checkpoints" / "rl")
+        ProcessLauncher(warm=False).launch("rl", str(path), Quiet())
+        manifest = read_manifest(copy, plan_stage(copy, config, "rl").prefix)
+        assert manifest is not None
+        runs.append(manifest)
+    return runs[0], runs[1]
 
 
 def main() -> None:

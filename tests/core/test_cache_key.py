@@ -132,11 +132,22 @@ def test_a_methods_branch_keys_as_a_run_of_that_method_alone():
         assert key_sections(several, stage) == key_sections(load_config(None, []), stage)
 
 
-def test_sharding_enters_the_rl_key_only_where_it_changes_the_sums():
-    def rl_key(*overrides: str) -> dict:
-        return key_sections(load_config(None, list(overrides)), "rl")
+def test_ppo_is_keyed_alike_on_any_number_of_processes_and_a_trainers_batch_is_not():
+    """PPO trains the one-process model on any number of processes, nodes or shards (the same rollouts, sums in
+    another order): one key, so that a run resumes, or is reused, on another count. A Trainer's batch is per
+    process: more processes train another model."""
 
-    assert rl_key("rl.distributed.strategy=fsdp") == rl_key()  # one process: nothing is sharded
-    two = "deploy.stages.rl.processes=2"
-    assert rl_key(two, "rl.distributed.strategy=fsdp") != rl_key(two)
-    assert "distributed" not in rl_key(two)["rl"]  # the keys of runs without sharding are what they were
+    def key(stage: str, *overrides: str) -> dict:
+        return key_sections(load_config(None, list(overrides)), stage)
+
+    one = key("rl")
+    for layout in (["processes=2"], ["processes=2", "nodes=2"], ["gpus=8"]):
+        several = [f"deploy.stages.rl.{setting}" for setting in layout]
+        assert key("rl", *several) == key("rl", *several, "rl.distributed.strategy=fsdp") == one
+    dpo = "rl.algorithm=dpo"
+    assert key("rl", dpo, "deploy.stages.rl.processes=2")["processes"] == 2
+    assert key("rl", dpo, "deploy.stages.rl.processes=2", "deploy.stages.rl.nodes=2")["processes"] == 4
+    assert key("sft", "deploy.stages.sft.processes=4") == key(
+        "sft", "deploy.stages.sft.processes=2", "deploy.stages.sft.nodes=2"
+    )
+    assert "processes" not in key("sft")  # the keys of one-process runs are what they were

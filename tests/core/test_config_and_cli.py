@@ -140,6 +140,14 @@ def test_cli_stage_with_missing_config_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_node_outside_the_stages_nodes_exits_2(tmp_path):
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump({"deploy": {"stages": {"sft": {"nodes": 2, "processes": 2}}}}))
+    result = rlhf("node", "sft", "--config", str(path), "--node-rank", "2", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--node-rank 2: deploy.stages.sft.nodes is 2 (ranks 0 to 1)" in result.stderr
+
+
 @pytest.mark.parametrize("name", ["hh-rlhf", "shp", "oasst", "oasst-qlora", "dolly", "alpaca"])
 def test_seed_dataset_examples_are_valid_and_licence_clean(name):
     from rlhf_pipeline.stages.data.sources import check_licenses

@@ -17,13 +17,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
+from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed, Crashed, Failed
 
 from rlhf_pipeline.flows.deployments import INFRA, deploy
 from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher, job_variables
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW, StageCrashed, StageInputError
+from rlhf_pipeline.flows.launchers.process import NODE0_ADDRESS
 from rlhf_pipeline.flows.pipeline import run_pipeline
 from rlhf_pipeline.stages.core.config import DeployConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
@@ -32,6 +35,8 @@ from rlhf_pipeline.stages.core.store import ArtifactStore
 from tests.conftest import TINY, stop
 
 SHORT = ["sft.max_steps=10", "reward.max_steps=10", "rl.ppo.steps=2", "evaluate.prompts=8"]
+CONFIG_URI = "s3://bucket/runs/r1/config.yaml"
+ENTRYPOINT = INFRA.parent / "docker" / "stage-entrypoint.sh"
 
 
 @pytest.fixture
@@ -181,7 +186,7 @@ def test_a_stage_flow_run_no_worker_starts_times_out_naming_the_pool(prefect_api
 def test_docker_pool_gets_gpu_device_requests_shared_memory_and_a_cpu_quota():
     stages = {"sft": {"gpus": 2, "shm_size": "16g", "cpus": 3.5}}
     deploy = DeployConfig.model_validate({"image_tag": "0.1", "stages": stages})
-    assert job_variables("docker", "sft", deploy) == {
+    assert job_variables("docker", "sft", deploy, CONFIG_URI) == {
         "image": "rlhf-sft:0.1",
         "container_create_kwargs": {
             "device_requests": [{"count": 2, "capabilities": [["gpu"]]}],
@@ -189,8 +194,11 @@ def test_docker_pool_gets_gpu_device_requests_shared_memory_and_a_cpu_quota():
             "nano_cpus": 3_500_000_000,
         },
     }
-    assert job_variables("docker", "prepare", deploy) == {"image": "rlhf-prepare:0.1", "container_create_kwargs": {}}
-    assert job_variables("process", "sft", deploy) == {}
+    assert job_variables("docker", "prepare", deploy, CONFIG_URI) == {
+        "image": "rlhf-prepare:0.1",
+        "container_create_kwargs": {},
+    }
+    assert job_variables("process", "sft", deploy, CONFIG_URI) == {}
 
 
 def test_docker_pool_passes_s3_keys_as_secret_blocks_not_values(prefect_api, s3_endpoint):
@@ -216,7 +224,7 @@ def test_kubernetes_job_template_renders_gpu_and_cpu_limits_node_selector_and_to
     deploy = DeployConfig.model_validate({"stages": {"rl": rl_resources}})
 
     def render(stage: str) -> dict:
-        values = job_variables("kubernetes", stage, deploy)
+        values = job_variables("kubernetes", stage, deploy, CONFIG_URI)
         configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
         return configuration.job_manifest["spec"]["template"]["spec"]
 
@@ -237,6 +245,72 @@ def test_kubernetes_job_template_renders_gpu_and_cpu_limits_node_selector_and_to
     assert prepare["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 0
     assert "cpu" not in prepare["containers"][0]["resources"]["limits"]
     assert prepare["containers"][0]["image"] == "rlhf-prepare:latest"
+
+
+def test_a_stage_on_two_nodes_is_an_indexed_kubernetes_job_whose_pods_find_the_first(prefect_api):
+    """Two pods with the stage's GPUs each, numbered (an indexed Job), named under the headless Service of
+    worker.yaml; every pod knows where the first one is and the config the others run their node of."""
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((INFRA / "kubernetes" / "base-job-template.json").read_text())
+    deploy = DeployConfig.model_validate({"stages": {"sft": {"gpus": 8, "nodes": 2}}})
+    values = job_variables("kubernetes", "sft", deploy, CONFIG_URI)
+    configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
+    configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="sft"))  # as the worker does
+    job = configuration.job_manifest
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["completionMode"] == "Indexed"
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["labels"]["rlhf-stage-pod"] == "true" and pod["spec"]["subdomain"] == "rlhf-stages"
+    service = next(
+        d for d in yaml.safe_load_all((INFRA / "kubernetes" / "worker.yaml").read_text()) if d["kind"] == "Service"
+    )
+    assert service["metadata"]["name"] == "rlhf-stages" and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"rlhf-stage-pod": "true"}
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8  # per pod: per node
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["RLHF_NODE_CONFIG"]["value"] == CONFIG_URI
+    job_name = "metadata.labels['batch.kubernetes.io/job-name']"
+    assert env["RLHF_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == job_name
+    assert env[NODE0_ADDRESS]["value"] == "$(RLHF_JOB_NAME)-0.rlhf-stages:29500"
+    names = [entry["name"] for entry in container["env"]]
+    assert names.index("RLHF_JOB_NAME") < names.index(NODE0_ADDRESS)  # Kubernetes expands earlier variables only
+    one_node = job_variables("kubernetes", "reward", deploy, CONFIG_URI)
+    assert "nodes" not in one_node and "env" not in one_node
+    rendered = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, one_node))
+    assert rendered.job_manifest["spec"]["completions"] == 1
+
+
+def test_a_docker_pool_refuses_a_stage_on_several_nodes():
+    deploy = DeployConfig.model_validate({"stages": {"rl": {"gpus": 8, "nodes": 2}}})
+    with pytest.raises(StageInputError, match="deploy.stages.rl.nodes: 2 nodes need a kubernetes work pool"):
+        job_variables("docker", "rl", deploy, CONFIG_URI)
+
+
+@pytest.mark.parametrize(
+    ("index", "runs"),
+    [
+        ("0", "prefect flow-run execute"),  # the first pod: the stage's flow run, which starts the first node
+        ("1", "rlhf node sft --config s3://bucket/runs/r1/config.yaml --node-rank 1"),
+        (None, "prefect flow-run execute"),  # a stage on one node: not an indexed Job's pod
+    ],
+)
+def test_the_stage_image_runs_the_flow_in_the_first_pod_and_a_node_in_the_others(tmp_path, index, runs):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in ("prefect", "rlhf"):
+        (bin_dir / program).write_text(f'#!/bin/sh\necho {program} "$@"\n')
+        (bin_dir / program).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RLHF_STAGE": "sft", "RLHF_NODE_CONFIG": CONFIG_URI}
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = index
+    else:
+        del env["RLHF_NODE_CONFIG"]
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), "prefect", "flow-run", "execute"], env=env, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == runs
 
 
 def test_dockerfile_passes_hadolint():

@@ -7,18 +7,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_weights
 
-from rlhf_pipeline.flows.launchers.process import ProcessLauncher
+from rlhf_pipeline.flows.launchers.process import NODE0_ADDRESS, ProcessLauncher
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
+from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import TINY, kill_after_first_checkpoint
+from tests.conftest import RLHF, TINY, free_port, kill_after_first_checkpoint
 
 
 class _Log:
@@ -53,6 +56,60 @@ def test_sft_in_two_processes_trains_twice_the_tokens_per_step_and_publishes_onc
     assert ddp.metrics["last_loss"] < ddp.metrics["first_loss"]
     assert ddp.metrics["eval_loss"] < one.metrics["eval_loss"] + 0.5
 
+    # Killed after its first checkpoint, which holds what each process wrote (the model and optimizer from the
+    # main one, every one's RNG state), the two processes resume and end with the uninterrupted run's bytes.
+    resumed = LocalStore(tmp_path / "resumed")
+    shutil.copytree(store.root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
+    checkpointed = [*overrides, "deploy.stages.sft.processes=2", f"run.store={resumed.uri}", "run.checkpoint_every=10"]
+    config = load_config(None, checkpointed)
+    config_path = tmp_path / "resumed.yaml"
+    config_path.write_text(dump_config(config))
+    killed_at = kill_after_first_checkpoint("sft", config_path, resumed.root / "checkpoints" / "sft")
+    key = plan_stage(resumed, config, "sft").key
+    checkpoint = read_manifest(resumed, f"checkpoints/sft/{key}/step-{killed_at:08d}")
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {entry.path.rpartition("/")[2] for entry in checkpoint.files}
+    ProcessLauncher().launch("sft", str(config_path), _Log())
+    again = read_manifest(resumed, plan_stage(resumed, config, "sft").prefix)
+    assert again.resumed_from == killed_at == 10
+    assert again.digest == ddp.digest
+
+
+def launch(stage: str, config: PipelineConfig, store: LocalStore) -> tuple[Manifest, _Log]:
+    """The stage as the pipeline launches it, from the config stored in `store`. On several nodes the launcher
+    starts the first node's torchrun and `rlhf node` each other node's (as the other pods of the stage's
+    Kubernetes Job do); they meet at the first node, over loopback here (NODE0_ADDRESS)."""
+    store.write_bytes(f"runs/{stage}/config.yaml", dump_config(config).encode())
+    config_uri = store.uri_of(f"runs/{stage}/config.yaml")
+    nodes = config.deploy.resources(stage).nodes
+    others = [
+        subprocess.Popen([RLHF, "node", stage, "--config", config_uri, "--node-rank", str(rank)])
+        for rank in range(1, nodes)
+    ]
+    log = _Log()
+    ProcessLauncher().launch(stage, config_uri, log)
+    assert [node.wait(timeout=300) for node in others] == [0] * len(others)
+    assert sum(f"rlhf.stage INFO {stage}: done" in line for line in log.lines) == 1  # rank 0, on the first node
+    return read_manifest(store, plan_stage(store, config, stage).prefix), log
+
+
+@pytest.fixture
+def loopback_nodes(monkeypatch) -> None:
+    monkeypatch.setenv(NODE0_ADDRESS, f"127.0.0.1:{free_port()}")
+
+
+def test_sft_on_two_nodes_of_two_processes_trains_as_one_node_of_four(tmp_path, loopback_nodes):
+    """Four ranks on two nodes, in the same order as on one node of four: the same cache key, the same bytes."""
+    overrides = [*TINY, "run.device=cpu", "sft.max_steps=8", "sft.batch_size=4"]
+    manifests = []
+    for layout in (["processes=4"], ["processes=2", "nodes=2"]):
+        store = LocalStore(tmp_path / "-".join(layout))
+        config = load_config(None, [*overrides, f"run.store={store.uri}", *(f"deploy.stages.sft.{s}" for s in layout)])
+        run_stage("prepare", config, store)
+        manifests.append(launch("sft", config, store)[0])
+    four, two_by_two = manifests
+    assert four.cache_key == two_by_two.cache_key and two_by_two.metrics["processes"] == 4
+    assert two_by_two.digest == four.digest
+
 
 def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_threads(tmp_path):
     """deploy.stages.<stage>.cpus caps a local stage process as a cgroup quota caps one in a container."""
@@ -69,9 +126,12 @@ def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_thread
 def test_stages_that_train_in_one_process_refuse_several():
     with pytest.raises(Exception, match="deploy.stages.evaluate: this stage trains in one process"):
         load_config(None, ["deploy.stages.evaluate.gpus=4"])
+    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage trains in one process"):
+        load_config(None, ["deploy.stages.evaluate.processes=1", "deploy.stages.evaluate.nodes=2"])
     config = load_config(None, ["deploy.stages.evaluate.gpus=4", "deploy.stages.evaluate.processes=1"])
-    assert config.deploy.processes("evaluate") == 1
-    assert load_config(None, ["deploy.stages.sft.gpus=8"]).deploy.processes("sft") == 8
+    assert config.deploy.world_size("evaluate") == 1
+    deploy = load_config(None, ["deploy.stages.sft.gpus=8", "deploy.stages.sft.nodes=2"]).deploy
+    assert deploy.processes_per_node("sft") == 8 and deploy.world_size("sft") == 16
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +145,23 @@ def upstream(tmp_path_factory) -> tuple[LocalStore, list[str]]:
     return store, overrides
 
 
-def rl_on_two_processes(store: LocalStore, overrides: list[str], name: str) -> tuple[Manifest, Manifest, _Log]:
-    """The rl stage of `overrides` in this process, and on two processes under torchrun."""
+def copy_upstream(store: LocalStore, into: Path) -> LocalStore:
+    """A store of its own holding `store`'s artifacts up to reward: PPO on any number of processes is keyed as
+    one run, so each count that is compared trains in its own store."""
+    copy = LocalStore(into)
+    shutil.copytree(store.root, copy.root, ignore=shutil.ignore_patterns("rl", "checkpoints", "runs"))
+    return copy
+
+
+def rl_on_two_processes(
+    store: LocalStore, overrides: list[str], tmp_path: Path, layout: tuple[str, ...] = ("deploy.stages.rl.processes=2",)
+) -> tuple[Manifest, Manifest, _Log, LocalStore]:
+    """The rl stage of `overrides` in this process (in `store`), and on two processes under torchrun, or on the
+    processes of `layout` (in a copy of its upstream artifacts, which it returns)."""
     one = run_stage("rl", load_config(None, overrides), store)[0]
-    two = load_config(None, [*overrides, "deploy.stages.rl.processes=2"])
-    store.write_bytes(f"runs/{name}/config.yaml", dump_config(two).encode())
-    log = _Log()
-    ProcessLauncher().launch("rl", store.uri_of(f"runs/{name}/config.yaml"), log)
-    assert sum("rlhf.stage INFO rl: done" in line for line in log.lines) == 1  # one published
-    return one, read_manifest(store, plan_stage(store, two, "rl").prefix), log
+    apart = copy_upstream(store, tmp_path / "two")
+    two, log = launch("rl", load_config(None, [*overrides, *layout, f"run.store={apart.uri}"]), apart)
+    return one, two, log, apart
 
 
 def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
@@ -101,12 +169,13 @@ def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
     return [json.loads(line) for line in read_verified(store, prefix, path).decode().splitlines()]
 
 
-def assert_ppo_runs_agree(store: LocalStore, one: Manifest, two: Manifest) -> list[list[dict]]:
-    """The same kept rollouts token for token, and every step's numbers within float rounding: the first step
-    within the history's rounding (5 decimals), later ones as the rounding drifts. Returns the two histories."""
-    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
+def assert_ppo_runs_agree(runs: list[tuple[LocalStore, Manifest]]) -> list[list[dict]]:
+    """Two runs (each a store and its artifact) kept the same rollouts token for token, and every step's numbers
+    agree within float rounding: the first step within the history's rounding (5 decimals), later ones as the
+    rounding drifts. Returns the two histories."""
+    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for store, manifest in runs]
     assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
-    histories = [jsonl(store, manifest, "ppo_history.jsonl") for manifest in (one, two)]
+    histories = [jsonl(store, manifest, "ppo_history.jsonl") for store, manifest in runs]
     for single, split in zip(*histories, strict=True):
         tolerance = {"abs": 2e-5} if split["step"] == 1 else {"rel": 1e-3, "abs": 2e-4}
         for key in ("score", "kl", "response_length", "tokens", "policy_loss", "value_loss", "approx_kl"):
@@ -114,62 +183,83 @@ def assert_ppo_runs_agree(store: LocalStore, one: Manifest, two: Manifest) -> li
     return histories
 
 
-def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream):
+def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream, tmp_path):
     """Each process generates, scores and trains on half of every batch and mini-batch: the rollouts are
     the one-process run's token for token (sampling is seeded per prompt), and every step's numbers, which
-    are computed over the whole batch, agree within float rounding (gradients summed in another order)."""
+    are computed over the whole batch, agree within float rounding (gradients summed in another order). So PPO
+    is keyed alike on any number of processes: one run's artifact serves the other."""
     store, overrides = upstream
-    one, two, log = rl_on_two_processes(store, [*overrides, "rl.ppo.steps=4"], "ppo")
-    assert two.metrics["processes"] == 2 and two.cache_key != one.cache_key
+    one, two, log, apart = rl_on_two_processes(store, [*overrides, "rl.ppo.steps=4"], tmp_path)
+    assert two.metrics["processes"] == 2 and two.cache_key == one.cache_key
     assert sum("rl: step 1/4" in line for line in log.lines) == 1  # the main process reports
-    samples = [jsonl(store, manifest, "ppo_samples.jsonl") for manifest in (one, two)]
+    samples = [jsonl(where, manifest, "ppo_samples.jsonl") for where, manifest in ((store, one), (apart, two))]
     assert len(samples[0]) == 2 * 16  # the first step's rollouts and the last's
     assert [s["score"] for s in samples[1]] == pytest.approx([s["score"] for s in samples[0]], abs=1e-4)
-    histories = assert_ppo_runs_agree(store, one, two)
+    histories = assert_ppo_runs_agree([(store, one), (apart, two)])
     assert histories[1][0]["first_ratio_error"] <= 1e-6
 
 
-def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstream):
+def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstream, tmp_path):
     """Each process samples and scores half of a round's prompts: the first round's scores (before any
     fine-tuning, which is TRL's data-parallel trainer with its per-process batches) are the one-process run's."""
     store, overrides = upstream
-    one, two, _ = rl_on_two_processes(store, [*overrides, "rl.algorithm=rejection_sampling"], "rejection")
-    assert two.metrics["processes"] == 2
-    rounds = [jsonl(store, manifest, "rounds.jsonl") for manifest in (one, two)]
+    one, two, _, apart = rl_on_two_processes(store, [*overrides, "rl.algorithm=rejection_sampling"], tmp_path)
+    assert two.metrics["processes"] == 2 and two.cache_key != one.cache_key  # the Trainer's batch is per process
+    rounds = [jsonl(where, manifest, "rounds.jsonl") for where, manifest in ((store, one), (apart, two))]
     assert len(rounds[1]) == 2
     assert rounds[1][0]["score"] == pytest.approx(rounds[0][0]["score"], abs=1e-5)
     assert rounds[1][0]["best_score"] == pytest.approx(rounds[0][0]["best_score"], abs=1e-5)
 
 
-def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_exactly(upstream, tmp_path):
+def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_on_any_count(upstream, tmp_path):
     """FSDP2: the policy, the value model and their optimizer state are sharded over the two processes (the
     frozen reference and reward model too). Each process holds half of the trained state; the rollouts and
     every step's numbers are the one-process run's; the published model is one ordinary checkpoint. A run
     killed after its sharded checkpoint resumes from it and ends with the uninterrupted run's bytes, though it
-    keeps the frozen models whole (`frozen: replicate`): a sharded forward pass gathers the very same weights."""
+    keeps the frozen models whole (`frozen: replicate`: a sharded forward pass gathers the very same weights);
+    the same checkpoint resumed by one process, unsharded, trains on as the uninterrupted runs do."""
     store, overrides = upstream
     sharded = [*overrides, "rl.ppo.steps=4", "rl.distributed.strategy=fsdp", "run.checkpoint_every=2"]
-    one, two, _ = rl_on_two_processes(store, sharded, "fsdp")
+    one, two, _, apart = rl_on_two_processes(store, sharded, tmp_path)
     for name in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
         held, whole = two.metrics[f"{name}_per_process"], one.metrics[f"{name}_per_process"]
         assert whole / 2 <= held <= 1.15 * whole / 2, name
-    assert_ppo_runs_agree(store, one, two)
+    assert_ppo_runs_agree([(store, one), (apart, two)])
     weights = [
-        load_weights(read_verified(store, artifact_prefix("rl", m.cache_key), "model.safetensors")) for m in (one, two)
+        load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "model.safetensors"))
+        for where, m in ((store, one), (apart, two))
     ]
     assert sorted(weights[1]) == sorted(weights[0])  # tied embeddings saved once, as an unsharded model saves them
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-4)
 
-    resumed = LocalStore(tmp_path / "store")
-    shutil.copytree(store.root, resumed.root, ignore=shutil.ignore_patterns("rl"))
+    resumed = copy_upstream(store, tmp_path / "resumed")
     replicated = [*sharded, "rl.distributed.frozen=replicate", "deploy.stages.rl.processes=2"]
     config = load_config(None, [*replicated, f"run.store={resumed.uri}"])
     config_path = tmp_path / "config.yaml"
     config_path.write_text(dump_config(config))
-    killed_at = kill_after_first_checkpoint("rl", config_path, resumed.root / "checkpoints" / "rl")
+    checkpoints = resumed.root / "checkpoints" / "rl"
+    killed_at = kill_after_first_checkpoint("rl", config_path, checkpoints)
     assert killed_at == 2
+    checkpoint = shutil.copytree(checkpoints, tmp_path / "checkpoint")  # for the one-process resume below
     ProcessLauncher().launch("rl", str(config_path), _Log())
     again = read_manifest(resumed, plan_stage(resumed, config, "rl").prefix)
     assert again.resumed_from == killed_at
     assert again.digest == two.digest
+
+    on_one = copy_upstream(store, tmp_path / "on-one")
+    shutil.copytree(checkpoint, on_one.root / "checkpoints" / "rl")
+    alone, _ = run_stage("rl", load_config(None, [*sharded, f"run.store={on_one.uri}"]), on_one)
+    assert alone.resumed_from == killed_at and "processes" not in alone.metrics
+    assert_ppo_runs_agree([(apart, two), (on_one, alone)])
+
+
+def test_ppo_on_two_nodes_of_two_processes_trains_as_one_process(upstream, tmp_path, loopback_nodes):
+    """PPO on two nodes of two processes each draws the one-process rollouts and trains alike; its checkpoint
+    holds what every process on both nodes wrote (each uploads its own part of the replicated models)."""
+    store, overrides = upstream
+    layout = ("deploy.stages.rl.nodes=2", "deploy.stages.rl.processes=2")
+    ppo = [*overrides, "rl.ppo.steps=3", "run.checkpoint_every=2"]
+    one, four, _, apart = rl_on_two_processes(store, ppo, tmp_path, layout)
+    assert four.metrics["processes"] == 4
+    assert_ppo_runs_agree([(store, one), (apart, four)])
