@@ -313,7 +313,7 @@ class PPOTrainer:
         if self.processes.main:
             (local / "history.json").write_text(json.dumps(self.history))
             (local / "samples.json").write_text(json.dumps(self.samples))
-        self.ctx.checkpoints.save(step, local, self.processes if self.processes.count > 1 else None)
+        self.ctx.checkpoints.save(step, local, self.processes)
         shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
         if self.processes.main:
             log.info("rl: checkpoint at step %d saved to the store", step)
