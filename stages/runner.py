@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,19 @@ def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
     from rlhf_pipeline.stages.modeling.loading import materialize_base
 
     return materialize_base(config.model, config.run.seed, work_dir)
+
+
+def published_artifact(store: ArtifactStore, stage: str, plan: StagePlan) -> Manifest | None:
+    """The stage's artifact if the store holds it. Of several processes, each finds what the main one found
+    (`data_parallel.main_process_decides`, which imports torch: only such stages pay for it)."""
+    existing = read_manifest(store, plan.prefix)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return existing
+    from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides
+
+    if not main_process_decides(f"{stage}/cached", existing is not None):
+        return None
+    return existing or read_manifest(store, plan.prefix)  # published after this process looked
 
 
 def save_metrics_history(stage: str, out_dir: Path) -> None:
@@ -79,7 +93,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
     """Returns the stage's manifest and whether it was already in the store (cached). Of several training
     processes only the main one publishes; the others return no manifest."""
     plan = plan_stage(store, config, stage)
-    existing = read_manifest(store, plan.prefix)
+    existing = published_artifact(store, stage, plan)
     if existing is not None:
         log.info("%s: cached at %s", stage, store.uri_of(plan.prefix))
         return existing, True

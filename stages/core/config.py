@@ -522,8 +522,9 @@ class PipelineConfig(Section):
                 f"rl.distributed.strategy: fsdp is written for ppo only so far, not for {', '.join(others)}; "
                 "use ddp for them"
             )
-        if self.rl.ppo.lora is not None:
-            raise ValueError("rl.distributed.strategy: fsdp does not shard LoRA adapters yet; use ddp with rl.ppo.lora")
+        lora = self.rl.ppo.lora
+        if lora is not None and lora.quantize is not None:
+            raise ValueError("rl.distributed.strategy: fsdp does not shard a quantized (QLoRA) base; use ddp with it")
         return self
 
     @model_validator(mode="after")

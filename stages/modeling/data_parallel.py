@@ -101,6 +101,24 @@ def stage_processes() -> Processes:
     return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def main_process_decides(topic: str, decision: bool) -> bool:
+    """The main process's `decision` in every process (each passes its own, only the main one's counts). A
+    choice made from what the store holds, such as whether the stage's artifact is there already, must be one
+    choice: another run may publish between two processes' reads, and then some would skip the stage while the
+    others wait for them at their first collective. Passed through torchrun's key-value store, which exists
+    before any process group does (the Trainer stages' is made later, by accelerate)."""
+    processes = stage_processes()
+    if processes.count == 1:
+        return decision
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    key = f"rlhf/{topic}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if processes.main:
+        store.set(key, str(int(decision)))
+        return decision
+    return store.get(key) == b"1"
+
+
 def join_processes(device: torch.device) -> Processes:
     """The stage's processes, their process group joined (the Trainer stages' is joined by accelerate)."""
     processes = stage_processes()

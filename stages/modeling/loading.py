@@ -5,6 +5,8 @@ computes in bf16 under autocast where the card supports it (as the HF Trainer's 
 updates do not round away; a frozen model (reference, reward model, evaluation) is loaded in bf16. QLoRA keeps
 its own scheme (a 4/8-bit base, bf16 compute). On CPU everything is fp32.
 A directory that holds a kept LoRA adapter loads as its base with the adapter merged in (`modeling.lora`).
+Inside `weights_unread()` a model is built from its config on the meta device instead: what a process that
+receives its shard of a model from another (`modeling.sharding`) needs.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -34,6 +40,20 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+
+_WEIGHTS_UNREAD: ContextVar[bool] = ContextVar("weights_unread", default=False)
+
+
+@contextmanager
+def weights_unread() -> Iterator[None]:
+    """Models loaded inside are built from their configs on the meta device: the classes, names, shapes and
+    dtypes of a real load, no weights read or memory taken."""
+    token = _WEIGHTS_UNREAD.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_UNREAD.reset(token)
 
 
 def init_torch(run: RunConfig) -> torch.device:
@@ -161,9 +181,15 @@ def load_scorer(
     return model
 
 
-def place(model_class, source: str, device: torch.device, quantization, train: bool, **kwargs) -> PreTrainedModel:
-    kwargs |= {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
+def place(
+    model_class, source: str, device: torch.device, quantization, train: bool, **config_overrides
+) -> PreTrainedModel:
+    kwargs = {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
     kwargs["attn_implementation"] = "sdpa"
+    if _WEIGHTS_UNREAD.get():
+        with torch.device("meta"):
+            return model_class.from_config(AutoConfig.from_pretrained(source, **config_overrides), **kwargs)
+    kwargs |= config_overrides
     if quantization is not None:
         return model_class.from_pretrained(
             source, quantization_config=quantization, device_map={"": device.index or 0}, **kwargs
@@ -180,7 +206,10 @@ def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CA
     """The adapter merged into its base. A policy's (causal LM) adapter also loads into a scorer built from
     that policy, where it adapts the same transformer layers and the score head stays as the scorer has it.
     peft freezes the base it loads an adapter into; the merged model is left trainable where the base was
-    (a stage that fully fine-tunes a kept adapter's model trains every weight)."""
+    (a stage that fully fine-tunes a kept adapter's model trains every weight). A model built without its
+    weights is the merged model's skeleton already."""
+    if _WEIGHTS_UNREAD.get():
+        return base
     from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(adapter_dir)

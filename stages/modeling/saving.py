@@ -30,7 +30,10 @@ def save_model(
     the merged model carries no quantization error.
     """
     if lora is not None and hasattr(model, "peft_config"):
-        model.peft_config["default"].base_model_name_or_path = base.ref
+        adapter = model.peft_config["default"]
+        adapter.base_model_name_or_path = base.ref
+        if isinstance(adapter.target_modules, set):  # peft's set: written in each process's string-hash order
+            adapter.target_modules = sorted(adapter.target_modules)
         if not lora.merge:
             log.info("keeping the LoRA adapter (base %s)", base.ref)
         elif lora.quantize is not None:

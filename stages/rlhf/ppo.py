@@ -24,6 +24,7 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,26 @@ from rlhf_pipeline.stages.core.config import PPOConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.data_parallel import join_processes
-from rlhf_pipeline.stages.modeling.loading import autocast, disable_dropout, load_policy, load_scorer, load_tokenizer
+from rlhf_pipeline.stages.modeling.loading import (
+    autocast,
+    disable_dropout,
+    load_policy,
+    load_scorer,
+    load_tokenizer,
+    weights_unread,
+)
 from rlhf_pipeline.stages.modeling.lora import (
     AdapterBase,
     artifact_base,
     quantization_config,
-    resume_adapter,
     with_adapter,
 )
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.sharding import (
     full_state_dict,
+    load_sharded,
     load_state,
     save_state,
-    shard_frozen,
-    shard_model,
     training_state_bytes,
 )
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
@@ -115,41 +121,45 @@ class PPOTrainer:
             self.load_checkpoint(self.restore_dir(self.start))
         else:
             self.build_trainable()
+        shard_frozen = self.sharded and distributed.frozen == "shard"
         self.reference = None
         if config.lora is None:
-            self.reference = load_policy(self.sft_dir, ctx.device).eval().requires_grad_(False)
-        self.reward_model = load_reward_model(self.reward_dir, ctx.device, self.tokenizer.pad_token_id)
+            self.reference = self.load(lambda device: load_policy(self.sft_dir, device), shard_frozen)
+            self.reference.eval().requires_grad_(False)
+        pad = self.tokenizer.pad_token_id
+        self.reward_model = self.load(lambda device: load_reward_model(self.reward_dir, device, pad), shard_frozen)
         self.reward_model.requires_grad_(False)
-        if self.sharded and distributed.frozen == "shard":
-            self.reward_model = shard_frozen(self.reward_model, self.processes)
-            if self.reference is not None:
-                self.reference = shard_model(self.reference, self.processes)
         self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
 
-    def build_trainable(self, checkpoint: Path | None = None) -> None:
-        """Policy (from SFT), value model (from the reward model) and their optimizer; a checkpoint's adapters
-        (a full fine-tuning checkpoint's weights are loaded into the models once they are sharded, if they are:
-        `load_checkpoint`). Full fine-tuning trains fp32 master weights; dropout is off in both models."""
-        device, lora, pad = self.ctx.device, self.config.lora, self.tokenizer.pad_token_id
-        if lora is None:
-            self.policy = load_policy(self.sft_dir, device, train=True)
-            self.value_model = load_scorer(self.reward_dir, device, pad, train=True)
-        else:
-            policy = load_policy(self.sft_dir, device, self.quantization)
-            value = load_scorer(self.reward_dir, device, pad, self.quantization)
-            if checkpoint:
-                self.policy = resume_adapter(policy, checkpoint / "policy")
-                self.value_model = resume_adapter(value, checkpoint / "value")
-            else:
-                self.policy, self.value_model = with_adapter(policy, lora), with_adapter(value, lora, "SEQ_CLS")
+    def build_trainable(self) -> None:
+        """Policy (from SFT), value model (from the reward model), LoRA adapters on them where configured, and
+        their optimizer; sharded if so configured. Full fine-tuning trains fp32 master weights; dropout is off."""
+        self.policy = self.load(self.policy_for_training, self.sharded)
+        self.value_model = self.load(self.value_model_for_training, self.sharded)
         for model in (self.policy, self.value_model):
             disable_dropout(model)
             if self.config.gradient_checkpointing:
                 enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
                 enable({"use_reentrant": False})
-            if self.sharded:
-                shard_model(model, self.processes)
         self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+
+    def policy_for_training(self, device: torch.device) -> torch.nn.Module:
+        lora = self.config.lora
+        if lora is None:
+            return load_policy(self.sft_dir, device, train=True)
+        return with_adapter(load_policy(self.sft_dir, device, self.quantization), lora)
+
+    def value_model_for_training(self, device: torch.device) -> torch.nn.Module:
+        lora, pad = self.config.lora, self.tokenizer.pad_token_id
+        if lora is None:
+            return load_scorer(self.reward_dir, device, pad, train=True)
+        return with_adapter(load_scorer(self.reward_dir, device, pad, self.quantization), lora, "SEQ_CLS")
+
+    def load(self, load: Callable[[torch.device], torch.nn.Module], sharded: bool) -> torch.nn.Module:
+        """The model `load` gives on this process's device, sharded straight away if `sharded`."""
+        if sharded:
+            return load_sharded(load, self.ctx.device, self.processes)
+        return load(self.ctx.device)
 
     def trained_models(self) -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict({"policy": self.policy, "value": self.value_model})
@@ -297,18 +307,13 @@ class PPOTrainer:
         ]
 
     def save_checkpoint(self, step: int) -> None:
-        """Full fine-tuning: the models and the optimizer through torch.distributed.checkpoint, each process
-        writing its shards (or its part of the replicas), which any number of processes, sharded or not, can
-        load. LoRA: the main process's adapters and optimizer (every process holds the same)."""
+        """The trained weights (LoRA: the adapters) and the optimizer through torch.distributed.checkpoint, each
+        process writing its shards (or its part of the replicas), which any number of processes, sharded or
+        not, can load."""
         local = self.ctx.work_dir / f"ppo-checkpoint-{step}"
         local.mkdir()
         started = time.perf_counter()
-        if self.config.lora is None:
-            save_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
-        elif self.processes.main:
-            self.policy.save_pretrained(local / "policy")
-            self.value_model.save_pretrained(local / "value")
-            torch.save({"optimizer": self.optimizer.state_dict(), "step": step}, local / "state.pt")
+        save_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
         self.checkpoint_seconds["checkpoint_save_seconds"] += time.perf_counter() - started
         if self.processes.main:
             (local / "history.json").write_text(json.dumps(self.history))
@@ -323,26 +328,25 @@ class PPOTrainer:
 
     def load_checkpoint(self, local: Path) -> None:
         started = time.perf_counter()
-        self.build_trainable(local)
-        if self.config.lora is None:
-            load_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
-        else:
-            self.optimizer.load_state_dict(torch.load(local / "state.pt", weights_only=True)["optimizer"])
+        self.build_trainable()
+        load_state(self.trained_models(), self.optimizer, local / CHECKPOINT_STATE)
         self.checkpoint_seconds["checkpoint_load_seconds"] = time.perf_counter() - started
         self.history = json.loads((local / "history.json").read_text())
         self.samples = json.loads((local / "samples.json").read_text())
 
     def publish(self, out_dir: Path) -> None:
-        """The trained policy as one ordinary model, saved by the main process (gathered whole if sharded)."""
-        weights = full_state_dict(self.policy) if self.sharded else None
-        if not self.processes.main:
-            return
-        if weights is not None:
-            self.policy.save_pretrained(out_dir, state_dict=weights)
-            self.tokenizer.save_pretrained(out_dir)
-            return
-        base = AdapterBase(self.sft_dir, artifact_base("sft"))
-        save_model(self.policy, self.tokenizer, out_dir, self.config.lora, base)
+        """The trained policy as one ordinary model (or its adapter, where kept), saved by the main process. A
+        sharded policy is gathered whole into the main process first, into a copy built on the meta device."""
+        policy = self.policy
+        if self.sharded:
+            weights = full_state_dict(self.policy)
+            if self.processes.main:
+                with weights_unread():
+                    policy = self.policy_for_training(torch.device("cpu"))
+                policy.load_state_dict(weights, assign=True)
+        if self.processes.main:
+            base = AdapterBase(self.sft_dir, artifact_base("sft"))
+            save_model(policy, self.tokenizer, out_dir, self.config.lora, base)
 
     def memory(self) -> dict[str, int]:
         """Bytes of the trained state one process holds (parameters, gradients, optimizer state; the most any

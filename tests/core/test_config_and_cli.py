@@ -239,8 +239,9 @@ def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
 
 def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
     assert load_config(None, ["rl.distributed.strategy=fsdp"]).rl.distributed.frozen == "shard"
-    with pytest.raises(InputError, match="fsdp does not shard LoRA adapters yet; use ddp with rl.ppo.lora"):
-        load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8"])
+    assert load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8"]).rl.ppo.lora.r == 8
+    with pytest.raises(InputError, match=r"fsdp does not shard a quantized \(QLoRA\) base; use ddp with it"):
+        load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8", "rl.ppo.lora.quantize=4bit"])
     path = tmp_path / "sharded.yaml"
     path.write_text(yaml.safe_dump({"rl": {"algorithm": ["ppo", "dpo"], "distributed": {"strategy": "fsdp"}}}))
     result = rlhf("validate", str(path), timeout=60)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
+from rlhf_pipeline.stages.modeling.data_parallel import join_processes
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer
+from rlhf_pipeline.stages.modeling.sharding import load_sharded, local_bytes
+from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
 from rlhf_pipeline.stages.runner import run_stage
 from tests.conftest import RLHF, TINY, free_port, kill_after_first_checkpoint
 
@@ -132,6 +137,75 @@ def test_stages_that_train_in_one_process_refuse_several():
     assert config.deploy.world_size("evaluate") == 1
     deploy = load_config(None, ["deploy.stages.sft.gpus=8", "deploy.stages.sft.nodes=2"]).deploy
     assert deploy.processes_per_node("sft") == 8 and deploy.world_size("sft") == 16
+
+
+def test_every_process_takes_the_main_process_decision(tmp_path):
+    """Whether a stage is cached is read from the store by each process, but decided by the main one: here
+    the second process sees an artifact the main one did not, then the other way round."""
+    script = tmp_path / "decide.py"
+    script.write_text(
+        "import os\n"
+        "from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides\n"
+        "rank = int(os.environ['RANK'])\n"
+        "first, second = main_process_decides('sft/cached', rank == 1), main_process_decides('rl/cached', rank == 0)\n"
+        "print('decided', rank, first, second)\n"
+    )
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    lines = subprocess.run(run, capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
+    assert sorted(line for line in lines if line.startswith("decided")) == [
+        "decided 0 False True",
+        "decided 1 False True",
+    ]
+
+
+def load_in_shards(rank: int, folders: list[dict[str, Path]], port: int, out: Path) -> None:
+    """One of two processes: a policy and a scorer loaded into their shards from its `folders`; what they
+    compute and what this process holds of them, saved to `out`."""
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cpu = torch.device("cpu")
+    processes = join_processes(cpu)
+    policy_dir, scorer_dir = str(folders[rank]["policy"]), str(folders[rank]["scorer"])
+    models = {
+        "policy": load_sharded(lambda device: load_policy(policy_dir, device), cpu, processes),
+        "scorer": load_sharded(lambda device: load_scorer(scorer_dir, device, pad_token_id=0), cpu, processes),
+    }
+    held = {name: local_bytes(list(model.parameters())) for name, model in models.items()}
+    with torch.no_grad():  # which leaves the outermost group's weights gathered (FSDP2 does not reshard the root)
+        computed = {name: model(input_ids=SHARDED_INPUT).logits for name, model in models.items()}
+    torch.save({"computed": computed, "held": held}, out / f"rank-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+SHARDED_INPUT = torch.arange(3, 15).view(2, 6)
+
+
+def test_models_load_straight_into_their_shards(tmp_path):
+    """Only the main process reads a sharded model's weights: the other is given folders without them, builds
+    each model from its config and receives its half of every tensor (and the rotary buffers, which no
+    checkpoint holds). Both compute what the model loaded whole computes, each holding about half of it."""
+    cpu = torch.device("cpu")
+    save_tiny_llama(load_config(None, TINY).model, 0, tmp_path / "policy")
+    unsharded = {
+        "policy": load_policy(str(tmp_path / "policy"), cpu),
+        "scorer": load_scorer(str(tmp_path / "policy"), cpu, pad_token_id=0),  # a new score head, saved
+    }
+    unsharded["scorer"].save_pretrained(tmp_path / "scorer")
+    folders = [{name: tmp_path / name for name in unsharded}, {}]
+    for name in unsharded:
+        folders[1][name] = tmp_path / "config-only" / name
+        folders[1][name].mkdir(parents=True)
+        shutil.copy(tmp_path / name / "config.json", folders[1][name])
+    torch.multiprocessing.spawn(load_in_shards, args=(folders, free_port(), tmp_path), nprocs=2)
+
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt") for rank in (0, 1)]
+    for name, model in unsharded.items():
+        with torch.no_grad():
+            expected = model(input_ids=SHARDED_INPUT).logits
+        size = sum(p.nbytes for p in model.parameters())
+        for rank in ranks:
+            torch.testing.assert_close(rank["computed"][name], expected, rtol=1e-5, atol=1e-6)
+            assert rank["held"][name] <= 1.15 * size / 2, name
+        assert sum(rank["held"][name] for rank in ranks) == size, name
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +326,34 @@ def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_on_
     alone, _ = run_stage("rl", load_config(None, [*sharded, f"run.store={on_one.uri}"]), on_one)
     assert alone.resumed_from == killed_at and "processes" not in alone.metrics
     assert_ppo_runs_agree([(apart, two), (on_one, alone)])
+
+
+def test_ppo_with_lora_sharded_over_two_processes_trains_as_one_and_resumes_exactly(upstream, tmp_path):
+    """LoRA under FSDP2: the frozen bases are sharded with their adapters, which alone train and alone are
+    checkpointed. The rollouts and every step's numbers are the one-process run's, the kept adapter is the
+    same, and a run killed after its sharded checkpoint ends with the uninterrupted run's bytes."""
+    store, overrides = upstream
+    lora = ["rl.ppo.lora.r=8", "rl.ppo.lora.merge=false", "rl.ppo.learning_rate=2e-3"]
+    sharded = [*overrides, *lora, "rl.ppo.steps=4", "rl.distributed.strategy=fsdp", "run.checkpoint_every=2"]
+    one, two, _, apart = rl_on_two_processes(store, sharded, tmp_path)
+    assert_ppo_runs_agree([(store, one), (apart, two)])
+    assert two.metrics["parameter_bytes_per_process"] <= 1.15 * one.metrics["parameter_bytes_per_process"] / 2
+    adapters = [
+        load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "adapter_model.safetensors"))
+        for where, m in ((store, one), (apart, two))
+    ]
+    assert sorted(adapters[1]) == sorted(adapters[0]) and any("lora_B" in name for name in adapters[0])
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-3, atol=1e-4)
+
+    resumed = copy_upstream(store, tmp_path / "resumed")
+    config = load_config(None, [*sharded, "deploy.stages.rl.processes=2", f"run.store={resumed.uri}"])
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    assert kill_after_first_checkpoint("rl", config_path, resumed.root / "checkpoints" / "rl") == 2
+    ProcessLauncher().launch("rl", str(config_path), _Log())
+    again = read_manifest(resumed, plan_stage(resumed, config, "rl").prefix)
+    assert again.resumed_from == 2 and again.digest == two.digest
 
 
 def test_ppo_on_two_nodes_of_two_processes_trains_as_one_process(upstream, tmp_path, loopback_nodes):

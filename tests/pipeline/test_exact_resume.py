@@ -36,6 +36,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),
     "reward-safety": ("reward", ["data.safety=builtin:demo", "data.demo.safety_rows=400"]),
     "ppo": ("rl", ["rl.algorithm=ppo"]),
+    "ppo-lora-kept": ("rl", ["rl.algorithm=ppo", "rl.ppo.lora.r=8", "rl.ppo.lora.merge=false"]),
     "rejection-sampling": ("rl", ["rl.algorithm=rejection_sampling"]),
     "dpo": ("rl", ["rl.algorithm=dpo", "rl.dpo.max_steps=12", "rl.dpo.batch_size=16"]),
     "grpo": ("rl", ["rl.algorithm=grpo", *(f"rl.grpo.{setting}" for setting in GROUP_RL)]),
