@@ -350,10 +350,16 @@ class PPOTrainer:
 
     def memory(self) -> dict[str, int]:
         """Bytes of the trained state one process holds (parameters, gradients, optimizer state; the most any
-        process holds, as shards differ by rounding) and the largest resident memory any process reached."""
-        held = training_state_bytes([self.policy, self.value_model], self.optimizer)
-        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
-        return {f"{name}_per_process": int(value) for name, value in self.processes.max(held | peak).items()}
+        process holds, as shards differ by rounding) and the largest resident memory any process reached, and
+        with several processes that of the main one apart: it alone reads whole weights from disk."""
+        held = self.processes.max(training_state_bytes([self.policy, self.value_model], self.optimizer))
+        peaks = self.processes.gather_objects([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # KiB
+        apart = {"main_process": peaks[0], "other_processes": max(peaks[1:])} if len(peaks) > 1 else {}
+        return (
+            {f"{name}_per_process": int(value) for name, value in held.items()}
+            | {"peak_rss_bytes_per_process": max(peaks)}
+            | {f"peak_rss_bytes_{name}": value for name, value in apart.items()}
+        )
 
     def train(self) -> None:
         if self.start:

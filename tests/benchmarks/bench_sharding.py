@@ -104,6 +104,10 @@ def main() -> None:
                 "of_one_process": round(held / whole, 3),
                 "of_one_over_n": round(held * processes / whole, 3),
                 "peak_rss_mb_per_process": round(metrics["peak_rss_bytes_per_process"] / 2**20),
+                **{
+                    f"peak_rss_mb_{name}": round(metrics.get(f"peak_rss_bytes_{name}", 0) / 2**20)
+                    for name in ("main_process", "other_processes")
+                },
                 "ppo_step_seconds": round(metrics["train_seconds"] / metrics["steps"], 2),
                 "checkpoint_save_seconds": metrics.get("checkpoint_save_seconds"),
                 "checkpoint_load_seconds": resumed.metrics.get("checkpoint_load_seconds"),

@@ -298,6 +298,9 @@ def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_on_
     for name in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
         held, whole = two.metrics[f"{name}_per_process"], one.metrics[f"{name}_per_process"]
         assert whole / 2 <= held <= 1.15 * whole / 2, name
+    peaks = [two.metrics[f"peak_rss_bytes_{who}"] for who in ("main_process", "other_processes")]
+    assert min(peaks) > 0 and two.metrics["peak_rss_bytes_per_process"] == max(peaks)
+    assert "peak_rss_bytes_main_process" not in one.metrics  # one process has no other to tell apart
     assert_ppo_runs_agree([(store, one), (apart, two)])
     weights = [
         load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "model.safetensors"))
