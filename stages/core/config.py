@@ -422,7 +422,7 @@ class StageResources(Section):
         None,
         ge=1,
         description="training processes per node (data-parallel, through `torchrun`); default: one per GPU. For "
-        "sft, reward (pairwise) and rl (every algorithm; PPO's batch and mini-batch are divided among all of them)",
+        "sft, reward (every kind) and rl (every algorithm; PPO's batch and mini-batch are divided among all of them)",
     )
     nodes: int = Field(
         1,
@@ -501,14 +501,13 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _several_processes_only_where_trainers_distribute(self) -> PipelineConfig:
-        if len(self.rl.methods) > 1:
-            return self  # each method's config is checked on its own (_each_method_valid)
+    def _several_processes_only_where_stages_train(self) -> PipelineConfig:
         for stage in self.deploy.stages:
-            if self.deploy.world_size(stage) > 1 and not STAGES[stage].distributes(self):
+            if self.deploy.world_size(stage) > 1 and not STAGES[stage].trains:
+                training = ", ".join(name for name, s in STAGES.items() if s.trains)
                 raise ValueError(
-                    f"deploy.stages.{stage}: this stage trains in one process (several processes: sft, pairwise "
-                    "reward, rl); set processes: 1 to give it several GPUs anyway, on one node"
+                    f"deploy.stages.{stage}: this stage runs in one process (several processes: {training}); "
+                    "set processes: 1 to give it several GPUs anyway, on one node"
                 )
         return self
 

@@ -7,7 +7,6 @@ it has settings, its section in `RLConfig` (`rl.<name>`), which is the only part
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]  # the upstream stages whose artifacts it reads
     sections: tuple[str, ...]  # the config sections in its cache key (besides run.seed)
-    # Whether the stage of a config (a PipelineConfig, which is built on this registry) may run on several processes.
-    distributes: Callable[[Any], bool]
+    trains: bool  # whether it trains a model, and so may run on several data-parallel processes
     model: str | None = None  # what model its artifact holds (it then carries a model card), if any
     pipeline_tag: str | None = None  # that model's task, as the Hugging Face Hub names it
     per_method: bool = False  # runs once per method where rl.algorithm lists several (its own branch each)
@@ -69,12 +67,12 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("prepare", (), ("data", "prepare"), lambda config: False),
+        Stage("prepare", (), ("data", "prepare"), trains=False),
         Stage(
             "sft",
             ("prepare",),
             ("model", "sft"),
-            lambda config: True,
+            trains=True,
             model="a policy fine-tuned on demonstrations (supervised fine-tuning)",
             pipeline_tag="text-generation",
         ),
@@ -82,7 +80,7 @@ STAGES: dict[str, Stage] = {
             "reward",
             ("prepare", "sft"),
             ("model", "reward"),
-            lambda config: config.reward.kind == "pairwise",
+            trains=True,
             model="a reward model: one score per conversation, higher for the preferred answer",
             pipeline_tag="text-classification",
         ),
@@ -90,14 +88,12 @@ STAGES: dict[str, Stage] = {
             "rl",
             ("prepare", "sft", "reward"),
             ("model", "rl"),
-            lambda config: True,
+            trains=True,
             model="a policy optimised towards human preferences",
             pipeline_tag="text-generation",
             per_method=True,
         ),
-        Stage(
-            "evaluate", ("prepare", "sft", "reward", "rl"), ("model", "evaluate"), lambda config: False, per_method=True
-        ),
+        Stage("evaluate", ("prepare", "sft", "reward", "rl"), ("model", "evaluate"), trains=False, per_method=True),
     )
 }
 STAGE_NAMES = tuple(STAGES)

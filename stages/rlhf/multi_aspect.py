@@ -97,6 +97,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "aspect_weights": config.aspects,
         "aspect_mean_std": {a: [round(m, 4), round(sd, 4)] for a, (m, sd) in stats.items()},
         "aspect_correlation": correlation,
+        "eval_rows": len(prediction.label_ids),  # gathered from every process, each row once
         "eval_loss": round(prediction.metrics["test_loss"], 4),
         "eval_accuracy": pairwise_accuracy(model.eval(), tokenizer, load_rows(prepared / "preference_eval.jsonl")),
     }

@@ -116,6 +116,33 @@ def test_sft_on_two_nodes_of_two_processes_trains_as_one_node_of_four(tmp_path, 
     assert two_by_two.digest == four.digest
 
 
+def test_multi_aspect_reward_model_in_two_processes_learns_and_publishes_one_folded_head(tmp_path):
+    """HF's Trainer on two processes: the held-out predictions are gathered from both, each rated item once, and
+    the main process publishes the reward model with its heads folded into one, the per-aspect model beside it."""
+    store = LocalStore(tmp_path / "store")
+    rated = ["reward.kind=multi_aspect", "data.rated=builtin:demo", "data.demo.rated_rows=400"]
+    overrides = [*TINY, *rated, "prepare.min_agreement=0.3", "reward.max_steps=100", "reward.learning_rate=1e-3"]
+    config = load_config(None, [*overrides, f"run.store={store.uri}", "run.device=cpu"])
+    for stage in ("prepare", "sft"):
+        run_stage(stage, config, store)
+    two_processes = load_config(None, ["deploy.stages.reward.processes=2"]).deploy
+    two, _ = launch("reward", config.model_copy(update={"deploy": two_processes}), store)
+    assert two.metrics["kind"] == "multi_aspect" and two.metrics["processes"] == 2
+    prepared = artifact_prefix("prepare", plan_stage(store, config, "prepare").key)
+    assert two.metrics["eval_rows"] == len(read_verified(store, prepared, "rated_eval.jsonl").decode().splitlines())
+    assert two.metrics["eval_rows"] > 0 and two.metrics["last_loss"] < two.metrics["first_loss"]
+    assert two.metrics["aspect_correlation"]["helpfulness"] > 0.5  # as on one process (test_pipeline_e2e)
+    assert two.metrics["eval_accuracy"] > 0.7  # the folded reward ranks held-out preference pairs
+    prefix = artifact_prefix("reward", two.cache_key)
+    heads = [
+        load_weights(read_verified(store, prefix, f"{folder}model.safetensors"))["score.weight"]
+        for folder in ("", "per_aspect/")
+    ]
+    assert heads[0].shape[0] == 1 and heads[1].shape[0] == 2
+    weights = torch.tensor(list(config.reward.aspects.values()))
+    torch.testing.assert_close(heads[0][0], weights @ heads[1])
+
+
 def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_threads(tmp_path):
     """deploy.stages.<stage>.cpus caps a local stage process as a cgroup quota caps one in a container."""
     assert len(os.sched_getaffinity(0)) >= 2  # the cap must be below what the process could use
@@ -129,9 +156,9 @@ def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_thread
 
 
 def test_stages_that_train_in_one_process_refuse_several():
-    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage trains in one process"):
+    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage runs in one process"):
         load_config(None, ["deploy.stages.evaluate.gpus=4"])
-    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage trains in one process"):
+    with pytest.raises(Exception, match="deploy.stages.evaluate: this stage runs in one process"):
         load_config(None, ["deploy.stages.evaluate.processes=1", "deploy.stages.evaluate.nodes=2"])
     config = load_config(None, ["deploy.stages.evaluate.gpus=4", "deploy.stages.evaluate.processes=1"])
     assert config.deploy.world_size("evaluate") == 1
