@@ -275,7 +275,11 @@ class RejectionSamplingConfig(Section):
         8, ge=2, description="answers sampled per prompt; the reward model's best one is kept"
     )
     generation: GenerationConfig = Field(GenerationConfig(), description="how the answers are sampled")
-    training: TrainingConfig = Field(TrainingConfig(), description="the fine-tuning on the best answers of each round")
+    training: TrainingConfig = Field(
+        TrainingConfig(),
+        description="the fine-tuning on the best answers of each round; its batch_size is the whole step's, "
+        "divided among the processes of deploy.stages.rl",
+    )
 
 
 class DPOConfig(TrainingConfig):
@@ -527,15 +531,22 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _ppo_batches_divide_among_processes(self) -> PipelineConfig:
+    def _batches_divide_among_processes(self) -> PipelineConfig:
+        """PPO's and rejection sampling's batches are the whole step's, whatever the number of processes."""
         processes = self.deploy.world_size("rl")
-        if self.rl.methods == ("ppo",) and processes > 1:
-            for name in ("batch_size", "mini_batch_size"):
-                if getattr(self.rl.ppo, name) % processes:
-                    raise ValueError(
-                        f"rl.ppo.{name}: {getattr(self.rl.ppo, name)} rollouts do not divide among the "
-                        f"{processes} processes of deploy.stages.rl; make it a multiple of {processes}"
-                    )
+        if len(self.rl.methods) > 1 or processes == 1:
+            return self  # each method's config is checked on its own (_each_method_valid)
+        ppo, training = self.rl.ppo, self.rl.rejection_sampling.training
+        batches = {
+            "ppo": {"rl.ppo.batch_size": ppo.batch_size, "rl.ppo.mini_batch_size": ppo.mini_batch_size},
+            "rejection_sampling": {"rl.rejection_sampling.training.batch_size": training.batch_size},
+        }
+        for name, size in batches.get(self.rl.method, {}).items():
+            if size % processes:
+                raise ValueError(
+                    f"{name}: {size} does not divide among the {processes} processes of deploy.stages.rl; "
+                    f"make it a multiple of {processes}"
+                )
         return self
 
     @model_validator(mode="after")

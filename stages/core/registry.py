@@ -29,7 +29,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     algorithm.name: algorithm
     for algorithm in (
         Algorithm("ppo", f"{PACKAGE}.rlhf.ppo", needs_reward_model=True, any_process_count=True),
-        Algorithm("rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True),
+        Algorithm(
+            "rejection_sampling", f"{PACKAGE}.rlhf.rejection_sampling", needs_reward_model=True, any_process_count=True
+        ),
         Algorithm("dpo", f"{PACKAGE}.rlhf.dpo", needs_reward_model=False),
         Algorithm("grpo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True),
         Algorithm("rloo", f"{PACKAGE}.rlhf.grpo_rloo", needs_reward_model=True),

@@ -2,8 +2,9 @@
 score them with the reward model, keep the best per prompt and fine-tune the policy on those.
 
 Each finished round is a checkpoint in the store; a retried stage resumes after the last finished round.
-On several processes each samples and scores its share of a round's prompts; the fine-tuning is TRL's
-data-parallel SFTTrainer (`training.batch_size` rows per process, as in the sft stage).
+On several processes each samples and scores its share of a round's prompts, and the fine-tuning is TRL's
+data-parallel SFTTrainer with `training.batch_size` rows per step over all processes (each its share, the loss
+normalized by the whole step's tokens): any number of processes trains what one does, up to float rounding.
 With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
 just that adapter.
 """
@@ -116,11 +117,16 @@ def best_of_n(
     return kept, stats
 
 
-def fine_tune(ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int) -> None:
-    """One round's fine-tuning on the best answers (TRL's SFTTrainer: data-parallel on several processes);
+def fine_tune(
+    ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int, processes: Processes
+) -> None:
+    """One round's fine-tuning on the best answers (TRL's SFTTrainer: data-parallel on several processes, each
+    a share of every step's batch; the step's consecutive shares are the one-process batch);
     the main process saves the round's policy in `out_dir` (transformers saves from rank 0 only)."""
     config = ctx.config.rl.rejection_sampling.training
     arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
+    share = config.batch_size // processes.count  # the config divides it (PipelineConfig)
+    arguments |= {"per_device_train_batch_size": share, "average_tokens_across_devices": True}
     # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
     # step 0 in the same tracker run would garble them.
     arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index, "report_to": "none"}
@@ -170,7 +176,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
             kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes)
             out = round_dir_of(ctx)(round_index + 1)
-            fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index)
+            fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index, processes)
             history.append({"round": round_index + 1, **stats})
             report_progress("rl", round_index + 1, config.rounds)
             metrics = {**stats, "samples_kept": len(kept)}

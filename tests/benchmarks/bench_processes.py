@@ -4,7 +4,7 @@ Runs prepare, sft and reward of the demo once, then the rl stage of each method 
 `torchrun` with `--processes` processes (gloo on CPU, NCCL on GPUs), side by side in one session. Reports the
 rl stage's wall-clock seconds (processes started and models loaded included) and PPO's seconds per step, the
 ratios, and whether the rollouts agree: PPO's kept samples (its first and last steps' answers) token for
-token, the largest difference of any step's numbers, and of the first rejection-sampling round's. On a
+token, the largest difference of any PPO step's numbers and of any rejection-sampling round's. On a
 machine with fewer cores than processes this measures the overhead of splitting the work, not a speed-up.
 
 Usage: python tests/benchmarks/bench_processes.py [--processes 2] [--set key=value ...]
@@ -29,8 +29,9 @@ from rlhf_pipeline.stages.core.config_loading import dump_config, load_config  #
 from rlhf_pipeline.stages.core.planner import plan_stage  # noqa: E402
 from rlhf_pipeline.stages.core.store import LocalStore  # noqa: E402
 
-# The demo with fewer PPO steps and one rejection-sampling round of the demo's size.
-SMALL = ["rl.ppo.steps=8", "rl.rejection_sampling.rounds=1", "run.device=cpu"]
+# The demo with fewer PPO steps and two rejection-sampling rounds of the demo's size (the second samples from
+# the first's fine-tuned policy).
+SMALL = ["rl.ppo.steps=8", "rl.rejection_sampling.rounds=2", "run.device=cpu"]
 METHODS = {"ppo": "ppo_history.jsonl", "rejection_sampling": "rounds.jsonl"}
 COMPARED = ("score", "kl", "response_length", "policy_loss", "value_loss", "best_score")
 
@@ -63,11 +64,8 @@ def rows(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
 
 
 def compare(method: str, one: tuple[LocalStore, Manifest], many: tuple[LocalStore, Manifest]) -> dict:
-    """How far the two runs' numbers are apart (every step's for PPO; the first round's for rejection
-    sampling, whose fine-tuning trains on per-process batches) and, for PPO, its seconds per step."""
+    """How far the two runs' numbers are apart (every step's or round's) and, for PPO, its seconds per step."""
     history = [rows(store, m, METHODS[method]) for store, m in (one, many)]
-    if method == "rejection_sampling":
-        history = [h[:1] for h in history]
     pairs = zip(*history, strict=True)
     result: dict = {"largest_difference": max(abs(a[k] - b[k]) for a, b in pairs for k in COMPARED if k in a)}
     if method == "ppo":

@@ -228,8 +228,10 @@ def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
     assert load_config(None, ["rl.algorithm=[dpo]"]).rl.method == "dpo"  # a list of one is a run of one
     with pytest.raises(InputError, match="a list names each method once"):
         load_config(None, ["rl.algorithm=[ppo, ppo]"])
-    with pytest.raises(InputError, match=r"with rl.algorithm ppo: rl.ppo.batch_size: 64 rollouts do not divide among"):
+    with pytest.raises(InputError, match=r"with rl.algorithm ppo: rl.ppo.batch_size: 64 does not divide among"):
         load_config(None, ["rl.algorithm=[dpo, ppo]", "deploy.stages.rl.processes=3"])
+    with pytest.raises(InputError, match=r"rl.rejection_sampling.training.batch_size: 8 does not divide among the 3"):
+        load_config(None, ["rl.algorithm=[dpo, rejection_sampling]", "deploy.stages.rl.processes=3"])
     path = tmp_path / "several.yaml"
     path.write_text(yaml.safe_dump({"rl": {"algorithm": ["ppo", "dpo"]}}))
     result = rlhf("stage", "rl", "--config", str(path), timeout=60)
