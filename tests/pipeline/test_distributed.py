@@ -270,6 +270,11 @@ def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
     return [json.loads(line) for line in read_verified(store, prefix, path).decode().splitlines()]
 
 
+def rl_weights(runs: list[tuple[LocalStore, Manifest]], path: str = "model.safetensors") -> list[dict]:
+    """The tensors each rl run (a store and its artifact) published in `path`."""
+    return [load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), path)) for where, m in runs]
+
+
 def assert_ppo_runs_agree(runs: list[tuple[LocalStore, Manifest]]) -> list[list[dict]]:
     """Two runs (each a store and its artifact) kept the same rollouts token for token, and every step's numbers
     agree within float rounding: the first step within the history's rounding (5 decimals), later ones as the
@@ -312,10 +317,7 @@ def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstrea
     for single, split in zip(*rounds, strict=True):
         assert split["score"] == pytest.approx(single["score"], abs=1e-5), split["round"]
         assert split["best_score"] == pytest.approx(single["best_score"], abs=1e-5), split["round"]
-    weights = [
-        load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "model.safetensors"))
-        for where, m in ((store, one), (apart, two))
-    ]
+    weights = rl_weights([(store, one), (apart, two)])
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
 
@@ -337,10 +339,7 @@ def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_on_
     assert min(peaks) > 0 and two.metrics["peak_rss_bytes_per_process"] == max(peaks)
     assert "peak_rss_bytes_main_process" not in one.metrics  # one process has no other to tell apart
     assert_ppo_runs_agree([(store, one), (apart, two)])
-    weights = [
-        load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "model.safetensors"))
-        for where, m in ((store, one), (apart, two))
-    ]
+    weights = rl_weights([(store, one), (apart, two)])
     assert sorted(weights[1]) == sorted(weights[0])  # tied embeddings saved once, as an unsharded model saves them
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-4)
@@ -376,10 +375,7 @@ def test_ppo_with_lora_sharded_over_two_processes_trains_as_one_and_resumes_exac
     one, two, _, apart = rl_on_two_processes(store, sharded, tmp_path)
     assert_ppo_runs_agree([(store, one), (apart, two)])
     assert two.metrics["parameter_bytes_per_process"] <= 1.15 * one.metrics["parameter_bytes_per_process"] / 2
-    adapters = [
-        load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), "adapter_model.safetensors"))
-        for where, m in ((store, one), (apart, two))
-    ]
+    adapters = rl_weights([(store, one), (apart, two)], "adapter_model.safetensors")
     assert sorted(adapters[1]) == sorted(adapters[0]) and any("lora_B" in name for name in adapters[0])
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-3, atol=1e-4)
