@@ -72,6 +72,7 @@ benchmark: install
 	$(PY) tests/benchmarks/bench_side_by_side.py
 	$(PY) tests/benchmarks/bench_processes.py
 	$(PY) tests/benchmarks/bench_sharding.py
+	$(PY) tests/benchmarks/bench_sharding.py --stage sft
 
 clean:
 	rm -rf $(VENV) .rlhf .assets .test-artifacts

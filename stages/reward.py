@@ -4,6 +4,7 @@
 -log σ(r_chosen − r_rejected); pairs with a `margin` column get the Llama-2 margin loss
 -log σ(r_chosen − r_rejected − margin). Held-out pairwise accuracy is reported as `eval_accuracy`.
 `reward.kind: multi_aspect`: one regression head per rated aspect, see `rlhf.multi_aspect`.
+On several processes, DDP or (pairwise) FSDP (`reward.distributed`, `modeling.trainer`).
 With safety pairs (`data.safety`), a second pairwise model is trained on them into `safety/`, and the reward
 becomes Llama 2's gated combination (`rlhf.reward_signal.GatedReward`).
 """
@@ -24,10 +25,19 @@ from rlhf_pipeline.stages.modeling.lengths import whole_pairs
 from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
 from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.modeling.trainer import (
+    ResumesShardedModels,
+    model_shards,
+    train_evaluate_save,
+    training_arguments,
+)
 from rlhf_pipeline.stages.rlhf import multi_aspect
 from rlhf_pipeline.stages.rlhf.reward_signal import GATE_FILE, SAFETY_DIR
 from rlhf_pipeline.stages.rlhf.scoring import pairwise_accuracy
+
+
+class RewardStageTrainer(ResumesShardedModels, RewardTrainer):
+    """TRL's RewardTrainer, able to resume a model sharded as it loaded."""
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -52,11 +62,15 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
     train, train_dropped = whole_pairs(load_rows(prepared / f"{rows}_train.jsonl"), tokenizer, max_length)
     held_out, eval_dropped = whole_pairs(load_rows(prepared / f"{rows}_eval.jsonl"), tokenizer, max_length)
     quantization = quantization_config(config.lora, ctx.device, "reward")
-    trainer = RewardTrainer(
-        model=load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, quantization, train=config.lora is None),
+    shards = model_shards(ctx, config.distributed)
+    model = load_scorer(
+        sft_dir, ctx.device, tokenizer.pad_token_id, quantization, train=config.lora is None, shards=shards
+    )
+    trainer = RewardStageTrainer(
+        model=model,
         args=RewardConfig(
             center_rewards_coefficient=config.center_rewards_coefficient,
-            **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}"),
+            **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}", shards),
         ),
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(held_out),

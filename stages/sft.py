@@ -1,7 +1,8 @@
 """sft: supervised fine-tuning of the base model on demonstrations with TRL's SFTTrainer.
 
 Each conversation is split before its final assistant turn (prompt/completion), so the loss is computed on the
-assistant's tokens only and the prompt tokens are masked. Optional LoRA/QLoRA via peft, merged or kept.
+assistant's tokens only and the prompt tokens are masked. Optional LoRA/QLoRA via peft, merged or kept; on
+several processes, DDP or FSDP (`sft.distributed`, `modeling.trainer`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from rlhf_pipeline.stages.modeling.lengths import answerable
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
 from rlhf_pipeline.stages.modeling.lora import BASE_MODEL, AdapterBase, adapter_config, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.modeling.trainer import (
+    ResumesShardedModels,
+    model_shards,
+    train_evaluate_save,
+    training_arguments,
+)
+
+
+class SFTStageTrainer(ResumesShardedModels, SFTTrainer):
+    """TRL's SFTTrainer, able to resume a model sharded as it loaded."""
 
 
 def sft_dataset(rows: list[dict[str, Any]]) -> Dataset:
@@ -34,10 +44,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     held_out, eval_dropped = answerable(
         load_rows(ctx.inputs["prepare"] / "sft_eval.jsonl"), tokenizer, max_length, "sft"
     )
-    args = SFTConfig(completion_only_loss=True, **training_arguments(ctx, config, ctx.work_dir / "trainer"))
+    shards = model_shards(ctx, config.distributed)
+    args = SFTConfig(completion_only_loss=True, **training_arguments(ctx, config, ctx.work_dir / "trainer", shards))
     quantization = quantization_config(config.lora, ctx.device, "sft")
-    trainer = SFTTrainer(
-        model=load_policy(base, ctx.device, quantization, train=config.lora is None),
+    trainer = SFTStageTrainer(
+        model=load_policy(base, ctx.device, quantization, train=config.lora is None, shards=shards),
         args=args,
         train_dataset=sft_dataset(train),
         eval_dataset=sft_dataset(held_out),

@@ -187,11 +187,35 @@ class TrainingConfig(Section):
     lora: LoraConfig | None = Field(None, description="LoRA instead of full fine-tuning (null: train every weight)")
 
 
+class DistributedConfig(Section):
+    """How the processes of `deploy.stages.<stage>.processes` hold the model they train (one process: no
+    difference)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds whole models and the gradients are summed; fsdp: FSDP2 "
+        "(fully_shard) shards each trained model's parameters, gradients and optimizer state over the processes, "
+        "and checkpoints are sharded (torch.distributed.checkpoint)",
+    )
+
+
+class RLDistributedConfig(DistributedConfig):
+    frozen: Literal["shard", "replicate"] = Field(
+        "shard",
+        description="fsdp: the models that do not train (PPO's reference and reward model, DPO's reference) "
+        "sharded too (least memory), or whole in every process (no gathering of their weights in each forward "
+        "pass); GRPO's and RLOO's reference and rejection sampling's reward model are always whole: replicate",
+    )
+
+
 class SFTConfig(TrainingConfig):
     epochs: float = 3.0
     learning_rate: float = 2e-3
     batch_size: int = 32
     warmup: float = 0.05
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="how several processes of the sft stage hold the model"
+    )
 
 
 class RewardConfig(TrainingConfig):
@@ -214,6 +238,9 @@ class RewardConfig(TrainingConfig):
         lt=1,
         description="with safety data: where σ(safety score) is below this, the safety score is "
         "the reward, elsewhere the helpfulness score (Llama 2)",
+    )
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="how several processes of the reward stage hold the model"
     )
 
 
@@ -322,22 +349,6 @@ class GroupRLConfig(TrainingConfig):
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # the registry's names
 
 
-class DistributedConfig(Section):
-    """How the processes of `deploy.stages.<stage>.processes` hold the models (one process: no difference)."""
-
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="ddp: every process holds whole models and the gradients are summed; fsdp: FSDP2 "
-        "(fully_shard) shards each trained model's parameters, gradients and optimizer state over the processes, "
-        "and checkpoints are sharded (torch.distributed.checkpoint)",
-    )
-    frozen: Literal["shard", "replicate"] = Field(
-        "shard",
-        description="fsdp: the models that do not train (PPO's reference and reward model) sharded too (least "
-        "memory), or whole in every process (no gathering of their weights in each forward pass)",
-    )
-
-
 class RLConfig(Section):
     algorithm: AlgorithmName | list[AlgorithmName] = Field(  # type: ignore[valid-type]
         "ppo",
@@ -352,8 +363,8 @@ class RLConfig(Section):
     dpo: DPOConfig = Field(DPOConfig(), description="TRL's DPOTrainer")
     grpo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's GRPOTrainer")
     rloo: GroupRLConfig = Field(GroupRLConfig(), description="TRL's RLOOTrainer")
-    distributed: DistributedConfig = Field(
-        DistributedConfig(), description="how several processes of the rl stage hold the models"
+    distributed: RLDistributedConfig = Field(
+        RLDistributedConfig(), description="how several processes of the rl stage hold the models"
     )
 
     @field_validator("algorithm", mode="before")
@@ -517,17 +528,54 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _sharding_where_written(self) -> PipelineConfig:
-        if self.rl.distributed.strategy != "fsdp":
+        """fsdp where it is written and tested. PPO shards in its own loop (LoRA included); the Trainer stages
+        and methods have transformers shard a whole model as it loads (full fine-tuning)."""
+        trainer_stages: list[tuple[str, SFTConfig | RewardConfig]] = [("sft", self.sft), ("reward", self.reward)]
+        sharded: dict[str, TrainingConfig] = {
+            name: config for name, config in trainer_stages if config.distributed.strategy == "fsdp"
+        }
+        if self.rl.distributed.strategy == "fsdp":
+            lora = self.rl.ppo.lora
+            if "ppo" in self.rl.methods and lora is not None and lora.quantize is not None:
+                raise ValueError(
+                    "rl.distributed.strategy: fsdp does not shard a quantized (QLoRA) base; use ddp with it"
+                )
+            for method in self.rl.methods:
+                trained = getattr(self.rl, method)
+                sharded[f"rl.{method}"] = getattr(trained, "training", trained)  # rejection sampling's fine-tuning
+            sharded.pop("rl.ppo", None)  # shards in its own loop, LoRA included
+        if "reward" in sharded and self.reward.kind == "multi_aspect":
+            raise ValueError("reward.distributed.strategy: fsdp is written for pairwise reward models; use ddp")
+        for name, config in sharded.items():
+            field = f"{name.partition('.')[0]}.distributed.strategy"
+            if config.lora is not None:
+                raise ValueError(
+                    f"{field}: fsdp shards full fine-tuning ({name}); a LoRA run trains little state of its "
+                    "own: use ddp with it"
+                )
+            if name != "sft" and self.sft.lora is not None and not self.sft.lora.merge:
+                raise ValueError(
+                    f"{field}: fsdp shards a whole model ({name}), not one assembled from the LoRA adapter sft "
+                    "keeps (sft.lora.merge: false); merge it, or use ddp"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_models_sharded_where_they_can_be(self) -> PipelineConfig:
+        distributed = self.rl.distributed
+        if distributed.strategy != "fsdp" or distributed.frozen != "shard":
             return self
-        others = [method for method in self.rl.methods if method != "ppo"]
-        if others:
-            raise ValueError(
-                f"rl.distributed.strategy: fsdp is written for ppo only so far, not for {', '.join(others)}; "
-                "use ddp for them"
-            )
-        lora = self.rl.ppo.lora
-        if lora is not None and lora.quantize is not None:
-            raise ValueError("rl.distributed.strategy: fsdp does not shard a quantized (QLoRA) base; use ddp with it")
+        for method in self.rl.methods:
+            if method in ("grpo", "rloo") and getattr(self.rl, method).beta > 0:
+                raise ValueError(
+                    f"rl.distributed.frozen: shard: TRL's {method} builds its reference whole in every process; "
+                    "set frozen: replicate (or beta: 0, no reference)"
+                )
+            if method == "rejection_sampling":
+                raise ValueError(
+                    "rl.distributed.frozen: shard: rejection sampling keeps its reward model whole in every "
+                    "process; set frozen: replicate"
+                )
         return self
 
     @model_validator(mode="after")

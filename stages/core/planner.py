@@ -30,6 +30,8 @@ def key_sections(config: PipelineConfig, stage: str) -> dict[str, Any]:
         elif processes > 1 and config.rl.distributed.strategy != "ddp":  # sums in another order
             rl["distributed"] = dumped["rl"]["distributed"]
         dumped["rl"] = rl
+    if stage in ("sft", "reward") and processes == 1:  # how several processes hold the model: moot for one
+        dumped[stage].pop("distributed")
     sections = {"seed": config.run.seed} | {name: dumped[name] for name in STAGES[stage].sections}
     return sections | ({"processes": processes} if processes > 1 else {})
 

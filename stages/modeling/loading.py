@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.distributed import DistributedConfig
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
@@ -159,33 +160,47 @@ def load_tokenizer(source: str, padding_side: Literal["left", "right"] | None = 
     return tokenizer
 
 
-def load_policy(source: str, device: torch.device, quantization=None, train: bool = False) -> PreTrainedModel:
+def load_policy(
+    source: str, device: torch.device, quantization=None, train: bool = False, shards: int = 1
+) -> PreTrainedModel:
     """A causal LM; `quantization` (bitsandbytes, from `modeling.lora.quantization_config`) for a QLoRA base;
-    `train`: its weights will be trained (fp32 master weights)."""
+    `train`: its weights will be trained (fp32 master weights); `shards`: the processes it is sharded over."""
     base = adapter_base_of(source)
     if base is not None:
         return merged_adapter(load_policy(base, device, quantization, train), source)
-    return place(AutoModelForCausalLM, source, device, quantization, train)
+    return place(AutoModelForCausalLM, source, device, quantization, train, shards)
 
 
 def load_scorer(
-    source: str, device: torch.device, pad_token_id: int, quantization=None, train: bool = False, num_labels: int = 1
+    source: str,
+    device: torch.device,
+    pad_token_id: int,
+    quantization=None,
+    train: bool = False,
+    num_labels: int = 1,
+    shards: int = 1,
 ) -> PreTrainedModel:
     """A sequence model with scalar heads (one: the reward model, and the PPO value model initialised from it)."""
     base = adapter_base_of(source)
     if base is not None:
         model = load_scorer(base, device, pad_token_id, quantization, train, num_labels)
         return merged_adapter(model, source, "SEQ_CLS")
-    model = place(AutoModelForSequenceClassification, source, device, quantization, train, num_labels=num_labels)
+    model = place(
+        AutoModelForSequenceClassification, source, device, quantization, train, shards, num_labels=num_labels
+    )
     model.config.pad_token_id = pad_token_id
     return model
 
 
 def place(
-    model_class, source: str, device: torch.device, quantization, train: bool, **config_overrides
+    model_class, source: str, device: torch.device, quantization, train: bool, shards: int = 1, **config_overrides
 ) -> PreTrainedModel:
+    """The model on `device`; over `shards` processes, sharded as it loads by transformers' own FSDP2
+    (`DistributedConfig`), which the HF Trainer then trains without wrapping it again."""
     kwargs = {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
     kwargs["attn_implementation"] = "sdpa"
+    if shards > 1:
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=shards)
     if _WEIGHTS_UNREAD.get():
         with torch.device("meta"):
             return model_class.from_config(AutoConfig.from_pretrained(source, **config_overrides), **kwargs)

@@ -1,5 +1,11 @@
-"""What the Trainer-based stages share: TrainingArguments from the config, LoRA, and checkpoints that go
-to the store every `run.checkpoint_every` steps and come back when a stage is retried."""
+"""What the Trainer-based stages share: TrainingArguments from the config, LoRA, checkpoints that go to the
+store every `run.checkpoint_every` steps and come back when a stage is retried, and FSDP.
+
+With `<stage>.distributed.strategy: fsdp` on several processes the trained model is sharded as it loads, by
+transformers' own FSDP2 (`modeling.loading.place`), and the Trainer trains it as it is (no DDP around it).
+transformers checkpoints only the gathered weights of such a model and cannot load them back into its shards,
+so its weights, optimizer state and learning-rate schedule are checkpointed here, through
+torch.distributed.checkpoint (`modeling.sharding`); the Trainer keeps its own state (step, data position)."""
 
 from __future__ import annotations
 
@@ -13,12 +19,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
-from rlhf_pipeline.stages.core.config import TrainingConfig
+from rlhf_pipeline.stages.core.config import DistributedConfig, TrainingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
-from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
+from rlhf_pipeline.stages.modeling.data_parallel import join_processes, stage_processes
 from rlhf_pipeline.stages.modeling.loading import compute_dtype
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.sharding import load_state, save_state, training_state_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import logs_dir, report_to, run_name
@@ -34,9 +41,24 @@ CHECKPOINTING_ARGUMENT = next(
 )
 
 
-def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path) -> dict[str, Any]:
+SHARDED_STATE = "sharded-state"  # in a checkpoint: the sharded model's weights and optimizer state
+SCHEDULE_FILE = "lr-schedule.pt"
+
+
+def model_shards(ctx: StageContext, distributed: DistributedConfig) -> int:
+    """The processes a stage's trained model is sharded over: all of them with fsdp (their process group joined
+    before the model loads into its shards), else 1 (each process holds it whole, under DDP)."""
+    processes = stage_processes()
+    if distributed.strategy != "fsdp" or processes.count == 1:
+        return 1
+    join_processes(ctx.device)
+    return processes.count
+
+
+def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path, shards: int = 1) -> dict[str, Any]:
     """Keyword arguments shared by TRL's trainer configs. Activation checkpointing is off unless configured
-    (TRL turns it on by default)."""
+    (TRL turns it on by default). A sharded model's Trainer checkpoints only its weights
+    (`ShardedTrainingState` the rest)."""
     run = ctx.config.run
     return {
         CHECKPOINTING_ARGUMENT: config.gradient_checkpointing,
@@ -53,6 +75,7 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
         "save_strategy": "steps",
         "save_steps": run.checkpoint_every,
         "save_total_limit": run.keep_checkpoints,
+        "save_only_model": shards > 1,
         "seed": run.seed,
         # Mixed precision: bf16 autocast over the fp32 weights the stages load for training.
         "bf16": compute_dtype(ctx.device) == torch.bfloat16,
@@ -63,6 +86,36 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
         "disable_tqdm": True,
         "max_length": ctx.config.model.max_length,
     }
+
+
+class ResumesShardedModels:
+    """Mixed into a Trainer class: before training, the Trainer loads a checkpoint's gathered weights into the
+    model, which fails for one sharded as it loaded (whole tensors into shards); `ShardedTrainingState` loads
+    them instead."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.is_distributed_loading_by_transformers:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+class ShardedTrainingState(TrainerCallback):
+    """A sharded model's weights and optimizer state (each process its shards) and the learning-rate schedule,
+    into each checkpoint the Trainer saves, and back from `resume_from` when training begins (on any number
+    of processes: torch.distributed.checkpoint re-shards)."""
+
+    def __init__(self, resume_from: Path | None) -> None:
+        self.resume_from = resume_from
+
+    def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_state(torch.nn.ModuleDict({"model": model}), optimizer, directory / SHARDED_STATE)
+        if state.is_world_process_zero:
+            torch.save(lr_scheduler.state_dict(), directory / SCHEDULE_FILE)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.resume_from is not None:
+            load_state(torch.nn.ModuleDict({"model": model}), optimizer, self.resume_from / SHARDED_STATE)
+            lr_scheduler.load_state_dict(torch.load(self.resume_from / SCHEDULE_FILE, weights_only=True))
 
 
 class StoreCheckpoints(TrainerCallback):
@@ -122,16 +175,18 @@ def train_with_resume(
     into the artifact (`out_dir`: where the model is saved, if not `ctx.out_dir`)."""
     checkpoints = checkpoints or ctx.checkpoints
     log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
-    trainer.add_callback(StoreCheckpoints(checkpoints))
-    trainer.add_callback(ReportProgress(ctx.stage))
-    trainer.add_callback(TakeCpuShare())
     step = checkpoints.restore_latest(lambda step: Path(trainer.args.output_dir) / f"checkpoint-{step}")
     resume_from = None
     if step is not None:
         ctx.resumed_from = step
-        resume_from = str(Path(trainer.args.output_dir) / f"checkpoint-{step}")
+        resume_from = Path(trainer.args.output_dir) / f"checkpoint-{step}"
         log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
-    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.is_distributed_loading_by_transformers:
+        trainer.add_callback(ShardedTrainingState(resume_from))  # written before the checkpoint is stored
+    trainer.add_callback(StoreCheckpoints(checkpoints))
+    trainer.add_callback(ReportProgress(ctx.stage))
+    trainer.add_callback(TakeCpuShare())
+    trainer.train(resume_from_checkpoint=resume_from and str(resume_from))
 
 
 def save_trained(trainer: Trainer, config: TrainingConfig, base: AdapterBase, out_dir: Path) -> None:
@@ -150,6 +205,8 @@ def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
         summary["train_seconds"] = round(runtime, 2)
     if trainer.args.world_size > 1:
         summary["processes"] = trainer.args.world_size
+    held = training_state_bytes([trainer.model], trainer.optimizer)  # the main process's (sharded: its shards)
+    summary |= {name: held[name] for name in ("parameter_bytes", "optimizer_bytes")}
     if losses:
         summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
     return summary

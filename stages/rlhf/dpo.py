@@ -1,5 +1,8 @@
 """DPO with TRL's DPOTrainer: the SFT model learns from the preference pairs directly; the frozen SFT model is
-the reference. The reward model then serves evaluation only."""
+the reference. The reward model then serves evaluation only.
+
+With `rl.distributed.strategy: fsdp` the policy is sharded as it loads (`modeling.trainer`), and so is the
+reference unless `rl.distributed.frozen: replicate` (then TRL loads it whole in every process)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,16 @@ from rlhf_pipeline.stages.modeling.lengths import answerable
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer
 from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-from rlhf_pipeline.stages.modeling.trainer import train_evaluate_save, training_arguments
+from rlhf_pipeline.stages.modeling.trainer import (
+    ResumesShardedModels,
+    model_shards,
+    train_evaluate_save,
+    training_arguments,
+)
+
+
+class DPOStageTrainer(ResumesShardedModels, DPOTrainer):
+    """TRL's DPOTrainer, able to resume a model sharded as it loaded."""
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -25,12 +37,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train, train_dropped = answerable(load_rows(prepared / "preference_train.jsonl"), tokenizer, max_length, "pairs")
     held_out, eval_dropped = answerable(load_rows(prepared / "preference_eval.jsonl"), tokenizer, max_length, "pairs")
     quantization = quantization_config(config.lora, ctx.device, "rl.dpo")
-    trainer = DPOTrainer(
-        model=load_policy(sft_dir, ctx.device, quantization, train=config.lora is None),
+    shards = model_shards(ctx, ctx.config.rl.distributed)
+    sharded_reference = shards > 1 and ctx.config.rl.distributed.frozen == "shard"
+    trainer = DPOStageTrainer(
+        model=load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards),
+        ref_model=load_policy(sft_dir, ctx.device, shards=shards) if sharded_reference else None,
         args=DPOConfig(
             beta=config.beta,
             loss_type=[config.loss_type],
-            **training_arguments(ctx, config, ctx.work_dir / "trainer"),
+            **training_arguments(ctx, config, ctx.work_dir / "trainer", shards),
         ),
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(held_out),

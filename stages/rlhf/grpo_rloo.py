@@ -4,6 +4,8 @@ other (group-normalised, or leave-one-out baselines), rewarded by the trained re
 TRL stops and masks completions at the ids in the model's `generation_config.eos_token_id`: they are set to
 every end-of-turn id (`rlhf.rollout.end_of_turn_ids`), in a generation config that holds nothing else, so
 that the base model's own sampling settings do not leak in; the model keeps its own config when saved.
+With `rl.distributed.strategy: fsdp` the policy is sharded as it loads (`modeling.trainer`); TRL builds the
+reference whole in every process (`rl.distributed.frozen: replicate`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_tu
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, unwrap_adapter
 from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-from rlhf_pipeline.stages.modeling.trainer import save_trained, train_with_resume, training_arguments, training_summary
+from rlhf_pipeline.stages.modeling.trainer import (
+    ResumesShardedModels,
+    model_shards,
+    save_trained,
+    train_with_resume,
+    training_arguments,
+    training_summary,
+)
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
 from rlhf_pipeline.stages.rlhf.scoring import response_scores
 
-TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
+
+class GRPOStageTrainer(ResumesShardedModels, GRPOTrainer):
+    """TRL's GRPOTrainer, able to resume a model sharded as it loaded."""
+
+
+class RLOOStageTrainer(ResumesShardedModels, RLOOTrainer):
+    """TRL's RLOOTrainer, able to resume a model sharded as it loaded."""
+
+
+TRAINERS = {"grpo": (GRPOStageTrainer, GRPOConfig), "rloo": (RLOOStageTrainer, RLOOConfig)}
 
 
 def reward_function(ctx: StageContext, pad_token_id: int, end_ids: list[int]):
@@ -47,10 +65,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trainer_class, config_class = TRAINERS[algorithm]
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
-    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
+    shards = model_shards(ctx, ctx.config.rl.distributed)
+    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)
     max_length = arguments.pop("max_length")
     quantization = quantization_config(config.lora, ctx.device, f"rl.{algorithm}")
-    model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None)
+    model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards)
     end_ids = end_of_turn_ids(tokenizer, model)
     own_config = model.generation_config
     prompts, too_long = fitting_prompts(

@@ -6,7 +6,9 @@ On several processes each samples and scores its share of a round's prompts, and
 data-parallel SFTTrainer with `training.batch_size` rows per step over all processes (each its share, the loss
 normalized by the whole step's tokens): any number of processes trains what one does, up to float rounding.
 With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
-just that adapter.
+just that adapter. With `rl.distributed.strategy: fsdp` the policy is sharded as it loads, for sampling and for
+fine-tuning (`modeling.trainer`); every process then runs as many generation batches as the one with the most,
+since each forward pass of a sharded model gathers weights from all of them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
-from rlhf_pipeline.stages.modeling.trainer import training_arguments
+from rlhf_pipeline.stages.modeling.trainer import model_shards, training_arguments
 from rlhf_pipeline.stages.rlhf.ppo import summarize, write_history
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
 from rlhf_pipeline.stages.rlhf.rollout import decode_responses, prompt_seeds, sample
@@ -51,13 +53,14 @@ log = logging.getLogger("rlhf.stage")
 ROLLOUT_BATCH = 64
 
 
-def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool) -> PreTrainedModel:
-    """The policy after the round saved in `round_dir` (before the first round: the SFT model). Without LoRA
-    a round saves the whole model; with LoRA, the adapter that goes on the SFT model."""
+def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool, shards: int = 1) -> PreTrainedModel:
+    """The policy after the round saved in `round_dir` (before the first round: the SFT model), sharded over
+    `shards` processes. Without LoRA a round saves the whole model; with LoRA, the adapter that goes on the SFT
+    model (not sharded: the config refuses it)."""
     lora = ctx.config.rl.rejection_sampling.training.lora
     sft_dir = str(ctx.inputs["sft"])
     if lora is None:
-        return load_policy(str(round_dir or sft_dir), ctx.device, train=trainable)
+        return load_policy(str(round_dir or sft_dir), ctx.device, train=trainable, shards=shards)
     field = "rl.rejection_sampling.training"
     model = load_policy(sft_dir, ctx.device, quantization_config(lora, ctx.device, field) if trainable else None)
     if round_dir is None:
@@ -82,6 +85,7 @@ def best_of_n(
     prompts: list,
     round_index: int,
     processes: Processes,
+    shards: int,
 ) -> tuple[list[BestAnswer], dict]:
     """The reward model's favourite of `samples_per_prompt` responses to each prompt, for all prompts: each
     process answers its share of them and the shares are gathered. Every answer is sampled from its own seed
@@ -90,15 +94,21 @@ def best_of_n(
     samples."""
     config = ctx.config.rl.rejection_sampling
     tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
-    policy = load_round_policy(ctx, round_dir, trainable=False).eval()
+    policy = load_round_policy(ctx, round_dir, trainable=False, shards=shards).eval()
     reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
     n = config.samples_per_prompt
     seeds = prompt_seeds(ctx.config.run.seed, f"rejection-round-{round_index}", range(len(prompts) * n))
     per_batch = max(1, ROLLOUT_BATCH // n)
     max_length = ctx.config.model.max_length
     mine = processes.share(len(prompts))
+    starts = range(mine.start, mine.stop, per_batch)
+    if shards > 1:  # a share one batch short still joins the others' last batch, with one answer left unused
+        batches = int(processes.max({"batches": len(starts)})["batches"])
+        filler = [seeds[0]] * max(0, batches - len(starts))
+        for seed in filler:
+            sample(policy, tokenizer, prompts[:1], config.generation, [seed], max_length)
     kept, mean_scores = [], []
-    for start in range(mine.start, mine.stop, per_batch):
+    for start in starts:
         chunk = prompts[start : min(start + per_batch, mine.stop)]
         answers = [p for p in chunk for _ in range(n)]
         chunk_seeds = seeds[start * n : start * n + len(answers)]
@@ -118,20 +128,26 @@ def best_of_n(
 
 
 def fine_tune(
-    ctx: StageContext, round_dir: Path | None, rows: list, out_dir: Path, round_index: int, processes: Processes
+    ctx: StageContext,
+    round_dir: Path | None,
+    rows: list,
+    out_dir: Path,
+    round_index: int,
+    processes: Processes,
+    shards: int,
 ) -> None:
     """One round's fine-tuning on the best answers (TRL's SFTTrainer: data-parallel on several processes, each
     a share of every step's batch; the step's consecutive shares are the one-process batch);
     the main process saves the round's policy in `out_dir` (transformers saves from rank 0 only)."""
     config = ctx.config.rl.rejection_sampling.training
-    arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}")
+    arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}", shards)
     share = config.batch_size // processes.count  # the config divides it (PipelineConfig)
     arguments |= {"per_device_train_batch_size": share, "average_tokens_across_devices": True}
     # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
     # step 0 in the same tracker run would garble them.
     arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index, "report_to": "none"}
     trainer = SFTTrainer(
-        model=load_round_policy(ctx, round_dir, trainable=True),
+        model=load_round_policy(ctx, round_dir, trainable=True, shards=shards),
         args=SFTConfig(completion_only_loss=True, **arguments),
         train_dataset=Dataset.from_list(rows),
         processing_class=load_tokenizer(str(ctx.inputs["sft"])),
@@ -160,6 +176,7 @@ def round_dir_of(ctx: StageContext) -> Callable[[int], Path]:
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
     processes = join_processes(ctx.device)
+    shards = model_shards(ctx, ctx.config.rl.distributed)
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
@@ -174,9 +191,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             take_cpu_share()
             rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-            kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes)
+            kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes, shards)
             out = round_dir_of(ctx)(round_index + 1)
-            fine_tune(ctx, round_dir, [answer.as_sft_row() for answer in kept], out, round_index, processes)
+            rows = [answer.as_sft_row() for answer in kept]
+            fine_tune(ctx, round_dir, rows, out, round_index, processes, shards)
             history.append({"round": round_index + 1, **stats})
             report_progress("rl", round_index + 1, config.rounds)
             metrics = {**stats, "samples_kept": len(kept)}

@@ -1,4 +1,5 @@
-"""PPO with FSDP2 on 1, 2 and 4 processes (not part of `make test`): memory per process, step time, checkpoints.
+"""PPO (or sft) with FSDP2 on 1, 2 and 4 processes (not part of `make test`): memory per process, step time,
+checkpoints.
 
 Trains prepare, sft and reward once for a built-in tiny Llama widened to tens of millions of parameters, then
 runs the rl stage with `rl.distributed.strategy: fsdp` on each process count (one process: nothing to shard,
@@ -7,9 +8,11 @@ the baseline), side by side in one session. Reports, per count: the trained stat
 1/N of it, the peak resident memory of a process, seconds per PPO step, the seconds to save a (sharded)
 checkpoint and to load it back in a run killed after it, and whether that resumed run ends with the bytes of
 the uninterrupted one. On a machine with fewer cores than processes the step times show the overhead of
-sharding, not a speed-up.
+sharding, not a speed-up. With `--stage sft`: the sft stage with `sft.distributed.strategy: fsdp` instead (the
+HF Trainer's batch is per process, so N processes train N times the rows per step), its trained parameters and
+AdamW state per process and seconds per step.
 
-Usage: python tests/benchmarks/bench_sharding.py [--processes 1 2 4] [--set key=value ...]
+Usage: python tests/benchmarks/bench_sharding.py [--stage rl|sft] [--processes 1 2 4] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ WIDE = [
     "rl.ppo.mini_batch_size=8",
     "rl.ppo.generation.max_new_tokens=12",
     "rl.distributed.strategy=fsdp",
+    "sft.distributed.strategy=fsdp",
     "run.checkpoint_every=2",
     "run.device=cpu",
 ]
@@ -77,8 +81,34 @@ def rl_stage(store: LocalStore, overrides: list[str], processes: int, work: Path
     return runs[0], runs[1]
 
 
+def sft_rows(store: LocalStore, overrides: list[str], counts: list[int], work: Path) -> None:
+    """sft sharded over each number of processes, after prepare (keyed apart: the batch grows with them)."""
+    single: dict | None = None
+    for processes in counts:
+        config = load_config(None, [*overrides, f"deploy.stages.sft.processes={processes}"])
+        path = work / f"sft-{processes}.yaml"
+        path.write_text(dump_config(config))
+        ProcessLauncher(warm=False).launch("sft", str(path), Quiet())
+        metrics = read_manifest(store, plan_stage(store, config, "sft").prefix).metrics
+        single = single or metrics
+        held = metrics["parameter_bytes"] + metrics["optimizer_bytes"]
+        whole = single["parameter_bytes"] + single["optimizer_bytes"]
+        row = {
+            "stage": "sft",
+            "processes": processes,
+            "trained_parameters_millions": round(single["parameter_bytes"] / 4 / 1e6, 1),  # fp32
+            "parameters_and_adamw_mb_per_process": round(held / 2**20, 1),
+            "of_one_process": round(held / whole, 3),
+            "of_one_over_n": round(held * processes / whole, 3),
+            "sft_step_seconds": round(metrics["train_seconds"] / metrics["steps"], 2),
+            "last_loss": metrics["last_loss"],
+        }
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", choices=["rl", "sft"], default="rl")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -88,6 +118,10 @@ def main() -> None:
         overrides = [*WIDE, *args.overrides, f"run.store={store.uri}"]
         config_path = work / "upstream.yaml"
         config_path.write_text(dump_config(load_config(None, overrides)))
+        if args.stage == "sft":
+            ProcessLauncher(warm=False).launch("prepare", str(config_path), Quiet())
+            sft_rows(store, overrides, args.processes, work)
+            return
         for stage in ("prepare", "sft", "reward"):
             ProcessLauncher(warm=False).launch(stage, str(config_path), Quiet())
         single: dict | None = None

@@ -245,7 +245,22 @@ def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
     with pytest.raises(InputError, match=r"fsdp does not shard a quantized \(QLoRA\) base; use ddp with it"):
         load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8", "rl.ppo.lora.quantize=4bit"])
     path = tmp_path / "sharded.yaml"
-    path.write_text(yaml.safe_dump({"rl": {"algorithm": ["ppo", "dpo"], "distributed": {"strategy": "fsdp"}}}))
+    methods = ["ppo", "rejection_sampling"]
+    path.write_text(yaml.safe_dump({"rl": {"algorithm": methods, "distributed": {"strategy": "fsdp"}}}))
     result = rlhf("validate", str(path), timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "rl.distributed.strategy: fsdp is written for ppo only so far, not for dpo; use ddp" in result.stderr
+    assert "rejection sampling keeps its reward model whole in every process; set frozen: replicate" in result.stderr
+    assert load_config(None, ["sft.distributed.strategy=fsdp"]).sft.distributed.strategy == "fsdp"
+    with pytest.raises(InputError, match=r"sft.distributed.strategy: fsdp shards full fine-tuning"):
+        load_config(None, ["sft.distributed.strategy=fsdp", "sft.lora.r=8"])
+    with pytest.raises(InputError, match=r"reward.distributed.strategy: fsdp is written for pairwise reward models"):
+        load_config(None, ["reward.distributed.strategy=fsdp", "reward.kind=multi_aspect", "data.rated=builtin:demo"])
+    with pytest.raises(InputError, match=r"not one assembled from the LoRA adapter sft keeps"):
+        load_config(None, ["reward.distributed.strategy=fsdp", "sft.lora.r=8", "sft.lora.merge=false"])
+    sharded_dpo = ["rl.algorithm=dpo", "rl.distributed.strategy=fsdp"]
+    assert load_config(None, sharded_dpo).rl.method == "dpo"
+    with pytest.raises(InputError, match=r"rl.distributed.strategy: fsdp shards full fine-tuning \(rl.dpo\)"):
+        load_config(None, [*sharded_dpo, "rl.dpo.lora.r=8"])
+    with pytest.raises(InputError, match=r"frozen: shard: TRL's grpo builds its reference whole in every process"):
+        load_config(None, ["rl.algorithm=grpo", "rl.distributed.strategy=fsdp"])
+    assert load_config(None, ["rl.algorithm=grpo", "rl.distributed.strategy=fsdp", "rl.grpo.beta=0"]).rl.grpo.beta == 0

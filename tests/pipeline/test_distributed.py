@@ -116,6 +116,71 @@ def test_sft_on_two_nodes_of_two_processes_trains_as_one_node_of_four(tmp_path, 
     assert two_by_two.digest == four.digest
 
 
+def published_weights(store: LocalStore, stage: str, manifest: Manifest, path: str = "model.safetensors") -> dict:
+    return load_weights(read_verified(store, artifact_prefix(stage, manifest.cache_key), path))
+
+
+def assert_trained_alike(
+    sharded: Manifest,
+    ddp: Manifest,
+    stage: str,
+    stores: tuple[LocalStore, LocalStore],
+    compared: tuple[str, ...] = ("first_loss", "last_loss", "eval_loss"),
+) -> None:
+    """FSDP and DDP on two processes train the same model (the same batches; gradients reduced in another
+    order): the same losses and published weights within float rounding; each FSDP process holds half of the
+    trained parameters and of the optimizer state (within the 15 % that uneven shards may add)."""
+    assert sharded.metrics["processes"] == ddp.metrics["processes"] == 2
+    for key in compared:
+        assert sharded.metrics[key] == pytest.approx(ddp.metrics[key], rel=1e-4), key
+    for key in ("parameter_bytes", "optimizer_bytes"):
+        assert sharded.metrics[key] == pytest.approx(ddp.metrics[key] / 2, rel=0.15), key
+    weights = [published_weights(store, stage, m) for store, m in zip(stores, (sharded, ddp), strict=True)]
+    # transformers' gathered save of a sharded model keeps a tied output embedding as its own copy (the model
+    # loads the same: the copy is the input embedding, and tying makes them one tensor again).
+    tied = weights[0].keys() - weights[1].keys()
+    assert tied <= {"lm_head.weight"}
+    for name in tied:
+        assert torch.equal(weights[0].pop(name), weights[0]["model.embed_tokens.weight"])
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sft_sharded_over_two_processes_trains_as_ddp_holds_half_and_resumes_exactly(tmp_path):
+    """`sft.distributed.strategy: fsdp`: transformers shards the model as it loads and the Trainer trains the
+    shards; the published model is one whole `save_pretrained` model. Killed after its first checkpoint (each
+    process's shards of the weights and optimizer state), the two processes resume to the same bytes."""
+    overrides = [*TINY, "run.device=cpu", "sft.max_steps=8", "sft.logging_steps=1", "deploy.stages.sft.processes=2"]
+    stores, runs = [], []
+    for strategy in ("fsdp", "ddp"):
+        store = LocalStore(tmp_path / strategy)
+        config = load_config(None, [*overrides, f"run.store={store.uri}", f"sft.distributed.strategy={strategy}"])
+        if not stores:
+            run_stage("prepare", config, store)
+        else:
+            shutil.copytree(stores[0].root / "artifacts" / "prepare", store.root / "artifacts" / "prepare")
+        stores.append(store)
+        runs.append(launch("sft", config, store)[0])
+    assert_trained_alike(*runs, "sft", tuple(stores))
+
+    resumed = LocalStore(tmp_path / "resumed")
+    shutil.copytree(stores[0].root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
+    sharded = [*overrides, "sft.distributed.strategy=fsdp", f"run.store={resumed.uri}", "run.checkpoint_every=4"]
+    config = load_config(None, sharded)
+    config_path = tmp_path / "resumed.yaml"
+    config_path.write_text(dump_config(config))
+    killed_at = kill_after_first_checkpoint("sft", config_path, resumed.root / "checkpoints" / "sft")
+    checkpoint = read_manifest(
+        resumed, f"checkpoints/sft/{plan_stage(resumed, config, 'sft').key}/step-{killed_at:08d}"
+    )
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {entry.path.rpartition("/")[2] for entry in checkpoint.files}
+    ProcessLauncher().launch("sft", str(config_path), _Log())
+    again = read_manifest(resumed, plan_stage(resumed, config, "sft").prefix)
+    assert again.resumed_from == killed_at == 4
+    assert again.digest == runs[0].digest
+
+
 def test_multi_aspect_reward_model_in_two_processes_learns_and_publishes_one_folded_head(tmp_path):
     """HF's Trainer on two processes: the held-out predictions are gathered from both, each rated item once, and
     the main process publishes the reward model with its heads folded into one, the per-aspect model beside it."""
@@ -289,6 +354,61 @@ def assert_ppo_runs_agree(runs: list[tuple[LocalStore, Manifest]]) -> list[list[
     return histories
 
 
+def test_reward_model_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
+    """`reward.distributed.strategy: fsdp` for the pairwise reward model (a sequence-classification model: its
+    head is sharded with the rest), trained as under DDP; its held-out accuracy is scored on the shards."""
+    store, overrides = upstream
+    stores, runs = [], []
+    for strategy in ("fsdp", "ddp"):
+        apart = LocalStore(tmp_path / strategy)
+        shutil.copytree(store.root, apart.root, ignore=shutil.ignore_patterns("reward", "rl", "checkpoints", "runs"))
+        layout = ["deploy.stages.reward.processes=2", f"reward.distributed.strategy={strategy}"]
+        config = load_config(
+            None, [*overrides, *layout, "reward.max_steps=6", "reward.logging_steps=1", f"run.store={apart.uri}"]
+        )
+        stores.append(apart)
+        runs.append(launch("reward", config, apart)[0])
+    assert_trained_alike(*runs, "reward", tuple(stores))
+    assert runs[0].metrics["eval_accuracy"] == runs[1].metrics["eval_accuracy"]
+
+
+def test_dpo_sharded_over_two_processes_trains_as_ddp_with_its_reference_sharded_or_whole(upstream, tmp_path):
+    """`rl.distributed.strategy: fsdp` for DPO: the policy sharded, the frozen reference sharded too or whole
+    in each process (`frozen: replicate`, TRL's own reference); all three train the DDP model."""
+    store, overrides = upstream
+    dpo = [*overrides, "rl.algorithm=dpo", "rl.dpo.max_steps=6", "rl.dpo.logging_steps=1"]
+    layouts = {"fsdp": ["rl.distributed.strategy=fsdp"], "ddp": [], "replicate": ["rl.distributed.frozen=replicate"]}
+    layouts["replicate"] += layouts["fsdp"]
+    stores, runs = [], []
+    for name, layout in layouts.items():
+        apart = copy_upstream(store, tmp_path / name)
+        config = load_config(None, [*dpo, *layout, "deploy.stages.rl.processes=2", f"run.store={apart.uri}"])
+        stores.append(apart)
+        runs.append(launch("rl", config, apart)[0])
+    for index in (0, 2):
+        assert_trained_alike(runs[index], runs[1], "rl", (stores[index], stores[1]))
+        assert runs[index].metrics["eval_reward_accuracy"] == pytest.approx(runs[1].metrics["eval_reward_accuracy"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_methods_sharded_over_two_processes_sample_and_train_as_ddp(upstream, tmp_path, method):
+    """TRL's GRPO and RLOO with the policy sharded (generation gathers each layer's weights, every process
+    joining each forward pass until all are done): the same sampled answers' rewards and the same model as DDP;
+    TRL's reference is whole in each process."""
+    store, overrides = upstream
+    group = [*overrides, f"rl.algorithm={method}", f"rl.{method}.max_steps=3", f"rl.{method}.logging_steps=1"]
+    group += [f"rl.{method}.batch_size=8", f"rl.{method}.num_generations=4", "deploy.stages.rl.processes=2"]
+    stores, runs = [], []
+    for name, layout in {
+        "fsdp": ["rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate"],
+        "ddp": [],
+    }.items():
+        apart = copy_upstream(store, tmp_path / name)
+        stores.append(apart)
+        runs.append(launch("rl", load_config(None, [*group, *layout, f"run.store={apart.uri}"]), apart)[0])
+    assert_trained_alike(*runs, "rl", tuple(stores), compared=("first_reward", "last_reward"))
+
+
 def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream, tmp_path):
     """Each process generates, scores and trains on half of every batch and mini-batch: the rollouts are
     the one-process run's token for token (sampling is seeded per prompt), and every step's numbers, which
@@ -320,6 +440,30 @@ def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstrea
     weights = rl_weights([(store, one), (apart, two)])
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(upstream, tmp_path):
+    """The policy sharded for sampling and fine-tuning. 33 prompts of 16 per generation batch: one process
+    runs two batches, the other one and a filler that joins the first's second (a sharded model's forward
+    passes gather from every process). The rounds' scores and the weights are DDP's within float rounding
+    (against DDP, not one process: 33 kept answers leave a short last batch, which accelerate evens out)."""
+    store, overrides = upstream
+    rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33"]
+    rounds.append("deploy.stages.rl.processes=2")
+    layouts = {"fsdp": ["rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate"], "ddp": []}
+    runs = []
+    for name, layout in layouts.items():
+        apart = copy_upstream(store, tmp_path / name)
+        runs.append((apart, launch("rl", load_config(None, [*rounds, *layout, f"run.store={apart.uri}"]), apart)[0]))
+    histories = [jsonl(where, manifest, "rounds.jsonl") for where, manifest in runs]
+    assert len(histories[0]) == len(histories[1]) == 2
+    for sharded, ddp in zip(*histories, strict=True):
+        for key in ("score", "best_score"):
+            assert sharded[key] == pytest.approx(ddp[key], abs=1e-5), (sharded["round"], key)
+    weights = rl_weights(runs)
+    assert weights[0].keys() - weights[1].keys() <= {"lm_head.weight"}  # the tied copy (assert_trained_alike)
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_ppo_sharded_over_two_processes_trains_as_one_holds_half_and_resumes_on_any_count(upstream, tmp_path):
