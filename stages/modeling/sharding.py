@@ -110,7 +110,11 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def training_state_bytes(models: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """This process's bytes of the trained models' parameters, gradients and optimizer state."""
+    """This process's bytes of the trained models' parameters, gradients and optimizer state, between steps:
+    sharded modules a forward pass left gathered (those FSDP keeps whole after it) are resharded first."""
+    for module in (module for model in models for module in model.modules()):
+        if isinstance(module, FSDPModule):
+            module.reshard()
     parameters = [p for model in models for p in model.parameters() if p.requires_grad]
     state = [v for per_parameter in optimizer.state.values() for v in per_parameter.values() if v.dim() > 0]
     return {

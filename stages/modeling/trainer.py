@@ -232,5 +232,6 @@ def train_evaluate_save(
     held_out = {name: round(evaluation[key], 4) for name, key in reported.items()}
     if measure is not None:
         held_out |= measure(trainer)
+    summary = training_summary(trainer)  # before saving, which merges a LoRA adapter into the model
     save_trained(trainer, config, base, out_dir or ctx.out_dir)
-    return training_summary(trainer) | held_out
+    return summary | held_out

@@ -95,8 +95,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     train_with_resume(trainer, ctx)
     unwrap_adapter(trainer.model).generation_config = own_config
+    summary = training_summary(trainer, "reward")  # before saving, which merges a LoRA adapter into the model
     save_trained(trainer, config, AdapterBase(sft_dir, artifact_base("sft")), ctx.out_dir)
-    return training_summary(trainer, "reward") | {"prompts_too_long": too_long}
+    return summary | {"prompts_too_long": too_long}
 
 
 def fitting_prompts(tokenizer, rows: list[dict], budget: int) -> tuple[list[dict], int]:

@@ -85,7 +85,7 @@ def best_of_n(
     prompts: list,
     round_index: int,
     processes: Processes,
-    shards: int,
+    shards: int = 1,
 ) -> tuple[list[BestAnswer], dict]:
     """The reward model's favourite of `samples_per_prompt` responses to each prompt, for all prompts: each
     process answers its share of them and the shares are gathered. Every answer is sampled from its own seed

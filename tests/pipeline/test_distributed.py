@@ -37,48 +37,6 @@ class _Log:
         self.lines.append(message % args if args else message)
 
 
-def test_sft_in_two_processes_trains_twice_the_tokens_per_step_and_publishes_once(tmp_path):
-    store = LocalStore(tmp_path / "store")
-    overrides = [*TINY, f"run.store={store.uri}", "run.device=cpu", "sft.max_steps=20", "sft.logging_steps=5"]
-    single = load_config(None, overrides)
-    distributed = load_config(None, [*overrides, "deploy.stages.sft.processes=2"])
-    run_stage("prepare", single, store)
-    store.write_bytes("runs/ddp/config.yaml", dump_config(distributed).encode())
-    log = _Log()
-    ProcessLauncher().launch("sft", store.uri_of("runs/ddp/config.yaml"), log)
-
-    # two ranks trained, each on its share of the machine's cores
-    cores = len(os.sched_getaffinity(0))
-    threads = max(1, cores // 2)
-    assert sum(f"INFO running on cpu, compute threads: {threads}" in line for line in log.lines) == 2
-    assert sum("rlhf.stage INFO sft: done" in line for line in log.lines) == 1  # one published
-    ddp = read_manifest(store, plan_stage(store, distributed, "sft").prefix)
-    one = run_stage("sft", single, store)[0]
-    assert ddp.cache_key != one.cache_key
-    assert ddp.metrics["processes"] == 2 and "processes" not in one.metrics
-    assert ddp.metrics["steps"] == one.metrics["steps"] == 20
-    assert ddp.metrics["train_tokens"] == pytest.approx(2 * one.metrics["train_tokens"], rel=0.1)
-    assert ddp.metrics["last_loss"] < ddp.metrics["first_loss"]
-    assert ddp.metrics["eval_loss"] < one.metrics["eval_loss"] + 0.5
-
-    # Killed after its first checkpoint, which holds what each process wrote (the model and optimizer from the
-    # main one, every one's RNG state), the two processes resume and end with the uninterrupted run's bytes.
-    resumed = LocalStore(tmp_path / "resumed")
-    shutil.copytree(store.root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
-    checkpointed = [*overrides, "deploy.stages.sft.processes=2", f"run.store={resumed.uri}", "run.checkpoint_every=10"]
-    config = load_config(None, checkpointed)
-    config_path = tmp_path / "resumed.yaml"
-    config_path.write_text(dump_config(config))
-    killed_at = kill_after_first_checkpoint("sft", config_path, resumed.root / "checkpoints" / "sft")
-    key = plan_stage(resumed, config, "sft").key
-    checkpoint = read_manifest(resumed, f"checkpoints/sft/{key}/step-{killed_at:08d}")
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {entry.path.rpartition("/")[2] for entry in checkpoint.files}
-    ProcessLauncher().launch("sft", str(config_path), _Log())
-    again = read_manifest(resumed, plan_stage(resumed, config, "sft").prefix)
-    assert again.resumed_from == killed_at == 10
-    assert again.digest == ddp.digest
-
-
 def launch(stage: str, config: PipelineConfig, store: LocalStore) -> tuple[Manifest, _Log]:
     """The stage as the pipeline launches it, from the config stored in `store`. On several nodes the launcher
     starts the first node's torchrun and `rlhf node` each other node's (as the other pods of the stage's
@@ -147,38 +105,55 @@ def assert_trained_alike(
         torch.testing.assert_close(tensor, weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_sft_sharded_over_two_processes_trains_as_ddp_holds_half_and_resumes_exactly(tmp_path):
-    """`sft.distributed.strategy: fsdp`: transformers shards the model as it loads and the Trainer trains the
-    shards; the published model is one whole `save_pretrained` model. Killed after its first checkpoint (each
-    process's shards of the weights and optimizer state), the two processes resume to the same bytes."""
-    overrides = [*TINY, "run.device=cpu", "sft.max_steps=8", "sft.logging_steps=1", "deploy.stages.sft.processes=2"]
-    stores, runs = [], []
+def kill_and_resume(stage: str, config: PipelineConfig, store: LocalStore, path: Path) -> tuple[Manifest, Manifest]:
+    """The stage of `config` killed after its first checkpoint and run again: that checkpoint and the artifact."""
+    path.write_text(dump_config(config))
+    key = plan_stage(store, config, stage).key
+    killed_at = kill_after_first_checkpoint(stage, path, store.root / "checkpoints" / stage)
+    checkpoint = read_manifest(store, f"checkpoints/{stage}/{key}/step-{killed_at:08d}")
+    ProcessLauncher().launch(stage, str(path), _Log())
+    return checkpoint, read_manifest(store, plan_stage(store, config, stage).prefix)
+
+
+def test_sft_on_two_processes_trains_under_ddp_and_fsdp_alike_and_both_resume_exactly(tmp_path):
+    """DDP: each process, on its share of the cores, trains a batch of its own (twice one process's tokens
+    per step, so another cache key) and the main one publishes. FSDP (`sft.distributed.strategy: fsdp`):
+    transformers shards the model as it loads and the Trainer trains the shards, as DDP trains. Killed after
+    its first checkpoint, each resumes to the uninterrupted run's bytes: under DDP the checkpoint holds every
+    process's RNG state beside the main one's model and optimizer, under FSDP each process's shards."""
+    overrides = [*TINY, "run.device=cpu", "sft.max_steps=8", "sft.logging_steps=1"]
+    prepared = LocalStore(tmp_path / "prepared")
+    one = load_config(None, [*overrides, f"run.store={prepared.uri}"])
+    run_stage("prepare", one, prepared)
+    single = run_stage("sft", one, prepared)[0]
+    stores, configs, runs = [], [], []
     for strategy in ("fsdp", "ddp"):
         store = LocalStore(tmp_path / strategy)
-        config = load_config(None, [*overrides, f"run.store={store.uri}", f"sft.distributed.strategy={strategy}"])
-        if not stores:
-            run_stage("prepare", config, store)
-        else:
-            shutil.copytree(stores[0].root / "artifacts" / "prepare", store.root / "artifacts" / "prepare")
+        shutil.copytree(prepared.root / "artifacts" / "prepare", store.root / "artifacts" / "prepare")
+        layout = ["deploy.stages.sft.processes=2", f"sft.distributed.strategy={strategy}", "run.checkpoint_every=4"]
+        configs.append(load_config(None, [*overrides, *layout, f"run.store={store.uri}"]))
         stores.append(store)
-        runs.append(launch("sft", config, store)[0])
+        manifest, log = launch("sft", configs[-1], store)
+        runs.append(manifest)
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert sum(f"INFO running on cpu, compute threads: {threads}" in line for line in log.lines) == 2
+    ddp = runs[1]
+    assert ddp.cache_key != single.cache_key and "processes" not in single.metrics
+    assert ddp.metrics["steps"] == single.metrics["steps"] == 8
+    assert ddp.metrics["train_tokens"] == pytest.approx(2 * single.metrics["train_tokens"], rel=0.1)
+    assert ddp.metrics["last_loss"] < ddp.metrics["first_loss"]
+    assert ddp.metrics["eval_loss"] < single.metrics["eval_loss"] + 0.5
     assert_trained_alike(*runs, "sft", tuple(stores))
 
-    resumed = LocalStore(tmp_path / "resumed")
-    shutil.copytree(stores[0].root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
-    sharded = [*overrides, "sft.distributed.strategy=fsdp", f"run.store={resumed.uri}", "run.checkpoint_every=4"]
-    config = load_config(None, sharded)
-    config_path = tmp_path / "resumed.yaml"
-    config_path.write_text(dump_config(config))
-    killed_at = kill_after_first_checkpoint("sft", config_path, resumed.root / "checkpoints" / "sft")
-    checkpoint = read_manifest(
-        resumed, f"checkpoints/sft/{plan_stage(resumed, config, 'sft').key}/step-{killed_at:08d}"
-    )
-    assert {"__0_0.distcp", "__1_0.distcp"} <= {entry.path.rpartition("/")[2] for entry in checkpoint.files}
-    ProcessLauncher().launch("sft", str(config_path), _Log())
-    again = read_manifest(resumed, plan_stage(resumed, config, "sft").prefix)
-    assert again.resumed_from == killed_at == 4
-    assert again.digest == runs[0].digest
+    written = {"fsdp": {"__0_0.distcp", "__1_0.distcp"}, "ddp": {"rng_state_0.pth", "rng_state_1.pth"}}
+    for (strategy, files), config, uninterrupted in zip(written.items(), configs, runs, strict=True):
+        resumed = LocalStore(tmp_path / f"resumed-{strategy}")
+        shutil.copytree(prepared.root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
+        config = config.model_copy(update={"run": config.run.model_copy(update={"store": resumed.uri})})
+        checkpoint, again = kill_and_resume("sft", config, resumed, tmp_path / f"{strategy}.yaml")
+        assert files <= {entry.path.rpartition("/")[2] for entry in checkpoint.files}, strategy
+        assert again.resumed_from == checkpoint.step == 4
+        assert again.digest == uninterrupted.digest, strategy
 
 
 def test_multi_aspect_reward_model_in_two_processes_learns_and_publishes_one_folded_head(tmp_path):
@@ -372,30 +347,33 @@ def test_reward_model_sharded_over_two_processes_trains_as_ddp(upstream, tmp_pat
     assert runs[0].metrics["eval_accuracy"] == runs[1].metrics["eval_accuracy"]
 
 
-def test_dpo_sharded_over_two_processes_trains_as_ddp_with_its_reference_sharded_or_whole(upstream, tmp_path):
-    """`rl.distributed.strategy: fsdp` for DPO: the policy sharded, the frozen reference sharded too or whole
-    in each process (`frozen: replicate`, TRL's own reference); all three train the DDP model."""
+def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
+    """`rl.distributed.strategy: fsdp` for DPO: the policy and the frozen reference sharded (`frozen: shard`;
+    with `replicate`, TRL's own reference is whole in each process, as GRPO's below); DDP's model."""
     store, overrides = upstream
-    dpo = [*overrides, "rl.algorithm=dpo", "rl.dpo.max_steps=6", "rl.dpo.logging_steps=1"]
-    layouts = {"fsdp": ["rl.distributed.strategy=fsdp"], "ddp": [], "replicate": ["rl.distributed.frozen=replicate"]}
-    layouts["replicate"] += layouts["fsdp"]
+    dpo = [
+        *overrides,
+        "rl.algorithm=dpo",
+        "rl.dpo.max_steps=6",
+        "rl.dpo.logging_steps=1",
+        "deploy.stages.rl.processes=2",
+    ]
     stores, runs = [], []
-    for name, layout in layouts.items():
-        apart = copy_upstream(store, tmp_path / name)
-        config = load_config(None, [*dpo, *layout, "deploy.stages.rl.processes=2", f"run.store={apart.uri}"])
+    for strategy in ("fsdp", "ddp"):
+        apart = copy_upstream(store, tmp_path / strategy)
+        config = load_config(None, [*dpo, f"rl.distributed.strategy={strategy}", f"run.store={apart.uri}"])
         stores.append(apart)
         runs.append(launch("rl", config, apart)[0])
-    for index in (0, 2):
-        assert_trained_alike(runs[index], runs[1], "rl", (stores[index], stores[1]))
-        assert runs[index].metrics["eval_reward_accuracy"] == pytest.approx(runs[1].metrics["eval_reward_accuracy"])
+    assert_trained_alike(*runs, "rl", tuple(stores))
+    assert runs[0].metrics["eval_reward_accuracy"] == pytest.approx(runs[1].metrics["eval_reward_accuracy"])
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_group_methods_sharded_over_two_processes_sample_and_train_as_ddp(upstream, tmp_path, method):
-    """TRL's GRPO and RLOO with the policy sharded (generation gathers each layer's weights, every process
-    joining each forward pass until all are done): the same sampled answers' rewards and the same model as DDP;
-    TRL's reference is whole in each process."""
+def test_grpo_sharded_over_two_processes_samples_and_trains_as_ddp(upstream, tmp_path):
+    """TRL's GRPO with the policy sharded (generation gathers each layer's weights, every process joining each
+    forward pass until all are done): the same sampled answers' rewards and the same model as DDP; TRL's
+    reference is whole in each process. RLOO is the same stage code (`rlhf.grpo_rloo`) on TRL's RLOOTrainer."""
     store, overrides = upstream
+    method = "grpo"
     group = [*overrides, f"rl.algorithm={method}", f"rl.{method}.max_steps=3", f"rl.{method}.logging_steps=1"]
     group += [f"rl.{method}.batch_size=8", f"rl.{method}.num_generations=4", "deploy.stages.rl.processes=2"]
     stores, runs = [], []
@@ -526,12 +504,8 @@ def test_ppo_with_lora_sharded_over_two_processes_trains_as_one_and_resumes_exac
 
     resumed = copy_upstream(store, tmp_path / "resumed")
     config = load_config(None, [*sharded, "deploy.stages.rl.processes=2", f"run.store={resumed.uri}"])
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(dump_config(config))
-    assert kill_after_first_checkpoint("rl", config_path, resumed.root / "checkpoints" / "rl") == 2
-    ProcessLauncher().launch("rl", str(config_path), _Log())
-    again = read_manifest(resumed, plan_stage(resumed, config, "rl").prefix)
-    assert again.resumed_from == 2 and again.digest == two.digest
+    checkpoint, again = kill_and_resume("rl", config, resumed, tmp_path / "config.yaml")
+    assert again.resumed_from == checkpoint.step == 2 and again.digest == two.digest
 
 
 def test_ppo_on_two_nodes_of_two_processes_trains_as_one_process(upstream, tmp_path, loopback_nodes):
