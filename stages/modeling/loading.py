@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.distributed import DistributedConfig
+from transformers import distributed as transformers_distributed
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
@@ -200,7 +200,7 @@ def place(
     kwargs = {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
     kwargs["attn_implementation"] = "sdpa"
     if shards > 1:
-        kwargs["distributed_config"] = DistributedConfig(fsdp_size=shards)
+        kwargs["distributed_config"] = transformers_distributed.DistributedConfig(fsdp_size=shards)
     if _WEIGHTS_UNREAD.get():
         with torch.device("meta"):
             return model_class.from_config(AutoConfig.from_pretrained(source, **config_overrides), **kwargs)

@@ -104,9 +104,8 @@ def best_of_n(
     starts = range(mine.start, mine.stop, per_batch)
     if shards > 1:  # a share one batch short still joins the others' last batch, with one answer left unused
         batches = int(processes.max({"batches": len(starts)})["batches"])
-        filler = [seeds[0]] * max(0, batches - len(starts))
-        for seed in filler:
-            sample(policy, tokenizer, prompts[:1], config.generation, [seed], max_length)
+        for _ in range(batches - len(starts)):
+            sample(policy, tokenizer, prompts[:1], config.generation, seeds[:1], max_length)
     kept, mean_scores = [], []
     for start in starts:
         chunk = prompts[start : min(start + per_batch, mine.stop)]
