@@ -544,8 +544,6 @@ class PipelineConfig(Section):
                 trained = getattr(self.rl, method)
                 sharded[f"rl.{method}"] = getattr(trained, "training", trained)  # rejection sampling's fine-tuning
             sharded.pop("rl.ppo", None)  # shards in its own loop, LoRA included
-        if "reward" in sharded and self.reward.kind == "multi_aspect":
-            raise ValueError("reward.distributed.strategy: fsdp is written for pairwise reward models; use ddp")
         for name, config in sharded.items():
             field = f"{name.partition('.')[0]}.distributed.strategy"
             if config.lora is not None:

@@ -4,6 +4,8 @@ trained on the raters' mean scores (standardized per aspect), then folded into o
 The heads are linear, so the weighted sum is itself one linear head: the artifact is an ordinary one-score
 reward model that PPO, rejection sampling, GRPO/RLOO and evaluation use unchanged; the per-aspect model is
 kept beside it in `per_aspect/`. With LoRA the adapter is always merged, since folding changes the head.
+With `reward.distributed.strategy: fsdp` the model is sharded as it loads (`modeling.trainer`); the per-aspect
+model is gathered as it is saved, and the main process folds that saved model's heads.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
 from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
 from rlhf_pipeline.stages.modeling.lora import with_adapter
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
-from rlhf_pipeline.stages.modeling.trainer import train_with_resume, training_arguments, training_summary
+from rlhf_pipeline.stages.modeling.trainer import (
+    ResumesShardedModels,
+    model_shards,
+    train_with_resume,
+    training_arguments,
+    training_summary,
+)
 from rlhf_pipeline.stages.rlhf.scoring import pairwise_accuracy
 
 
@@ -54,6 +63,10 @@ def fold_heads(model, weights: list[float]) -> None:
     model.config.num_labels = 1
 
 
+class MultiAspectTrainer(ResumesShardedModels, Trainer):
+    """The HF Trainer, able to resume a model sharded as it loaded."""
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.reward
     aspects = list(config.aspects)
@@ -65,14 +78,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise InputError(f"reward.aspects: {missing} not rated in data.rated (its aspects: {rated})")
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir, padding_side="right")  # DataCollatorWithPadding pads on that side
-    model = load_scorer(sft_dir, ctx.device, tokenizer.pad_token_id, train=config.lora is None, num_labels=len(aspects))
+    shards = model_shards(ctx, config.distributed)
+    heads = len(aspects)
+    model = load_scorer(
+        sft_dir, ctx.device, tokenizer.pad_token_id, train=config.lora is None, num_labels=heads, shards=shards
+    )
     model.config.problem_type = "regression"
     if config.lora is not None:
         model = with_adapter(model, config.lora, "SEQ_CLS")
-    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer")
+    arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)
     max_length = arguments.pop("max_length")
     stats = standardization(train_rows, aspects)
-    trainer = Trainer(
+    trainer = MultiAspectTrainer(
         model=model,
         args=TrainingArguments(**arguments),
         train_dataset=encode(tokenizer, train_rows, aspects, stats, max_length),
@@ -86,13 +103,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
         aspect: round(float(np.corrcoef(prediction.predictions[:, i], prediction.label_ids[:, i])[0, 1]), 4)
         for i, aspect in enumerate(aspects)
     }
+    summary = training_summary(trainer)  # of the model trained, before its heads are folded
     if config.lora is not None:
         model = model.merge_and_unload()
-    model.save_pretrained(ctx.out_dir / "per_aspect")
+    model.save_pretrained(ctx.out_dir / "per_aspect")  # every process: a sharded model is gathered
+    if shards > 1:
+        if not stage_processes().main:
+            return summary  # the main process publishes, from the whole model it saved
+        model = load_scorer(str(ctx.out_dir / "per_aspect"), ctx.device, tokenizer.pad_token_id, num_labels=heads)
     fold_heads(model, [config.aspects[a] for a in aspects])
     model.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)
-    return training_summary(trainer) | {
+    return summary | {
         "kind": "multi_aspect",
         "aspect_weights": config.aspects,
         "aspect_mean_std": {a: [round(m, 4), round(sd, 4)] for a, (m, sd) in stats.items()},

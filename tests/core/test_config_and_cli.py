@@ -253,8 +253,8 @@ def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
     assert load_config(None, ["sft.distributed.strategy=fsdp"]).sft.distributed.strategy == "fsdp"
     with pytest.raises(InputError, match=r"sft.distributed.strategy: fsdp shards full fine-tuning"):
         load_config(None, ["sft.distributed.strategy=fsdp", "sft.lora.r=8"])
-    with pytest.raises(InputError, match=r"reward.distributed.strategy: fsdp is written for pairwise reward models"):
-        load_config(None, ["reward.distributed.strategy=fsdp", "reward.kind=multi_aspect", "data.rated=builtin:demo"])
+    multi_aspect = ["reward.distributed.strategy=fsdp", "reward.kind=multi_aspect", "data.rated=builtin:demo"]
+    assert load_config(None, multi_aspect).reward.distributed.strategy == "fsdp"
     with pytest.raises(InputError, match=r"not one assembled from the LoRA adapter sft keeps"):
         load_config(None, ["reward.distributed.strategy=fsdp", "sft.lora.r=8", "sft.lora.merge=false"])
     sharded_dpo = ["rl.algorithm=dpo", "rl.distributed.strategy=fsdp"]

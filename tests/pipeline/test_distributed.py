@@ -156,11 +156,13 @@ def test_sft_on_two_processes_trains_under_ddp_and_fsdp_alike_and_both_resume_ex
         assert again.digest == uninterrupted.digest, strategy
 
 
-def test_multi_aspect_reward_model_in_two_processes_learns_and_publishes_one_folded_head(tmp_path):
-    """HF's Trainer on two processes: the held-out predictions are gathered from both, each rated item once, and
-    the main process publishes the reward model with its heads folded into one, the per-aspect model beside it."""
+def test_multi_aspect_reward_model_sharded_over_two_processes_learns_and_publishes_one_folded_head(tmp_path):
+    """HF's Trainer on two processes, the model sharded (`reward.distributed.strategy: fsdp`; each process holds
+    half of it): the held-out predictions are gathered from both, each rated item once, and the main process
+    publishes the reward model with its heads folded into one, the per-aspect model gathered beside it."""
     store = LocalStore(tmp_path / "store")
     rated = ["reward.kind=multi_aspect", "data.rated=builtin:demo", "data.demo.rated_rows=400"]
+    rated.append("reward.distributed.strategy=fsdp")
     overrides = [*TINY, *rated, "prepare.min_agreement=0.3", "reward.max_steps=100", "reward.learning_rate=1e-3"]
     config = load_config(None, [*overrides, f"run.store={store.uri}", "run.device=cpu"])
     for stage in ("prepare", "sft"):
@@ -174,10 +176,12 @@ def test_multi_aspect_reward_model_in_two_processes_learns_and_publishes_one_fol
     assert two.metrics["aspect_correlation"]["helpfulness"] > 0.5  # as on one process (test_pipeline_e2e)
     assert two.metrics["eval_accuracy"] > 0.7  # the folded reward ranks held-out preference pairs
     prefix = artifact_prefix("reward", two.cache_key)
-    heads = [
-        load_weights(read_verified(store, prefix, f"{folder}model.safetensors"))["score.weight"]
-        for folder in ("", "per_aspect/")
+    models = [
+        load_weights(read_verified(store, prefix, f"{folder}model.safetensors")) for folder in ("", "per_aspect/")
     ]
+    whole = sum(tensor.nbytes for tensor in models[1].values())
+    assert two.metrics["parameter_bytes"] == pytest.approx(whole / 2, rel=0.15)
+    heads = [model["score.weight"] for model in models]
     assert heads[0].shape[0] == 1 and heads[1].shape[0] == 2
     weights = torch.tensor(list(config.reward.aspects.values()))
     torch.testing.assert_close(heads[0][0], weights @ heads[1])
