@@ -298,6 +298,26 @@ def copy_upstream(store: LocalStore, into: Path) -> LocalStore:
     return copy
 
 
+# GRPO's and RLOO's reference and rejection sampling's reward model are whole in every process.
+SHARDED_RL_REPLICATED = ("rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate")
+
+
+def sharded_and_ddp(
+    stage: str, store: LocalStore, overrides: list[str], tmp_path: Path, sharded: tuple[str, ...]
+) -> tuple[tuple[LocalStore, LocalStore], tuple[Manifest, Manifest]]:
+    """The stage of `overrides` on two processes, sharded (`sharded`: its settings) and under DDP, each in a copy
+    of `store`'s artifacts upstream of it: the two stores and the two artifacts."""
+    stores, runs = [], []
+    for name, layout in (("fsdp", sharded), ("ddp", ())):
+        apart = LocalStore(tmp_path / name)
+        shutil.copytree(store.root, apart.root, ignore=shutil.ignore_patterns(stage, "rl", "checkpoints", "runs"))
+        processes = f"deploy.stages.{stage}.processes=2"
+        config = load_config(None, [*overrides, *layout, processes, f"run.store={apart.uri}"])
+        stores.append(apart)
+        runs.append(launch(stage, config, apart)[0])
+    return (stores[0], stores[1]), (runs[0], runs[1])
+
+
 def rl_on_two_processes(
     store: LocalStore, overrides: list[str], tmp_path: Path, layout: tuple[str, ...] = ("deploy.stages.rl.processes=2",)
 ) -> tuple[Manifest, Manifest, _Log, LocalStore]:
@@ -316,7 +336,7 @@ def jsonl(store: LocalStore, manifest: Manifest, path: str) -> list[dict]:
 
 def rl_weights(runs: list[tuple[LocalStore, Manifest]], path: str = "model.safetensors") -> list[dict]:
     """The tensors each rl run (a store and its artifact) published in `path`."""
-    return [load_weights(read_verified(where, artifact_prefix("rl", m.cache_key), path)) for where, m in runs]
+    return [published_weights(where, "rl", manifest, path) for where, manifest in runs]
 
 
 def assert_ppo_runs_agree(runs: list[tuple[LocalStore, Manifest]]) -> list[list[dict]]:
@@ -337,17 +357,9 @@ def test_reward_model_sharded_over_two_processes_trains_as_ddp(upstream, tmp_pat
     """`reward.distributed.strategy: fsdp` for the pairwise reward model (a sequence-classification model: its
     head is sharded with the rest), trained as under DDP; its held-out accuracy is scored on the shards."""
     store, overrides = upstream
-    stores, runs = [], []
-    for strategy in ("fsdp", "ddp"):
-        apart = LocalStore(tmp_path / strategy)
-        shutil.copytree(store.root, apart.root, ignore=shutil.ignore_patterns("reward", "rl", "checkpoints", "runs"))
-        layout = ["deploy.stages.reward.processes=2", f"reward.distributed.strategy={strategy}"]
-        config = load_config(
-            None, [*overrides, *layout, "reward.max_steps=6", "reward.logging_steps=1", f"run.store={apart.uri}"]
-        )
-        stores.append(apart)
-        runs.append(launch("reward", config, apart)[0])
-    assert_trained_alike(*runs, "reward", tuple(stores))
+    short = [*overrides, "reward.max_steps=6", "reward.logging_steps=1"]
+    stores, runs = sharded_and_ddp("reward", store, short, tmp_path, ("reward.distributed.strategy=fsdp",))
+    assert_trained_alike(*runs, "reward", stores)
     assert runs[0].metrics["eval_accuracy"] == runs[1].metrics["eval_accuracy"]
 
 
@@ -355,20 +367,9 @@ def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
     """`rl.distributed.strategy: fsdp` for DPO: the policy and the frozen reference sharded (`frozen: shard`;
     with `replicate`, TRL's own reference is whole in each process, as GRPO's below); DDP's model."""
     store, overrides = upstream
-    dpo = [
-        *overrides,
-        "rl.algorithm=dpo",
-        "rl.dpo.max_steps=6",
-        "rl.dpo.logging_steps=1",
-        "deploy.stages.rl.processes=2",
-    ]
-    stores, runs = [], []
-    for strategy in ("fsdp", "ddp"):
-        apart = copy_upstream(store, tmp_path / strategy)
-        config = load_config(None, [*dpo, f"rl.distributed.strategy={strategy}", f"run.store={apart.uri}"])
-        stores.append(apart)
-        runs.append(launch("rl", config, apart)[0])
-    assert_trained_alike(*runs, "rl", tuple(stores))
+    dpo = [*overrides, "rl.algorithm=dpo", "rl.dpo.max_steps=6", "rl.dpo.logging_steps=1"]
+    stores, runs = sharded_and_ddp("rl", store, dpo, tmp_path, ("rl.distributed.strategy=fsdp",))
+    assert_trained_alike(*runs, "rl", stores)
     assert runs[0].metrics["eval_reward_accuracy"] == pytest.approx(runs[1].metrics["eval_reward_accuracy"])
 
 
@@ -377,18 +378,10 @@ def test_grpo_sharded_over_two_processes_samples_and_trains_as_ddp(upstream, tmp
     forward pass until all are done): the same sampled answers' rewards and the same model as DDP; TRL's
     reference is whole in each process. RLOO is the same stage code (`rlhf.grpo_rloo`) on TRL's RLOOTrainer."""
     store, overrides = upstream
-    method = "grpo"
-    group = [*overrides, f"rl.algorithm={method}", f"rl.{method}.max_steps=3", f"rl.{method}.logging_steps=1"]
-    group += [f"rl.{method}.batch_size=8", f"rl.{method}.num_generations=4", "deploy.stages.rl.processes=2"]
-    stores, runs = [], []
-    for name, layout in {
-        "fsdp": ["rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate"],
-        "ddp": [],
-    }.items():
-        apart = copy_upstream(store, tmp_path / name)
-        stores.append(apart)
-        runs.append(launch("rl", load_config(None, [*group, *layout, f"run.store={apart.uri}"]), apart)[0])
-    assert_trained_alike(*runs, "rl", tuple(stores), compared=("first_reward", "last_reward"))
+    grpo = [*overrides, "rl.algorithm=grpo", "rl.grpo.max_steps=3", "rl.grpo.logging_steps=1"]
+    grpo += ["rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
+    stores, runs = sharded_and_ddp("rl", store, grpo, tmp_path, SHARDED_RL_REPLICATED)
+    assert_trained_alike(*runs, "rl", stores, compared=("first_reward", "last_reward"))
 
 
 def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream, tmp_path):
@@ -431,12 +424,8 @@ def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(u
     (against DDP, not one process: 33 kept answers leave a short last batch, which accelerate evens out)."""
     store, overrides = upstream
     rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33"]
-    rounds.append("deploy.stages.rl.processes=2")
-    layouts = {"fsdp": ["rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate"], "ddp": []}
-    runs = []
-    for name, layout in layouts.items():
-        apart = copy_upstream(store, tmp_path / name)
-        runs.append((apart, launch("rl", load_config(None, [*rounds, *layout, f"run.store={apart.uri}"]), apart)[0]))
+    stores, manifests = sharded_and_ddp("rl", store, rounds, tmp_path, SHARDED_RL_REPLICATED)
+    runs = list(zip(stores, manifests, strict=True))
     histories = [jsonl(where, manifest, "rounds.jsonl") for where, manifest in runs]
     assert len(histories[0]) == len(histories[1]) == 2
     for sharded, ddp in zip(*histories, strict=True):
