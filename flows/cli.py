@@ -20,7 +20,13 @@ from pathlib import Path
 
 from rlhf_pipeline.stages.core.config import DataConfig, PipelineConfig, RunConfig
 from rlhf_pipeline.stages.core.config_loading import apply_overrides, load_config, read_config
-from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, DamagedArtifact, InputError
+from rlhf_pipeline.stages.core.errors import (
+    ERROR_PREFIX,
+    EXIT_DAMAGED_ARTIFACT,
+    EXIT_INPUT_ERROR,
+    DamagedArtifact,
+    InputError,
+)
 from rlhf_pipeline.stages.core.progress import stop_with_launcher
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import ArtifactStore
@@ -36,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except DamagedArtifact as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_DAMAGED_ARTIFACT
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"error: no space left on the device{where}: {DISK_FULL_ADVICE}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}no space left on the device{where}: {DISK_FULL_ADVICE}", file=sys.stderr)
         return 1
 
 

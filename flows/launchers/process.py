@@ -1,10 +1,12 @@
 """Stages in local OS processes: a fresh `rlhf stage` (under `torchrun` for several processes), or a child forked
-from a warm interpreter that has imported the training stack once."""
+from a warm interpreter that has imported the training stack once (for several processes: torchrun run in that
+child, forking its ranks from it)."""
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import io
 import logging
 import multiprocessing
@@ -26,11 +28,12 @@ from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import read_config
 from rlhf_pipeline.stages.core.cpus import CPUS_ENV
-from rlhf_pipeline.stages.core.errors import EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, InputError
+from rlhf_pipeline.stages.core.errors import ERROR_PREFIX, EXIT_DAMAGED_ARTIFACT, EXIT_INPUT_ERROR, InputError
 from rlhf_pipeline.stages.core.progress import LAUNCHER_PID
 from rlhf_pipeline.stages.core.registry import ALGORITHM_MODULES, STAGE_MODULES, STAGE_NAMES
 
 CLI = "rlhf_pipeline.flows.cli"
+TORCHRUN = "rlhf_pipeline.stages.modeling.torchrun"  # torchrun, passing on a failed process's exit code
 # Where the nodes of a stage on several nodes meet: host:port of the first node (the Kubernetes job template sets
 # it to the first pod's name under the headless Service `rlhf-stages`).
 NODE0_ADDRESS = "RLHF_NODE0_ADDRESS"
@@ -39,6 +42,7 @@ DEFAULT_NODE0_ADDRESS = "127.0.0.1:29500"
 # (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
 PRELOADED_MODULES = [
     CLI,
+    TORCHRUN,
     *STAGE_MODULES,
     *ALGORITHM_MODULES,
     "peft",
@@ -60,35 +64,41 @@ def stage_arguments(stage: str, config_uri: str) -> list[str]:
     return ["stage", stage, "--config", config_uri]
 
 
-def stage_command(stage: str, config: PipelineConfig, config_uri: str, node_rank: int = 0) -> list[str]:
-    """`rlhf stage NAME --config URI`; under `torchrun` (one process per GPU, NCCL; gloo on CPU) where the config
-    gives the stage several processes. On several nodes this is node `node_rank`'s torchrun: the nodes meet at
-    the first one (NODE0_ADDRESS), whose processes take the first ranks, rank 0 (the one that reports and
-    publishes) among them. torchrun's static rendezvous keeps that order; its c10d rendezvous would number the
-    nodes by host name."""
-    arguments = stage_arguments(stage, config_uri)
+def torchrun_arguments(stage: str, config: PipelineConfig, node_rank: int = 0) -> list[str] | None:
+    """torchrun's options for the stage's processes (one per GPU, NCCL; gloo on CPU), None for one process. On
+    several nodes these are node `node_rank`'s: the nodes meet at the first one (NODE0_ADDRESS), whose processes
+    take the first ranks, rank 0 (the one that reports and publishes) among them. torchrun's static rendezvous
+    keeps that order; its c10d rendezvous would number the nodes by host name."""
     per_node, nodes = config.deploy.processes_per_node(stage), config.deploy.resources(stage).nodes
     if per_node * nodes == 1:
-        return [*rlhf_command(), *arguments]
+        return None
     torchrun = ["--nproc-per-node", str(per_node)]
     if nodes == 1:
-        torchrun.append("--standalone")
-    else:
-        host, _, port = os.environ.get(NODE0_ADDRESS, DEFAULT_NODE0_ADDRESS).rpartition(":")
-        torchrun += ["--nnodes", str(nodes), "--node-rank", str(node_rank)]
-        torchrun += ["--master-addr", host, "--master-port", port]
-    return [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", CLI, *arguments]
+        return [*torchrun, "--standalone"]
+    host, _, port = os.environ.get(NODE0_ADDRESS, DEFAULT_NODE0_ADDRESS).rpartition(":")
+    torchrun += ["--nnodes", str(nodes), "--node-rank", str(node_rank)]
+    return [*torchrun, "--master-addr", host, "--master-port", port]
 
 
-def run_node(stage: str, config_uri: str, node_rank: int) -> int:
-    """One node's processes of a stage on several nodes (`rlhf node`: a Kubernetes pod after the first, or a
-    machine of your own), their output straight through; their exit code."""
-    config = read_config(config_uri)
-    nodes = config.deploy.resources(stage).nodes
-    if not 0 <= node_rank < nodes:
-        raise InputError(f"--node-rank {node_rank}: deploy.stages.{stage}.nodes is {nodes} (ranks 0 to {nodes - 1})")
-    command = stage_command(stage, config, config_uri, node_rank)
-    return subprocess.run(command, env=stage_environment(stage, config), check=False).returncode
+def stage_command(stage: str, config: PipelineConfig, config_uri: str, node_rank: int = 0) -> list[str]:
+    """`rlhf stage NAME --config URI`, under `torchrun` where the config gives the stage several processes."""
+    arguments = stage_arguments(stage, config_uri)
+    torchrun = torchrun_arguments(stage, config, node_rank)
+    if torchrun is None:
+        return [*rlhf_command(), *arguments]
+    return [sys.executable, "-m", TORCHRUN, *torchrun, "-m", CLI, *arguments]
+
+
+def forked_program(stage: str, config: PipelineConfig, config_uri: str, node_rank: int = 0) -> tuple[str, list[str]]:
+    """What a forked stage runs, as the module whose `main` takes these arguments: the CLI's `rlhf stage ...`,
+    or for several processes torchrun itself (stage_command's), starting its ranks by forking (each a copy of
+    the warm child) and running the CLI in each (`--run-path`: its file in the same interpreter)."""
+    arguments = stage_arguments(stage, config_uri)
+    torchrun = torchrun_arguments(stage, config, node_rank)
+    if torchrun is None:
+        return CLI, arguments
+    cli_file = importlib.util.find_spec(CLI).origin  # type: ignore[union-attr]  # CLI is installed
+    return TORCHRUN, [*torchrun, "--start-method", "fork", "--run-path", str(cli_file), *arguments]
 
 
 def stage_environment(stage: str, config: PipelineConfig) -> dict[str, str]:
@@ -110,9 +120,9 @@ def gpu_visible() -> bool:
 
 
 def forks_stage(stage: str, config: PipelineConfig) -> bool:
-    """Fork from the warm interpreter only where that is safe and worth it: one process on a Linux CPU. CUDA
-    must be initialised in a fresh process, and on a GPU the import is a small part of a stage."""
-    if config.run.stage_start != "fork" or sys.platform != "linux" or config.deploy.world_size(stage) > 1:
+    """Fork from the warm interpreter only where that is safe and worth it: on a Linux CPU. CUDA must be
+    initialised in a fresh process, and on a GPU the import is a small part of a stage."""
+    if config.run.stage_start != "fork" or sys.platform != "linux":
         return False
     return config.run.device == "cpu" or (config.run.device == "auto" and not gpu_visible())
 
@@ -126,35 +136,37 @@ def warm_interpreter() -> multiprocessing.context.ForkServerContext:
     return context
 
 
-def run_forked(arguments: list[str], env: dict[str, str], output: Connection) -> None:
-    """`rlhf ARGUMENTS` in a process forked from the launcher's warm interpreter, as the console script would run
-    it: the CLI's `main` (looked up by name: the CLI imports this module), its exit status the process's;
-    output into the launcher's pipe, line-buffered; the launcher's environment; `rlhf stage ...` as the command
-    line `ps` shows; exit handlers run at exit (a forked child leaves with os._exit)."""
+def run_forked(module: str, arguments: list[str], env: dict[str, str], output: Connection) -> None:
+    """`python -m MODULE ARGUMENTS` in a process forked from the launcher's warm interpreter: the module's `main`
+    (looked up by name: the CLI imports this module, and flows never imports torch), its exit status the
+    process's; output into the launcher's pipe, line-buffered; the launcher's environment; the command line
+    `ps` would show (`rlhf stage ...`, `torchrun ...`); exit handlers run at exit (a forked child leaves with
+    os._exit)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.dup2(output.fileno(), sys.stdout.fileno())
     os.dup2(output.fileno(), sys.stderr.fileno())
     output.close()
     cast(io.TextIOWrapper, sys.stdout).reconfigure(line_buffering=True)
-    setproctitle(" ".join(["rlhf", *arguments]))  # before the environment changes: it needs the original block
+    program = "rlhf" if module == CLI else "torchrun"
+    setproctitle(" ".join([program, *arguments]))  # before the environment changes: it needs the original block
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = ["rlhf", *arguments]
+    sys.argv = [program, *arguments]
     try:
-        sys.exit(importlib.import_module(CLI).main(arguments))
+        sys.exit(importlib.import_module(module).main(arguments))
     finally:
         atexit._run_exitfuncs()
 
 
 class ForkedStage:
-    """`rlhf stage ...` as a child of the warm interpreter, with what the launcher uses of a Popen: `pid`, its
-    output as `stdout`, `wait()` with the same exit codes (negative: killed by that signal)."""
+    """A stage (forked_program) as a child of the warm interpreter, with what the launcher uses of a Popen:
+    `pid`, its output as `stdout`, `wait()` with the same exit codes (negative: killed by that signal)."""
 
-    def __init__(self, arguments: list[str], env: dict[str, str]) -> None:
+    def __init__(self, module: str, arguments: list[str], env: dict[str, str]) -> None:
         context = warm_interpreter()
         reader, writer = context.Pipe(duplex=False)
-        self._process = context.Process(target=run_forked, args=(arguments, env, writer))
+        self._process = context.Process(target=run_forked, args=(module, arguments, env, writer))
         self._process.start()
         writer.close()
         self.pid = self._process.pid
@@ -198,10 +210,11 @@ class ProcessLauncher:
         forked = self.warm and forks_stage(stage, config)
         logger.info("launching%s: %s", " (forked from the warm interpreter)" if forked else "", " ".join(command))
         tail: deque[str] = deque(maxlen=5)
+        message = None  # the stage's own, of its last process to give one
         monitor = StageMonitor.in_run_context(label or stage)
         started: ForkedStage | subprocess.Popen[str]
         if forked:
-            started = ForkedStage(stage_arguments(stage, config_uri), env)
+            started = ForkedStage(*forked_program(stage, config, config_uri), env)
         else:
             started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         with started as proc:
@@ -212,6 +225,8 @@ class ProcessLauncher:
                 if not line or (monitor is not None and monitor.handle(line)):
                     continue
                 tail.append(line)
+                if line.startswith(ERROR_PREFIX):
+                    message = line
                 logger.info(line)
             code = proc.wait()
         if monitor is not None:
@@ -219,8 +234,24 @@ class ProcessLauncher:
         if code == 0:
             return
         if code == EXIT_INPUT_ERROR:
-            raise StageInputError(tail[-1] if tail else f"{stage}: bad input")
+            raise StageInputError(message or f"{stage}: bad input")
         if code == EXIT_DAMAGED_ARTIFACT:
-            raise StageInputDamaged(tail[-1] if tail else f"{stage}: a damaged input")
+            raise StageInputDamaged(message or f"{stage}: a damaged input")
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         raise StageCrashed(f"stage {stage} {how}: {tail[-1] if tail else 'no output'}")
+
+
+def run_node(stage: str, config_uri: str, node_rank: int) -> int:
+    """One node's processes of a stage on several nodes (`rlhf node`: a Kubernetes pod after the first, or a
+    machine of your own), started as the first node's are (forked on CPU), their output straight through; their
+    exit code."""
+    config = read_config(config_uri)
+    nodes = config.deploy.resources(stage).nodes
+    if not 0 <= node_rank < nodes:
+        raise InputError(f"--node-rank {node_rank}: deploy.stages.{stage}.nodes is {nodes} (ranks 0 to {nodes - 1})")
+    env = stage_environment(stage, config)
+    if not forks_stage(stage, config):
+        return subprocess.run(stage_command(stage, config, config_uri, node_rank), env=env, check=False).returncode
+    with ForkedStage(*forked_program(stage, config, config_uri, node_rank), env) as node:
+        shutil.copyfileobj(node.stdout, sys.stdout)
+        return node.wait()

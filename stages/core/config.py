@@ -57,9 +57,10 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cuda or cpu")
     stage_start: Literal["fork", "exec"] = Field(
         "fork",
-        description="how the local launcher starts a stage process on CPU: fork it from one interpreter that "
-        "has imported the training stack once (saves the ~8 s import per stage), or exec a fresh "
-        "`rlhf stage` interpreter; GPU stages and multi-process stages are always exec'd",
+        description="how the local launcher starts a stage's processes on CPU: fork them from one interpreter "
+        "that has imported the training stack once (saves the ~8 s import per process; torchrun's processes "
+        "are forked from a child of it), or exec a fresh `rlhf stage` (or torchrun) interpreter; GPU stages are "
+        "always exec'd",
     )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         [],

@@ -5,6 +5,8 @@ artifact in the store (3: the pipeline computes it again).
 EXIT_INPUT_ERROR = 2
 EXIT_DAMAGED_ARTIFACT = 3
 EXIT_LAUNCHER_GONE = 4  # the stage stopped itself: the process that launched it had died
+# How the `rlhf` command's message for them begins: the launcher finds it there among several processes' output.
+ERROR_PREFIX = "error: "
 
 
 class InputError(Exception):

@@ -58,23 +58,28 @@ def config_file(tmp_path) -> str:
         (["run.device=cpu"], True),
         (["run.device=cpu", "run.stage_start=exec"], False),
         (["run.device=cuda"], False),  # CUDA initialises in a fresh process only
-        (["run.device=cpu", "deploy.stages.sft.processes=2"], False),  # torchrun starts those
+        (["run.device=cpu", "deploy.stages.sft.processes=2"], True),  # torchrun, forking its processes
     ],
 )
 def test_which_stages_are_forked_from_the_warm_interpreter(overrides, forked):
     assert launchers.forks_stage("sft", load_config(None, overrides)) is forked
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("start", ["fork", "exec"])
-def test_a_real_stage_rejecting_its_input_is_an_input_error(tmp_path, start):
-    """The real `rlhf stage sft` with no `prepare` artifact in the store exits 2, forked or exec'd alike."""
+def test_a_real_stage_rejecting_its_input_is_an_input_error(tmp_path, start, processes):
+    """The real `rlhf stage sft` with no `prepare` artifact in the store exits 2, forked or exec'd alike, and
+    so does it under torchrun (which itself would end with 1: a crash, retried), with the stage's message."""
     path = tmp_path / "config.yaml"
-    path.write_text(dump_config(load_config(None, [f"run.store={tmp_path / 'store'}", f"run.stage_start={start}"])))
+    overrides = [f"run.store={tmp_path / 'store'}", f"run.stage_start={start}", "run.device=cpu"]
+    path.write_text(dump_config(load_config(None, [*overrides, f"deploy.stages.sft.processes={processes}"])))
     log = _Log()
-    with pytest.raises(StageInputError, match="stage sft: its input 'prepare' has not been produced yet"):
+    with pytest.raises(StageInputError, match="^error: stage sft: its input 'prepare' has not been produced yet"):
         ProcessLauncher().launch("sft", str(path), log)
     assert ("(forked from the warm interpreter)" in log.lines[0]) == (start == "fork")
-    assert f"rlhf stage sft --config {path}" in log.lines[0]
+    assert f"rlhf_pipeline.flows.cli stage sft --config {path}" in log.lines[0] or processes == 1
+    assert f"rlhf stage sft --config {path}" in log.lines[0] or processes == 2
+    assert sum("failed first, with exit code 2" in line for line in log.lines) == (processes == 2)
 
 
 def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch, config_file):

@@ -1,0 +1,30 @@
+"""torchrun for a stage's processes, ending with the exit code of the process that failed first.
+
+torchrun ends with 1 however a process failed. A stage's own codes (2: bad input, 3: a damaged input artifact;
+core/errors.py) tell the launcher not to retry it, or to compute that input again first, so a stage of several
+processes must end with them too. This is torchrun's own launch (`torch.distributed.run`: its options, its
+rendezvous, its supervision of the processes) with that failure passed on. The launcher runs it as
+`python -m rlhf_pipeline.stages.modeling.torchrun ...`, or calls `main` in a child of its warm interpreter.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch.distributed import run as torch_run
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun ARGV`; 0, or the exit code of the process that failed first (1 where a signal killed it)."""
+    try:
+        torch_run.run(torch_run.parse_args(argv))
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        print(f"the stage's process of rank {rank} failed first, with exit code {failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
