@@ -203,9 +203,9 @@ class DistributedConfig(Section):
 class RLDistributedConfig(DistributedConfig):
     frozen: Literal["shard", "replicate"] = Field(
         "shard",
-        description="fsdp: the models that do not train (PPO's reference and reward model, DPO's reference) "
+        description="fsdp: the models that do not train (the references and reward models of every method) "
         "sharded too (least memory), or whole in every process (no gathering of their weights in each forward "
-        "pass); GRPO's and RLOO's reference and rejection sampling's reward model are always whole: replicate",
+        "pass)",
     )
 
 
@@ -556,24 +556,6 @@ class PipelineConfig(Section):
                 raise ValueError(
                     f"{field}: fsdp shards a whole model ({name}), not one assembled from the LoRA adapter sft "
                     "keeps (sft.lora.merge: false); merge it, or use ddp"
-                )
-        return self
-
-    @model_validator(mode="after")
-    def _frozen_models_sharded_where_they_can_be(self) -> PipelineConfig:
-        distributed = self.rl.distributed
-        if distributed.strategy != "fsdp" or distributed.frozen != "shard":
-            return self
-        for method in self.rl.methods:
-            if method in ("grpo", "rloo") and getattr(self.rl, method).beta > 0:
-                raise ValueError(
-                    f"rl.distributed.frozen: shard: TRL's {method} builds its reference whole in every process; "
-                    "set frozen: replicate (or beta: 0, no reference)"
-                )
-            if method == "rejection_sampling":
-                raise ValueError(
-                    "rl.distributed.frozen: shard: rejection sampling keeps its reward model whole in every "
-                    "process; set frozen: replicate"
                 )
         return self
 

@@ -29,7 +29,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers import distributed as transformers_distributed
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
@@ -198,9 +197,7 @@ def place(
     """The model on `device`; over `shards` processes, sharded as it loads by transformers' own FSDP2
     (`DistributedConfig`), which the HF Trainer then trains without wrapping it again."""
     kwargs = {"dtype": compute_dtype(device) if quantization else weights_dtype(device, train)}
-    kwargs["attn_implementation"] = "sdpa"
-    if shards > 1:
-        kwargs["distributed_config"] = transformers_distributed.DistributedConfig(fsdp_size=shards)
+    kwargs |= {"attn_implementation": "sdpa", **sharded_loading(shards)}
     if _WEIGHTS_UNREAD.get():
         with torch.device("meta"):
             return model_class.from_config(AutoConfig.from_pretrained(source, **config_overrides), **kwargs)
@@ -210,6 +207,14 @@ def place(
             source, quantization_config=quantization, device_map={"": device.index or 0}, **kwargs
         )
     return model_class.from_pretrained(source, **kwargs).to(device)
+
+
+def sharded_loading(shards: int) -> dict[str, object]:
+    """`from_pretrained`'s keyword that shards the model over `shards` processes as it loads (none for one):
+    for `place`, and for a model TRL loads itself (GRPO's reference, through `model_init_kwargs`)."""
+    if shards == 1:
+        return {}
+    return {"distributed_config": {"fsdp_size": shards}}  # a DistributedConfig as a dict: TRL's args hold it
 
 
 def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:

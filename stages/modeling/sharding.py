@@ -109,19 +109,29 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
 
-def training_state_bytes(models: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """This process's bytes of the trained models' parameters, gradients and optimizer state, between steps:
-    sharded modules a forward pass left gathered (those FSDP keeps whole after it) are resharded first."""
+def resharded(models: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """`models`, with the sharded modules a forward pass left gathered (those FSDP keeps whole after it)
+    sharded again: what a process holds between steps."""
     for module in (module for model in models for module in model.modules()):
         if isinstance(module, FSDPModule):
             module.reshard()
-    parameters = [p for model in models for p in model.parameters() if p.requires_grad]
+    return models
+
+
+def training_state_bytes(models: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This process's bytes of the trained models' parameters, gradients and optimizer state, between steps."""
+    parameters = [p for model in resharded(models) for p in model.parameters() if p.requires_grad]
     state = [v for per_parameter in optimizer.state.values() for v in per_parameter.values() if v.dim() > 0]
     return {
         "parameter_bytes": local_bytes(parameters),
         "gradient_bytes": local_bytes([p.grad for p in parameters if p.grad is not None]),
         "optimizer_bytes": local_bytes(state),
     }
+
+
+def frozen_bytes(models: list[torch.nn.Module]) -> int:
+    """This process's bytes of the weights of models that do not train (references, reward models)."""
+    return local_bytes([p for model in resharded(models) for p in model.parameters()])
 
 
 # The trained weights only: a LoRA checkpoint holds the adapters, not the frozen base they adapt. The state

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
-from rlhf_pipeline.stages.core.config import DistributedConfig, TrainingConfig
+from rlhf_pipeline.stages.core.config import DistributedConfig, RLDistributedConfig, TrainingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.modeling.data_parallel import join_processes, stage_processes
 from rlhf_pipeline.stages.modeling.loading import compute_dtype
@@ -53,6 +53,12 @@ def model_shards(ctx: StageContext, distributed: DistributedConfig) -> int:
         return 1
     join_processes(ctx.device)
     return processes.count
+
+
+def frozen_shards(shards: int, distributed: RLDistributedConfig) -> int:
+    """The processes the models that do not train (references, reward models) are sharded over: the trained
+    model's, unless `frozen: replicate` (then each process holds them whole)."""
+    return shards if distributed.frozen == "shard" else 1
 
 
 def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Path, shards: int = 1) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, arti
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import (
     ResumesShardedModels,
+    frozen_shards,
     model_shards,
     train_evaluate_save,
     training_arguments,
@@ -38,7 +39,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     held_out, eval_dropped = answerable(load_rows(prepared / "preference_eval.jsonl"), tokenizer, max_length, "pairs")
     quantization = quantization_config(config.lora, ctx.device, "rl.dpo")
     shards = model_shards(ctx, ctx.config.rl.distributed)
-    sharded_reference = shards > 1 and ctx.config.rl.distributed.frozen == "shard"
+    sharded_reference = frozen_shards(shards, ctx.config.rl.distributed) > 1
     trainer = DPOStageTrainer(
         model=load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards),
         ref_model=load_policy(sft_dir, ctx.device, shards=shards) if sharded_reference else None,

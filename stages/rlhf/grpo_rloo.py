@@ -4,25 +4,38 @@ other (group-normalised, or leave-one-out baselines), rewarded by the trained re
 TRL stops and masks completions at the ids in the model's `generation_config.eos_token_id`: they are set to
 every end-of-turn id (`rlhf.rollout.end_of_turn_ids`), in a generation config that holds nothing else, so
 that the base model's own sampling settings do not leak in; the model keeps its own config when saved.
-With `rl.distributed.strategy: fsdp` the policy is sharded as it loads (`modeling.trainer`); TRL builds the
-reference whole in every process (`rl.distributed.frozen: replicate`).
+With `rl.distributed.strategy: fsdp` the policy is sharded as it loads (`modeling.trainer`), and so are the
+reward model and the reference unless `rl.distributed.frozen: replicate`. TRL builds the reference itself, from
+the policy's path and `model_init_kwargs`, which carry the sharding (TRL warns that a policy passed as a model
+ignores them: it is the reference that takes them).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_turns
-from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, unwrap_adapter
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, sharded_loading, unwrap_adapter
+from rlhf_pipeline.stages.modeling.lora import (
+    AdapterBase,
+    adapter_base_of,
+    adapter_config,
+    artifact_base,
+    quantization_config,
+)
+from rlhf_pipeline.stages.modeling.sharding import frozen_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import (
     ResumesShardedModels,
+    frozen_shards,
     model_shards,
     save_trained,
     train_with_resume,
@@ -44,19 +57,27 @@ class RLOOStageTrainer(ResumesShardedModels, RLOOTrainer):
 TRAINERS = {"grpo": (GRPOStageTrainer, GRPOConfig), "rloo": (RLOOStageTrainer, RLOOConfig)}
 
 
-def reward_function(ctx: StageContext, pad_token_id: int, end_ids: list[int]):
-    """The trained reward (one model, or Llama 2's gated pair) as TRL's reward function of conversations,
-    through the one scoring path: a completion without an end-of-turn token is scored as unfinished."""
-    reward_dir = str(ctx.inputs["reward"])
-    model = load_reward_model(reward_dir, ctx.device, pad_token_id)
-    tokenizer = load_tokenizer(reward_dir)
+def reward_function(scorer: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, end_ids: list[int]):
+    """The trained reward (`reward_signal`: one model, or Llama 2's gated pair) as TRL's reward function of
+    conversations, through the one scoring path: a completion without an end-of-turn token is scored as
+    unfinished. Every process scores as many completions per step, so a sharded reward model is called alike."""
 
-    def reward_model(prompts, completions, completion_ids, **_) -> list[float]:
+    def reward_model(prompts, completions, completion_ids, **_) -> list[float]:  # TRL logs rewards by this name
         finished = [any(i in end_ids for i in ids) for ids in completion_ids]
         responses = [completion[-1]["content"] for completion in completions]
-        return response_scores(model, tokenizer, prompts, responses, finished)
+        return response_scores(scorer, tokenizer, prompts, responses, finished)
 
     return reward_model
+
+
+def reloadable(model: PreTrainedModel, sft_dir: str, work_dir: Path) -> None:
+    """TRL's GRPO and RLOO build their reference again, from the policy's path (`config._name_or_path`). A
+    policy assembled from the adapter sft kept has its base's path there, so the reference would be the base,
+    not the SFT model: that policy is saved whole in the work folder, and its path pointed there."""
+    if adapter_base_of(sft_dir) is None:
+        return
+    model.save_pretrained(work_dir / "reference")
+    model.config._name_or_path = str(work_dir / "reference")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -66,10 +87,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
     shards = model_shards(ctx, ctx.config.rl.distributed)
+    frozen = frozen_shards(shards, ctx.config.rl.distributed)
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)
     max_length = arguments.pop("max_length")
     quantization = quantization_config(config.lora, ctx.device, f"rl.{algorithm}")
     model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards)
+    if config.beta > 0 and config.lora is None:  # with LoRA the reference is the policy, its adapter disabled
+        reloadable(model, sft_dir, ctx.work_dir)
     end_ids = end_of_turn_ids(tokenizer, model)
     own_config = model.generation_config
     prompts, too_long = fitting_prompts(
@@ -78,10 +102,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         max_length - config.generation.max_new_tokens,
     )
     model.generation_config = HFGenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
+    reward_dir = str(ctx.inputs["reward"])
+    scorer = load_reward_model(reward_dir, ctx.device, tokenizer.pad_token_id, frozen)
     trainer = trainer_class(
         model=model,
-        reward_funcs=reward_function(ctx, tokenizer.pad_token_id, end_ids),
+        reward_funcs=reward_function(scorer, load_tokenizer(reward_dir), end_ids),
         args=config_class(
+            model_init_kwargs=sharded_loading(frozen) or None,  # the reference's
             num_generations=config.num_generations,
             beta=config.beta,
             max_completion_length=config.generation.max_new_tokens,
@@ -96,6 +123,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train_with_resume(trainer, ctx)
     unwrap_adapter(trainer.model).generation_config = own_config
     summary = training_summary(trainer, "reward")  # before saving, which merges a LoRA adapter into the model
+    summary["frozen_bytes"] = frozen_bytes([m for m in (trainer.ref_model, scorer) if m is not None])
     save_trained(trainer, config, AdapterBase(sft_dir, artifact_base("sft")), ctx.out_dir)
     return summary | {"prompts_too_long": too_long}
 

@@ -7,8 +7,9 @@ data-parallel SFTTrainer with `training.batch_size` rows per step over all proce
 normalized by the whole step's tokens): any number of processes trains what one does, up to float rounding.
 With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
 just that adapter. With `rl.distributed.strategy: fsdp` the policy is sharded as it loads, for sampling and for
-fine-tuning (`modeling.trainer`); every process then runs as many generation batches as the one with the most,
-since each forward pass of a sharded model gathers weights from all of them.
+fine-tuning (`modeling.trainer`), and so is the reward model unless `rl.distributed.frozen: replicate`; every
+process then generates and scores as many batches as the one with the most, since each forward pass of a
+sharded model gathers weights from all of them.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from rlhf_pipeline.stages.modeling.lora import (
     with_adapter,
 )
 from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.sharding import frozen_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import trackers
-from rlhf_pipeline.stages.modeling.trainer import model_shards, training_arguments
+from rlhf_pipeline.stages.modeling.trainer import frozen_shards, model_shards, training_arguments
 from rlhf_pipeline.stages.rlhf.ppo import summarize, write_history
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
 from rlhf_pipeline.stages.rlhf.rollout import decode_responses, prompt_seeds, sample
@@ -86,6 +88,7 @@ def best_of_n(
     round_index: int,
     processes: Processes,
     shards: int = 1,
+    frozen: int = 1,
 ) -> tuple[list[BestAnswer], dict]:
     """The reward model's favourite of `samples_per_prompt` responses to each prompt, for all prompts: each
     process answers its share of them and the shares are gathered. Every answer is sampled from its own seed
@@ -95,7 +98,7 @@ def best_of_n(
     config = ctx.config.rl.rejection_sampling
     tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
     policy = load_round_policy(ctx, round_dir, trainable=False, shards=shards).eval()
-    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id)
+    reward_model = load_reward_model(str(ctx.inputs["reward"]), ctx.device, tokenizer.pad_token_id, frozen)
     n = config.samples_per_prompt
     seeds = prompt_seeds(ctx.config.run.seed, f"rejection-round-{round_index}", range(len(prompts) * n))
     per_batch = max(1, ROLLOUT_BATCH // n)
@@ -105,7 +108,8 @@ def best_of_n(
     if shards > 1:  # a share one batch short still joins the others' last batch, with one answer left unused
         batches = int(processes.max({"batches": len(starts)})["batches"])
         for _ in range(batches - len(starts)):
-            sample(policy, tokenizer, prompts[:1], config.generation, seeds[:1], max_length)
+            filler = sample(policy, tokenizer, prompts[:1], config.generation, seeds[:1], max_length)
+            rollout_scores(reward_model, tokenizer, filler)
     kept, mean_scores = [], []
     for start in starts:
         chunk = prompts[start : min(start + per_batch, mine.stop)]
@@ -122,6 +126,7 @@ def best_of_n(
     stats = {
         "score": sum(mean_scores) / len(mean_scores),
         "best_score": sum(answer.score for answer in kept) / len(kept),
+        "frozen_bytes": frozen_bytes([reward_model]),
     }
     return kept, stats
 
@@ -176,6 +181,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
     processes = join_processes(ctx.device)
     shards = model_shards(ctx, ctx.config.rl.distributed)
+    frozen = frozen_shards(shards, ctx.config.rl.distributed)
+    held_frozen = 0
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
@@ -190,7 +197,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             take_cpu_share()
             rng = random.Random(f"{ctx.config.run.seed}-rejection-{round_index}")
             chosen = rng.sample(prompts, min(config.prompts_per_round, len(prompts)))
-            kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes, shards)
+            kept, stats = best_of_n(ctx, round_dir, chosen, round_index, processes, shards, frozen)
+            held_frozen = stats.pop("frozen_bytes")
             out = round_dir_of(ctx)(round_index + 1)
             rows = [answer.as_sft_row() for answer in kept]
             fine_tune(ctx, round_dir, rows, out, round_index, processes, shards)
@@ -214,4 +222,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if processes.main:
         save_final(ctx, round_dir)
     several = {"processes": processes.count} if processes.count > 1 else {}
-    return summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round} | several
+    summary = summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}
+    return summary | several | ({"frozen_bytes": held_frozen} if held_frozen else {})

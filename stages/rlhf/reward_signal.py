@@ -36,11 +36,13 @@ class GatedReward(torch.nn.Module):
         return SequenceClassifierOutput(logits=torch.where(torch.sigmoid(safe) < self.threshold, safe, helpful))
 
 
-def load_reward_model(source: str, device: torch.device, pad_token_id: int) -> torch.nn.Module:
-    """The reward stage's artifact as one scorer: `model(**batch).logits[:, 0]` is the reward."""
-    helpfulness = load_scorer(source, device, pad_token_id).eval()
+def load_reward_model(source: str, device: torch.device, pad_token_id: int, shards: int = 1) -> torch.nn.Module:
+    """The reward stage's artifact as one scorer: `model(**batch).logits[:, 0]` is the reward. Over `shards`
+    processes it is sharded as it loads: each process scores its own batches, and every process must call it
+    as many times as the others (each call gathers the weights)."""
+    helpfulness = load_scorer(source, device, pad_token_id, shards=shards).eval()
     gate = Path(source) / GATE_FILE
     if not gate.exists():
         return helpfulness
-    safety = load_scorer(str(Path(source) / SAFETY_DIR), device, pad_token_id).eval()
+    safety = load_scorer(str(Path(source) / SAFETY_DIR), device, pad_token_id, shards=shards).eval()
     return GatedReward(helpfulness, safety, json.loads(gate.read_text())["safety_threshold"]).eval()

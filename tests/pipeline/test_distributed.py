@@ -298,8 +298,12 @@ def copy_upstream(store: LocalStore, into: Path) -> LocalStore:
     return copy
 
 
-# GRPO's and RLOO's reference and rejection sampling's reward model are whole in every process.
-SHARDED_RL_REPLICATED = ("rl.distributed.strategy=fsdp", "rl.distributed.frozen=replicate")
+SHARDED_RL = ("rl.distributed.strategy=fsdp",)  # the frozen models too (frozen: shard, the default)
+
+
+def assert_frozen_models_halved(sharded: Manifest, ddp: Manifest) -> None:
+    """Each process holds half of the weights of the models that do not train (references, reward models)."""
+    assert sharded.metrics["frozen_bytes"] == pytest.approx(ddp.metrics["frozen_bytes"] / 2, rel=0.15)
 
 
 def sharded_and_ddp(
@@ -376,12 +380,15 @@ def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
 def test_grpo_sharded_over_two_processes_samples_and_trains_as_ddp(upstream, tmp_path):
     """TRL's GRPO with the policy sharded (generation gathers each layer's weights, every process joining each
     forward pass until all are done): the same sampled answers' rewards and the same model as DDP; TRL's
-    reference is whole in each process. RLOO is the same stage code (`rlhf.grpo_rloo`) on TRL's RLOOTrainer."""
+    reference (loaded through `model_init_kwargs`) and the reward model sharded too, half of them in each
+    process. RLOO is the same stage code (`rlhf.grpo_rloo`) on TRL's RLOOTrainer."""
     store, overrides = upstream
     grpo = [*overrides, "rl.algorithm=grpo", "rl.grpo.max_steps=3", "rl.grpo.logging_steps=1"]
     grpo += ["rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
-    stores, runs = sharded_and_ddp("rl", store, grpo, tmp_path, SHARDED_RL_REPLICATED)
+    stores, runs = sharded_and_ddp("rl", store, grpo, tmp_path, SHARDED_RL)
     assert_trained_alike(*runs, "rl", stores, compared=("first_reward", "last_reward"))
+    assert_frozen_models_halved(*runs)
+    assert runs[1].metrics["frozen_bytes"] > 1.5 * runs[1].metrics["parameter_bytes"]  # the reference too
 
 
 def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream, tmp_path):
@@ -418,13 +425,15 @@ def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstrea
 
 
 def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(upstream, tmp_path):
-    """The policy sharded for sampling and fine-tuning. 33 prompts of 16 per generation batch: one process
-    runs two batches, the other one and a filler that joins the first's second (a sharded model's forward
-    passes gather from every process). The rounds' scores and the weights are DDP's within float rounding
-    (against DDP, not one process: 33 kept answers leave a short last batch, which accelerate evens out)."""
+    """The policy sharded for sampling and fine-tuning, the reward model for scoring. 33 prompts of 16 per
+    generation batch: one process runs two batches, the other one and a filler that joins the first's second
+    (a sharded model's forward passes gather from every process), generated and scored. The rounds' scores and
+    the weights are DDP's within float rounding (against DDP, not one process: 33 kept answers leave a short
+    last batch, which accelerate evens out); each process holds half of the reward model."""
     store, overrides = upstream
     rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33"]
-    stores, manifests = sharded_and_ddp("rl", store, rounds, tmp_path, SHARDED_RL_REPLICATED)
+    stores, manifests = sharded_and_ddp("rl", store, rounds, tmp_path, SHARDED_RL)
+    assert_frozen_models_halved(*manifests)
     runs = list(zip(stores, manifests, strict=True))
     histories = [jsonl(where, manifest, "rounds.jsonl") for where, manifest in runs]
     assert len(histories[0]) == len(histories[1]) == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_weights
+from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from rlhf_pipeline.stages.core.artifacts import read_verified
 from rlhf_pipeline.stages.core.config_loading import load_config
@@ -16,6 +17,7 @@ from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
 from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
+from rlhf_pipeline.stages.rlhf.grpo_rloo import reloadable
 from rlhf_pipeline.stages.runner import run_stage
 from rlhf_pipeline.stages.tools.chat import fetch_model
 from tests.conftest import TINY
@@ -74,10 +76,16 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
     )
     tokenizer = load_tokenizer(str(kept_dir))
     batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
+    policy = load_policy(str(kept_dir), CPU)
+    # TRL's GRPO and RLOO build their reference again from the policy's path: the SFT model too, not its base.
+    reloadable(policy, str(kept_dir), tmp_path / "work")
+    reference = create_model_from_path(get_config_model_id(policy.config))
     with torch.no_grad():
         expected = load_policy(str(merged_dir), CPU)(**batch).logits
-        actual = load_policy(str(kept_dir), CPU)(**batch).logits
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+        for model in (policy, reference):
+            torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+        base = load_policy(str(tmp_path / "b" / "base-model"), CPU)(**batch).logits
+    assert (base - expected).abs().max() > 1e-2  # the adapter changed the model
 
 
 def test_ppo_with_lora_uses_the_disabled_adapter_as_reference_and_keeps_the_adapter(tmp_path):
