@@ -71,6 +71,7 @@ benchmark: install
 	$(PY) tests/benchmarks/bench_pipeline.py
 	$(PY) tests/benchmarks/bench_side_by_side.py
 	$(PY) tests/benchmarks/bench_processes.py
+	$(PY) tests/benchmarks/bench_stage_start.py
 	$(PY) tests/benchmarks/bench_sharding.py
 	$(PY) tests/benchmarks/bench_sharding.py --stage sft
 
