@@ -95,13 +95,19 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
 
 
 class ResumesShardedModels:
-    """Mixed into a Trainer class: before training, the Trainer loads a checkpoint's gathered weights into the
-    model, which fails for one sharded as it loaded (whole tensors into shards); `ShardedTrainingState` loads
-    them instead."""
+    """Mixed into a Trainer class, for a model sharded as it loaded: a checkpoint holds its sharded state
+    (`ShardedTrainingState` writes and loads it), not the Trainer's gathered copy of its weights, which resume
+    could not load into the shards (whole tensors into shards) and which would only write the weights twice."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.is_distributed_loading_by_transformers:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call and self.is_distributed_loading_by_transformers:  # a checkpoint's
+            Path(output_dir or self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            return
+        super().save_model(output_dir, _internal_call)
 
 
 class ShardedTrainingState(TrainerCallback):
