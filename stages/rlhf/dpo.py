@@ -39,10 +39,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     held_out, eval_dropped = answerable(load_rows(prepared / "preference_eval.jsonl"), tokenizer, max_length, "pairs")
     quantization = quantization_config(config.lora, ctx.device, "rl.dpo")
     shards = model_shards(ctx, ctx.config.rl.distributed)
-    sharded_reference = frozen_shards(shards, ctx.config.rl.distributed) > 1
+    frozen = frozen_shards(shards, ctx.config.rl.distributed)
     trainer = DPOStageTrainer(
         model=load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards),
-        ref_model=load_policy(sft_dir, ctx.device, shards=shards) if sharded_reference else None,
+        ref_model=load_policy(sft_dir, ctx.device, shards=frozen) if frozen > 1 else None,
         args=DPOConfig(
             beta=config.beta,
             loss_type=[config.loss_type],
