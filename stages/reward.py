@@ -23,7 +23,7 @@ from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.lengths import whole_pairs
 from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
-from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, artifact_base, quantization_config, with_adapter
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import (
     ResumesShardedModels,
@@ -66,6 +66,8 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
     model = load_scorer(
         sft_dir, ctx.device, tokenizer.pad_token_id, quantization, train=config.lora is None, shards=shards
     )
+    if config.lora is not None:  # applied here, not by TRL: a sharded base's trained head needs `with_adapter`
+        model = with_adapter(model, config.lora, "SEQ_CLS")
     trainer = RewardStageTrainer(
         model=model,
         args=RewardConfig(
@@ -75,7 +77,6 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(held_out),
         processing_class=tokenizer,
-        peft_config=adapter_config(config.lora, "SEQ_CLS"),
     )
     base = AdapterBase(sft_dir, artifact_base("sft"))
 

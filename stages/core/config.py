@@ -195,8 +195,9 @@ class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: every process holds whole models and the gradients are summed; fsdp: FSDP2 "
-        "(fully_shard) shards each trained model's parameters, gradients and optimizer state over the processes, "
-        "and checkpoints are sharded (torch.distributed.checkpoint)",
+        "(fully_shard) shards each trained model's parameters, gradients and optimizer state over the processes "
+        "(with LoRA: the frozen base; the Trainer stages keep the adapters whole in each process), and "
+        "checkpoints are sharded (torch.distributed.checkpoint)",
     )
 
 
@@ -529,30 +530,21 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _sharding_where_written(self) -> PipelineConfig:
-        """fsdp where it is written and tested. PPO shards in its own loop (LoRA included); the Trainer stages
-        and methods have transformers shard a whole model as it loads (full fine-tuning)."""
+        """fsdp where it is written and tested. PPO shards in its own loop; the Trainer stages and methods have
+        transformers shard a whole model as it loads, with LoRA adapters whole in each process beside it."""
         trainer_stages: list[tuple[str, SFTConfig | RewardConfig]] = [("sft", self.sft), ("reward", self.reward)]
-        sharded: dict[str, TrainingConfig] = {
+        sharded: dict[str, TrainingConfig | PPOConfig] = {
             name: config for name, config in trainer_stages if config.distributed.strategy == "fsdp"
         }
         if self.rl.distributed.strategy == "fsdp":
-            lora = self.rl.ppo.lora
-            if "ppo" in self.rl.methods and lora is not None and lora.quantize is not None:
-                raise ValueError(
-                    "rl.distributed.strategy: fsdp does not shard a quantized (QLoRA) base; use ddp with it"
-                )
             for method in self.rl.methods:
                 trained = getattr(self.rl, method)
                 sharded[f"rl.{method}"] = getattr(trained, "training", trained)  # rejection sampling's fine-tuning
-            sharded.pop("rl.ppo", None)  # shards in its own loop, LoRA included
         for name, config in sharded.items():
             field = f"{name.partition('.')[0]}.distributed.strategy"
-            if config.lora is not None:
-                raise ValueError(
-                    f"{field}: fsdp shards full fine-tuning ({name}); a LoRA run trains little state of its "
-                    "own: use ddp with it"
-                )
-            if name != "sft" and self.sft.lora is not None and not self.sft.lora.merge:
+            if config.lora is not None and config.lora.quantize is not None:
+                raise ValueError(f"{field}: fsdp does not shard a quantized (QLoRA) base ({name}); use ddp with it")
+            if name not in ("sft", "rl.ppo") and self.sft.lora is not None and not self.sft.lora.merge:
                 raise ValueError(
                     f"{field}: fsdp shards a whole model ({name}), not one assembled from the LoRA adapter sft "
                     "keeps (sft.lora.merge: false); merge it, or use ddp"

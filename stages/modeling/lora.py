@@ -90,7 +90,24 @@ def with_adapter(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType =
     """A fresh trainable adapter on a frozen base (prepared for k-bit training when the base is quantized)."""
     from peft import get_peft_model
 
-    return get_peft_model(prepared_for_training(model), adapter_config(lora, task_type))
+    adapted = get_peft_model(prepared_for_training(model), adapter_config(lora, task_type))
+    make_trained_copies_whole(adapted)
+    return adapted
+
+
+def make_trained_copies_whole(model: PreTrainedModel) -> None:
+    """peft trains a copy of each module it saves whole (SEQ_CLS: the score head). Copied from a base sharded
+    as it loaded, the copy would hold shards that no FSDP module gathers; it is made whole in every process
+    (a collective: every process calls it), so that it trains as the adapters beside it do."""
+    from peft.utils import ModulesToSaveWrapper
+    from torch.distributed.tensor import DTensor
+    from torch.nn import Parameter
+
+    wrappers = [module for module in model.modules() if isinstance(module, ModulesToSaveWrapper)]
+    for module in (m for wrapper in wrappers for copy in wrapper.modules_to_save.values() for m in copy.modules()):
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if isinstance(parameter.data, DTensor):
+                setattr(module, name, Parameter(parameter.data.full_tensor(), parameter.requires_grad))
 
 
 def resume_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:

@@ -1,5 +1,9 @@
 """Saving a trained model as one ordinary `save_pretrained` directory: the full model, its LoRA adapter merged
-in, or the adapter alone (kept, with its base named by reference)."""
+in, or the adapter alone (kept, with its base named by reference).
+
+An adapter on a base sharded as it loaded (`modeling.loading.place`) is whole in every process (transformers'
+Trainer keeps such adapters alike in each); peft cannot merge it into sharded weights, so the main process
+merges it into its base loaded again whole on the CPU, as for a quantized base."""
 
 from __future__ import annotations
 
@@ -7,8 +11,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from torch.distributed.tensor import DTensor
+
 from rlhf_pipeline.stages.core.config import LoraConfig
-from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer, merged_adapter
+from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer, merged_adapter, unwrap_adapter
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 
 if TYPE_CHECKING:
@@ -25,30 +33,50 @@ def save_model(
     base: AdapterBase,
 ) -> None:
     """Save a trained model with `save_pretrained`: the full model, the adapter merged in, or the adapter alone.
+    Every process calls it (a sharded model is gathered for its main process to save).
 
     A quantized (QLoRA) base is not merged into: the adapter is applied to the base reloaded unquantized, so
     the merged model carries no quantization error.
     """
-    if lora is not None and hasattr(model, "peft_config"):
-        adapter = model.peft_config["default"]
-        adapter.base_model_name_or_path = base.ref
-        if isinstance(adapter.target_modules, set):  # peft's set: written in each process's string-hash order
-            adapter.target_modules = sorted(adapter.target_modules)
-        if not lora.merge:
-            log.info("keeping the LoRA adapter (base %s)", base.ref)
-        elif lora.quantize is not None:
-            model = merged_unquantized(model, out_dir.parent / f"{out_dir.name}-adapter", base.path)
-        else:
-            model = model.merge_and_unload()
-    model.save_pretrained(out_dir)
+    if lora is None or not hasattr(model, "peft_config"):
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        return
+    sharded_base = unwrap_adapter(model).is_distributed_loading_by_transformers
+    if sharded_base and not stage_processes().main:
+        return  # the adapter is whole in the main process, and the base, untrained, needs no gathering
+    adapter = model.peft_config["default"]
+    adapter.base_model_name_or_path = base.ref
+    if isinstance(adapter.target_modules, set):  # peft's set: written in each process's string-hash order
+        adapter.target_modules = sorted(adapter.target_modules)
+    if not lora.merge:
+        log.info("keeping the LoRA adapter (base %s)", base.ref)
+        save_adapter(model, out_dir)
+    elif lora.quantize is not None or sharded_base:
+        merged_again(model, out_dir.parent / f"{out_dir.name}-adapter", base.path, sharded_base).save_pretrained(
+            out_dir
+        )
+    else:
+        model.merge_and_unload().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def merged_unquantized(model: PreTrainedModel, adapter_dir: Path, base_path: str) -> PreTrainedModel:
-    """The trained adapter merged into its base loaded again without quantization (a kept adapter base too)."""
-    model.save_pretrained(adapter_dir)
-    config = model.get_base_model().config
-    device = next(model.parameters()).device
+def save_adapter(model: PreTrainedModel, directory: Path) -> None:
+    """The adapter alone. peft would gather each sharded tensor of the base into every process first, only to
+    keep the adapter's, which are whole in each process already: it is given the whole tensors only."""
+    whole = {name: tensor for name, tensor in model.state_dict().items() if not isinstance(tensor, DTensor)}
+    model.save_pretrained(directory, state_dict=whole)
+
+
+def merged_again(model: PreTrainedModel, adapter_dir: Path, base_path: str, sharded: bool) -> PreTrainedModel:
+    """The trained adapter merged into its base loaded again whole and unquantized (a kept adapter base too).
+    A sharded base is loaded on the CPU, where a whole copy fits, in the dtype it trained over."""
+    save_adapter(model, adapter_dir)
+    base = unwrap_adapter(model)
+    device = torch.device("cpu") if sharded else next(model.parameters()).device
     if model.peft_config["default"].task_type == "SEQ_CLS":
-        return merged_adapter(load_scorer(base_path, device, config.pad_token_id), str(adapter_dir), "SEQ_CLS")
-    return merged_adapter(load_policy(base_path, device), str(adapter_dir))
+        whole = load_scorer(base_path, device, base.config.pad_token_id, num_labels=base.config.num_labels)
+        merged = merged_adapter(whole, str(adapter_dir), "SEQ_CLS")
+    else:
+        merged = merged_adapter(load_policy(base_path, device), str(adapter_dir))
+    return merged.to(base.dtype) if sharded else merged

@@ -25,7 +25,7 @@ from rlhf_pipeline.stages.modeling.data_parallel import join_processes, stage_pr
 from rlhf_pipeline.stages.modeling.loading import compute_dtype
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 from rlhf_pipeline.stages.modeling.saving import save_model
-from rlhf_pipeline.stages.modeling.sharding import load_state, save_state, training_state_bytes
+from rlhf_pipeline.stages.modeling.sharding import load_state, local_bytes, save_state, training_state_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 from rlhf_pipeline.stages.modeling.tracking import logs_dir, report_to, run_name
@@ -219,6 +219,9 @@ def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
         summary["processes"] = trainer.args.world_size
     held = training_state_bytes([trainer.model], trainer.optimizer)  # the main process's (sharded: its shards)
     summary |= {name: held[name] for name in ("parameter_bytes", "optimizer_bytes")}
+    if frozen := local_bytes([p for p in trainer.model.parameters() if not p.requires_grad]):
+        summary["frozen_bytes"] = frozen  # a LoRA run's base
+
     if losses:
         summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
     return summary

@@ -123,7 +123,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train_with_resume(trainer, ctx)
     unwrap_adapter(trainer.model).generation_config = own_config
     summary = training_summary(trainer, "reward")  # before saving, which merges a LoRA adapter into the model
-    summary["frozen_bytes"] = frozen_bytes([m for m in (trainer.ref_model, scorer) if m is not None])
+    frozen = frozen_bytes([m for m in (trainer.ref_model, scorer) if m is not None])
+    summary["frozen_bytes"] = summary.get("frozen_bytes", 0) + frozen  # a LoRA policy's base counted
     save_trained(trainer, config, AdapterBase(sft_dir, artifact_base("sft")), ctx.out_dir)
     return summary | {"prompts_too_long": too_long}
 

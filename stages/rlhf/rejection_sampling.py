@@ -38,7 +38,7 @@ from rlhf_pipeline.stages.modeling.lora import (
     resume_adapter,
     with_adapter,
 )
-from rlhf_pipeline.stages.modeling.saving import save_model
+from rlhf_pipeline.stages.modeling.saving import save_adapter, save_model
 from rlhf_pipeline.stages.modeling.sharding import frozen_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
@@ -58,16 +58,19 @@ ROLLOUT_BATCH = 64
 def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool, shards: int = 1) -> PreTrainedModel:
     """The policy after the round saved in `round_dir` (before the first round: the SFT model), sharded over
     `shards` processes. Without LoRA a round saves the whole model; with LoRA, the adapter that goes on the SFT
-    model (not sharded: the config refuses it)."""
+    model: merged into it to sample, unless the SFT model is sharded (peft does not merge into shards)."""
     lora = ctx.config.rl.rejection_sampling.training.lora
     sft_dir = str(ctx.inputs["sft"])
     if lora is None:
         return load_policy(str(round_dir or sft_dir), ctx.device, train=trainable, shards=shards)
     field = "rl.rejection_sampling.training"
-    model = load_policy(sft_dir, ctx.device, quantization_config(lora, ctx.device, field) if trainable else None)
+    quantization = quantization_config(lora, ctx.device, field) if trainable else None
+    model = load_policy(sft_dir, ctx.device, quantization, shards=shards)
     if round_dir is None:
         return with_adapter(model, lora) if trainable else model
-    return resume_adapter(model, round_dir) if trainable else merged_adapter(model, str(round_dir))
+    if trainable or shards > 1:
+        return resume_adapter(model, round_dir)
+    return merged_adapter(model, str(round_dir))
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,10 @@ def fine_tune(
         processing_class=load_tokenizer(str(ctx.inputs["sft"])),
     )
     trainer.train()
-    trainer.save_model(str(out_dir))
+    if ctx.config.rl.rejection_sampling.training.lora is None:
+        trainer.save_model(str(out_dir))  # a sharded model is gathered into the main process
+    elif processes.main:
+        save_adapter(trainer.model, out_dir)
     trainer.processing_class.save_pretrained(out_dir)
 
 

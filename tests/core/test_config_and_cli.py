@@ -242,7 +242,7 @@ def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
 def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
     assert load_config(None, ["rl.distributed.strategy=fsdp"]).rl.distributed.frozen == "shard"
     assert load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8"]).rl.ppo.lora.r == 8
-    with pytest.raises(InputError, match=r"fsdp does not shard a quantized \(QLoRA\) base; use ddp with it"):
+    with pytest.raises(InputError, match=r"fsdp does not shard a quantized \(QLoRA\) base \(rl.ppo\); use ddp"):
         load_config(None, ["rl.distributed.strategy=fsdp", "rl.ppo.lora.r=8", "rl.ppo.lora.quantize=4bit"])
     path = tmp_path / "sharded.yaml"
     methods = ["ppo", "rejection_sampling"]
@@ -250,14 +250,18 @@ def test_sharding_is_refused_where_it_is_not_written_yet(tmp_path):
     result = rlhf("validate", str(path), timeout=60)
     assert result.returncode == 0, result.stderr  # every method shards its frozen models
     assert load_config(None, ["sft.distributed.strategy=fsdp"]).sft.distributed.strategy == "fsdp"
-    with pytest.raises(InputError, match=r"sft.distributed.strategy: fsdp shards full fine-tuning"):
-        load_config(None, ["sft.distributed.strategy=fsdp", "sft.lora.r=8"])
+    assert load_config(None, ["sft.distributed.strategy=fsdp", "sft.lora.r=8"]).sft.lora.r == 8  # LoRA too
+    with pytest.raises(InputError, match=r"sft.distributed.strategy: fsdp does not shard a quantized \(QLoRA\)"):
+        load_config(None, ["sft.distributed.strategy=fsdp", "sft.lora.r=8", "sft.lora.quantize=8bit"])
     multi_aspect = ["reward.distributed.strategy=fsdp", "reward.kind=multi_aspect", "data.rated=builtin:demo"]
     assert load_config(None, multi_aspect).reward.distributed.strategy == "fsdp"
     with pytest.raises(InputError, match=r"not one assembled from the LoRA adapter sft keeps"):
         load_config(None, ["reward.distributed.strategy=fsdp", "sft.lora.r=8", "sft.lora.merge=false"])
     sharded_dpo = ["rl.algorithm=dpo", "rl.distributed.strategy=fsdp"]
     assert load_config(None, sharded_dpo).rl.method == "dpo"
-    with pytest.raises(InputError, match=r"rl.distributed.strategy: fsdp shards full fine-tuning \(rl.dpo\)"):
-        load_config(None, [*sharded_dpo, "rl.dpo.lora.r=8"])
+    assert load_config(None, [*sharded_dpo, "rl.dpo.lora.r=8"]).rl.dpo.lora.r == 8
+    kept = ["rl.distributed.strategy=fsdp", "sft.lora.r=8", "sft.lora.merge=false"]
+    assert load_config(None, kept).rl.method == "ppo"  # PPO loads a kept adapter's model whole, then shards it
+    with pytest.raises(InputError, match=r"fsdp shards a whole model \(rl.dpo\), not one assembled"):
+        load_config(None, [*kept, "rl.algorithm=dpo"])
     assert load_config(None, ["rl.algorithm=grpo", "rl.distributed.strategy=fsdp"]).rl.distributed.frozen == "shard"

@@ -84,14 +84,16 @@ def assert_trained_alike(
     stage: str,
     stores: tuple[LocalStore, LocalStore],
     compared: tuple[str, ...] = ("first_loss", "last_loss", "eval_loss"),
+    halved: tuple[str, ...] = ("parameter_bytes", "optimizer_bytes"),
 ) -> None:
     """FSDP and DDP on two processes train the same model (the same batches; gradients reduced in another
-    order): the same losses and published weights within float rounding; each FSDP process holds half of the
-    trained parameters and of the optimizer state (within the 15 % that uneven shards may add)."""
+    order): the same losses and published weights within float rounding; each FSDP process holds half of what
+    is sharded (`halved`: the trained parameters and the optimizer state, or a LoRA run's base) within the
+    15 % that uneven shards may add."""
     assert sharded.metrics["processes"] == ddp.metrics["processes"] == 2
     for key in compared:
         assert sharded.metrics[key] == pytest.approx(ddp.metrics[key], rel=1e-4), key
-    for key in ("parameter_bytes", "optimizer_bytes"):
+    for key in halved:
         assert sharded.metrics[key] == pytest.approx(ddp.metrics[key] / 2, rel=0.15), key
     weights = [published_weights(store, stage, m) for store, m in zip(stores, (sharded, ddp), strict=True)]
     # transformers' gathered save of a sharded model keeps a tied output embedding as its own copy (the model
@@ -156,6 +158,28 @@ def test_sft_on_two_processes_trains_under_ddp_and_fsdp_alike_and_both_resume_ex
         assert files <= names and ("model.safetensors" in names) == (strategy == "ddp"), strategy
         assert again.resumed_from == checkpoint.step == 4
         assert again.digest == uninterrupted.digest, strategy
+
+
+def test_sft_with_lora_on_a_sharded_base_trains_as_ddp_and_resumes_exactly(upstream, tmp_path):
+    """LoRA under the Trainer's FSDP: transformers shards the frozen base as it loads, and the adapters peft adds
+    after it are whole in every process, kept alike by the Trainer (broadcast once, gradients averaged). The
+    same losses and merged model as DDP (the main process merges the adapters into its base loaded again whole),
+    half of the base in each process. Killed after its first checkpoint (the adapters and their optimizer
+    state), it resumes to the uninterrupted run's bytes."""
+    store, overrides = upstream
+    lora = ["sft.lora.r=8", "sft.learning_rate=2e-3", "sft.max_steps=6", "sft.logging_steps=1"]
+    lora = [*overrides, *lora, "run.checkpoint_every=3"]
+    stores, runs = sharded_and_ddp("sft", store, lora, tmp_path, ("sft.distributed.strategy=fsdp",))
+    assert runs[0].metrics["last_loss"] < runs[0].metrics["first_loss"]
+    assert_trained_alike(*runs, "sft", stores, halved=("frozen_bytes",))
+    assert runs[0].metrics["parameter_bytes"] == runs[1].metrics["parameter_bytes"]  # the adapters, whole
+
+    resumed = LocalStore(tmp_path / "resumed")
+    shutil.copytree(stores[0].root / "artifacts" / "prepare", resumed.root / "artifacts" / "prepare")
+    sharded = ["sft.distributed.strategy=fsdp", "deploy.stages.sft.processes=2", f"run.store={resumed.uri}"]
+    config = load_config(None, [*lora, *sharded])
+    checkpoint, again = kill_and_resume("sft", config, resumed, tmp_path / "resumed.yaml")
+    assert again.resumed_from == checkpoint.step == 3 and again.digest == runs[0].digest
 
 
 def test_multi_aspect_reward_model_sharded_over_two_processes_learns_and_publishes_one_folded_head(tmp_path):
@@ -369,6 +393,26 @@ def test_reward_model_sharded_over_two_processes_trains_as_ddp(upstream, tmp_pat
     assert runs[0].metrics["eval_accuracy"] == runs[1].metrics["eval_accuracy"]
 
 
+def test_reward_model_with_lora_on_a_sharded_base_trains_as_ddp(upstream, tmp_path):
+    """A LoRA reward model on a sharded base: peft's trained copy of the score head, copied from the sharded
+    one, is made whole in each process and trains as the adapters do; the kept adapter, head included, is DDP's."""
+    store, overrides = upstream
+    lora = ["reward.lora.r=8", "reward.lora.merge=false", "reward.learning_rate=2e-3"]
+    short = [*overrides, *lora, "reward.max_steps=6", "reward.logging_steps=1"]
+    stores, runs = sharded_and_ddp("reward", store, short, tmp_path, ("reward.distributed.strategy=fsdp",))
+    assert runs[0].metrics["last_loss"] < runs[0].metrics["first_loss"]
+    for key in ("first_loss", "last_loss", "eval_loss", "eval_accuracy"):
+        assert runs[0].metrics[key] == pytest.approx(runs[1].metrics[key], rel=1e-4), key
+    assert runs[0].metrics["frozen_bytes"] == pytest.approx(runs[1].metrics["frozen_bytes"] / 2, rel=0.15)
+    adapters = [
+        published_weights(where, "reward", m, "adapter_model.safetensors")
+        for where, m in zip(stores, runs, strict=True)
+    ]
+    assert adapters[0].keys() == adapters[1].keys() and any("score" in name for name in adapters[0])
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
     """`rl.distributed.strategy: fsdp` for DPO: the policy and the frozen reference sharded (`frozen: shard`;
     with `replicate`, TRL's own reference is whole in each process, as GRPO's below); DDP's model."""
@@ -426,14 +470,16 @@ def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstrea
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(upstream, tmp_path):
+@pytest.mark.parametrize("lora", [(), ("rl.rejection_sampling.training.lora.r=8",)], ids=["full", "lora"])
+def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(upstream, tmp_path, lora):
     """The policy sharded for sampling and fine-tuning, the reward model for scoring. 33 prompts of 16 per
     generation batch: one process runs two batches, the other one and a filler that joins the first's second
     (a sharded model's forward passes gather from every process), generated and scored. The rounds' scores and
     the weights are DDP's within float rounding (against DDP, not one process: 33 kept answers leave a short
-    last batch, which accelerate evens out); each process holds half of the reward model."""
+    last batch, which accelerate evens out); each process holds half of the reward model. With LoRA the
+    second round samples from the sharded SFT model with the first round's adapter on it, unmerged."""
     store, overrides = upstream
-    rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33"]
+    rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33", *lora]
     stores, manifests = sharded_and_ddp("rl", store, rounds, tmp_path, SHARDED_RL)
     assert_frozen_models_halved(*manifests)
     runs = list(zip(stores, manifests, strict=True))
