@@ -245,7 +245,7 @@ def test_every_process_takes_the_main_process_decision(tmp_path):
         "from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides\n"
         "rank = int(os.environ['RANK'])\n"
         "first, second = main_process_decides('sft/cached', rank == 1), main_process_decides('rl/cached', rank == 0)\n"
-        "print('decided', rank, first, second)\n"
+        "os.write(1, f'decided {rank} {first} {second}\\n'.encode())  # one write: the two lines never interleave\n"
     )
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     lines = subprocess.run(run, capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
