@@ -97,7 +97,13 @@ def training_arguments(ctx: StageContext, config: TrainingConfig, output_dir: Pa
 class ResumesShardedModels:
     """Mixed into a Trainer class, for a model sharded as it loaded: a checkpoint holds its sharded state
     (`ShardedTrainingState` writes and loads it), not the Trainer's gathered copy of its weights, which resume
-    could not load into the shards (whole tensors into shards) and which would only write the weights twice."""
+    could not load into the shards (whole tensors into shards) and which would only write the weights twice;
+    and each process's RNG states, which `save_only_model` leaves out and dropout draws from."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.is_distributed_loading_by_transformers:  # the Trainer loads them back itself
+            self._save_rng_state(str(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.is_distributed_loading_by_transformers:

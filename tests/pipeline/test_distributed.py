@@ -164,10 +164,11 @@ def test_sft_with_lora_on_a_sharded_base_trains_as_ddp_and_resumes_exactly(upstr
     """LoRA under the Trainer's FSDP: transformers shards the frozen base as it loads, and the adapters peft adds
     after it are whole in every process, kept alike by the Trainer (broadcast once, gradients averaged). The
     same losses and merged model as DDP (the main process merges the adapters into its base loaded again whole),
-    half of the base in each process. Killed after its first checkpoint (the adapters and their optimizer
-    state), it resumes to the uninterrupted run's bytes."""
+    half of the base in each process. Killed after its first checkpoint (the adapters, their optimizer state
+    and each process's RNG states, which the adapters' dropout draws from), it resumes to the uninterrupted
+    run's bytes."""
     store, overrides = upstream
-    lora = ["sft.lora.r=8", "sft.learning_rate=2e-3", "sft.max_steps=6", "sft.logging_steps=1"]
+    lora = ["sft.lora.r=8", "sft.lora.dropout=0.1", "sft.learning_rate=2e-3", "sft.max_steps=6", "sft.logging_steps=1"]
     lora = [*overrides, *lora, "run.checkpoint_every=3"]
     stores, runs = sharded_and_ddp("sft", store, lora, tmp_path, ("sft.distributed.strategy=fsdp",))
     assert runs[0].metrics["last_loss"] < runs[0].metrics["first_loss"]
