@@ -529,26 +529,21 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _sharding_where_written(self) -> PipelineConfig:
-        """fsdp where it is written and tested. PPO shards in its own loop; the Trainer stages and methods have
-        transformers shard a whole model as it loads, with LoRA adapters whole in each process beside it."""
-        trainer_stages: list[tuple[str, SFTConfig | RewardConfig]] = [("sft", self.sft), ("reward", self.reward)]
-        sharded: dict[str, TrainingConfig | PPOConfig] = {
-            name: config for name, config in trainer_stages if config.distributed.strategy == "fsdp"
-        }
+    def _sharded_bases_unquantized(self) -> PipelineConfig:
+        """fsdp shards every stage and method, LoRA included, but not a quantized (QLoRA) base."""
+        trained: dict[str, TrainingConfig | PPOConfig] = {}
+        if self.sft.distributed.strategy == "fsdp":
+            trained["sft"] = self.sft
+        if self.reward.distributed.strategy == "fsdp":
+            trained["reward"] = self.reward
         if self.rl.distributed.strategy == "fsdp":
             for method in self.rl.methods:
-                trained = getattr(self.rl, method)
-                sharded[f"rl.{method}"] = getattr(trained, "training", trained)  # rejection sampling's fine-tuning
-        for name, config in sharded.items():
-            field = f"{name.partition('.')[0]}.distributed.strategy"
+                config = getattr(self.rl, method)
+                trained[f"rl.{method}"] = getattr(config, "training", config)  # rejection sampling's fine-tuning
+        for name, config in trained.items():
             if config.lora is not None and config.lora.quantize is not None:
+                field = f"{name.partition('.')[0]}.distributed.strategy"
                 raise ValueError(f"{field}: fsdp does not shard a quantized (QLoRA) base ({name}); use ddp with it")
-            if name not in ("sft", "rl.ppo") and self.sft.lora is not None and not self.sft.lora.merge:
-                raise ValueError(
-                    f"{field}: fsdp shards a whole model ({name}), not one assembled from the LoRA adapter sft "
-                    "keeps (sft.lora.merge: false); merge it, or use ddp"
-                )
         return self
 
     @model_validator(mode="after")

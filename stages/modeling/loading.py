@@ -32,7 +32,7 @@ from transformers import (
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
-from rlhf_pipeline.stages.modeling.lora import adapter_base_of
+from rlhf_pipeline.stages.modeling.lora import adapter_base_of, adapter_task_of
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 
 # Used when a base model's tokenizer brings no chat template of its own.
@@ -165,6 +165,8 @@ def load_policy(
     """A causal LM; `quantization` (bitsandbytes, from `modeling.lora.quantization_config`) for a QLoRA base;
     `train`: its weights will be trained (fp32 master weights); `shards`: the processes it is sharded over."""
     base = adapter_base_of(source)
+    if base is not None and shards > 1:
+        return load_policy(merged_copy_of(source), device, quantization, train, shards)
     if base is not None:
         return merged_adapter(load_policy(base, device, quantization, train), source)
     return place(AutoModelForCausalLM, source, device, quantization, train, shards)
@@ -181,6 +183,8 @@ def load_scorer(
 ) -> PreTrainedModel:
     """A sequence model with scalar heads (one: the reward model, and the PPO value model initialised from it)."""
     base = adapter_base_of(source)
+    if base is not None and shards > 1:
+        return load_scorer(merged_copy_of(source), device, pad_token_id, quantization, train, num_labels, shards)
     if base is not None:
         model = load_scorer(base, device, pad_token_id, quantization, train, num_labels)
         return merged_adapter(model, source, "SEQ_CLS")
@@ -215,6 +219,32 @@ def sharded_loading(shards: int) -> dict[str, object]:
     if shards == 1:
         return {}
     return {"distributed_config": {"fsdp_size": shards}}  # a DistributedConfig as a dict: TRL's args hold it
+
+
+def merged_copy_of(adapter_dir: str | Path) -> str:
+    """Where `save_merged_copies` keeps the whole model a kept adapter makes."""
+    return f"{adapter_dir}-merged"
+
+
+def save_merged_copies(inputs: dict[str, Path]) -> None:
+    """Each kept adapter among a stage's inputs merged into its base and saved whole beside it, for
+    transformers to load sharded (peft merges into whole weights only): a policy's adapter as a causal LM (a
+    scorer built from that copy gets the layers it adapts), a scorer's with its head. Every process writes its
+    own, on the CPU, before it joins the process group: `save_pretrained` then writes from the first only.
+    The random numbers peft draws to build the adapters before loading them are not taken from the stage's
+    generator: a head the stage initialises next (a scorer made from a policy) is the one it gets unsharded."""
+    cpu = torch.device("cpu")
+    for model_dir in [path for root in inputs.values() for path in (root, *root.iterdir()) if path.is_dir()]:
+        base = adapter_base_of(model_dir)
+        if base is None or Path(merged_copy_of(model_dir)).exists():
+            continue
+        with torch.random.fork_rng(devices=[]):
+            if adapter_task_of(model_dir) == "SEQ_CLS":
+                pad_token_id = load_tokenizer(str(model_dir)).pad_token_id
+                merged = merged_adapter(load_scorer(base, cpu, pad_token_id), str(model_dir), "SEQ_CLS")
+            else:
+                merged = merged_adapter(load_policy(base, cpu), str(model_dir))
+        merged.save_pretrained(merged_copy_of(model_dir))
 
 
 def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:

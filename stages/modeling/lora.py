@@ -135,6 +135,11 @@ def adapter_base_of(model_dir: str | Path) -> str | None:
     return json.loads(config.read_text())["base_model_name_or_path"]
 
 
+def adapter_task_of(model_dir: str | Path) -> TaskType | None:
+    """What a kept adapter was trained as (CAUSAL_LM: a policy's, SEQ_CLS: a scorer's)."""
+    return json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text()).get("task_type")
+
+
 def fetch_artifacts(
     sources: dict[str, tuple[ArtifactStore, str]], into: Path, materialize_base: Callable[[], str]
 ) -> dict[str, Path]:

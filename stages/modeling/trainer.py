@@ -22,7 +22,7 @@ from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.config import DistributedConfig, RLDistributedConfig, TrainingConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.modeling.data_parallel import join_processes, stage_processes
-from rlhf_pipeline.stages.modeling.loading import compute_dtype
+from rlhf_pipeline.stages.modeling.loading import compute_dtype, save_merged_copies
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 from rlhf_pipeline.stages.modeling.saving import save_model
 from rlhf_pipeline.stages.modeling.sharding import load_state, local_bytes, save_state, training_state_bytes
@@ -47,10 +47,12 @@ SCHEDULE_FILE = "lr-schedule.pt"
 
 def model_shards(ctx: StageContext, distributed: DistributedConfig) -> int:
     """The processes a stage's trained model is sharded over: all of them with fsdp (their process group joined
-    before the model loads into its shards), else 1 (each process holds it whole, under DDP)."""
+    before the model loads into its shards, the kept adapters among its inputs merged into whole copies
+    before that), else 1 (each process holds it whole, under DDP)."""
     processes = stage_processes()
     if distributed.strategy != "fsdp" or processes.count == 1:
         return 1
+    save_merged_copies(ctx.inputs)
     join_processes(ctx.device)
     return processes.count
 

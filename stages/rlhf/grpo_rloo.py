@@ -70,11 +70,12 @@ def reward_function(scorer: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return reward_model
 
 
-def reloadable(model: PreTrainedModel, sft_dir: str, work_dir: Path) -> None:
+def reloadable(model: PreTrainedModel, sft_dir: str, work_dir: Path, shards: int) -> None:
     """TRL's GRPO and RLOO build their reference again, from the policy's path (`config._name_or_path`). A
     policy assembled from the adapter sft kept has its base's path there, so the reference would be the base,
-    not the SFT model: that policy is saved whole in the work folder, and its path pointed there."""
-    if adapter_base_of(sft_dir) is None:
+    not the SFT model: that policy is saved whole in the work folder, and its path pointed there. A sharded
+    one was loaded from such a copy already (`loading.save_merged_copies`), and names it."""
+    if adapter_base_of(sft_dir) is None or shards > 1:
         return
     model.save_pretrained(work_dir / "reference")
     model.config._name_or_path = str(work_dir / "reference")
@@ -93,7 +94,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     quantization = quantization_config(config.lora, ctx.device, f"rl.{algorithm}")
     model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards)
     if config.beta > 0 and config.lora is None:  # with LoRA the reference is the policy, its adapter disabled
-        reloadable(model, sft_dir, ctx.work_dir)
+        reloadable(model, sft_dir, ctx.work_dir, shards)
     end_ids = end_of_turn_ids(tokenizer, model)
     own_config = model.generation_config
     prompts, too_long = fitting_prompts(

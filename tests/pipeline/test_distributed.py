@@ -414,6 +414,28 @@ def test_reward_model_with_lora_on_a_sharded_base_trains_as_ddp(upstream, tmp_pa
         torch.testing.assert_close(adapters[0][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_stages_after_a_kept_sft_adapter_shard_its_merged_model_as_ddp_holds_it_whole(tmp_path):
+    """sft kept its LoRA adapter (`merge: false`); a sharded stage after it loads the model that adapter makes
+    from a whole copy each process merges on the CPU before sharding (peft merges into whole weights only). The
+    reward model, a scorer made from that adapter, and GRPO's policy and its reference (TRL builds it again from
+    the policy's path: the merged copy's) train as under DDP, each process holding half of them."""
+    store = LocalStore(tmp_path / "kept")
+    overrides = [*TINY, "run.device=cpu", "sft.max_steps=20", "sft.lora.r=8", "sft.lora.merge=false"]
+    config = load_config(None, [*overrides, f"run.store={store.uri}"])
+    for stage in ("prepare", "sft"):
+        run_stage(stage, config, store)
+    short = [*overrides, "reward.max_steps=6", "reward.logging_steps=1"]
+    stores, runs = sharded_and_ddp("reward", store, short, tmp_path / "reward", ("reward.distributed.strategy=fsdp",))
+    assert_trained_alike(*runs, "reward", stores)
+    reward = ["reward.distributed.strategy=fsdp", "deploy.stages.reward.processes=2"]  # the sharded one's
+    grpo = [*short, *reward, "rl.algorithm=grpo", "rl.grpo.max_steps=2", "rl.grpo.logging_steps=1"]
+    grpo += ["rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
+    stores, runs = sharded_and_ddp("rl", stores[0], grpo, tmp_path / "grpo", SHARDED_RL)
+    assert_trained_alike(*runs, "rl", stores, compared=("first_reward", "last_reward"))
+    assert_frozen_models_halved(*runs)
+    assert runs[1].metrics["frozen_bytes"] > 1.5 * runs[1].metrics["parameter_bytes"]  # the reference too
+
+
 def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
     """`rl.distributed.strategy: fsdp` for DPO: the policy and the frozen reference sharded (`frozen: shard`;
     with `replicate`, TRL's own reference is whole in each process, as GRPO's below); DDP's model."""

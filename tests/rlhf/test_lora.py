@@ -78,7 +78,7 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
     batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
     policy = load_policy(str(kept_dir), CPU)
     # TRL's GRPO and RLOO build their reference again from the policy's path: the SFT model too, not its base.
-    reloadable(policy, str(kept_dir), tmp_path / "work")
+    reloadable(policy, str(kept_dir), tmp_path / "work", shards=1)
     reference = create_model_from_path(get_config_model_id(policy.config))
     with torch.no_grad():
         expected = load_policy(str(merged_dir), CPU)(**batch).logits
