@@ -53,9 +53,8 @@ def save_model(
         log.info("keeping the LoRA adapter (base %s)", base.ref)
         save_adapter(model, out_dir)
     elif lora.quantize is not None or sharded_base:
-        merged_again(model, out_dir.parent / f"{out_dir.name}-adapter", base.path, sharded_base).save_pretrained(
-            out_dir
-        )
+        adapter_dir = out_dir.parent / f"{out_dir.name}-adapter"
+        merged_again(model, adapter_dir, base.path, sharded_base).save_pretrained(out_dir)
     else:
         model.merge_and_unload().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

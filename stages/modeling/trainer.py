@@ -229,7 +229,6 @@ def training_summary(trainer: Trainer, key: str = "loss") -> dict[str, float]:
     summary |= {name: held[name] for name in ("parameter_bytes", "optimizer_bytes")}
     if frozen := local_bytes([p for p in trainer.model.parameters() if not p.requires_grad]):
         summary["frozen_bytes"] = frozen  # a LoRA run's base
-
     if losses:
         summary |= {f"first_{key}": round(losses[0], 4), f"last_{key}": round(losses[-1], 4)}
     return summary
