@@ -32,7 +32,7 @@ from transformers import (
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
-from rlhf_pipeline.stages.modeling.lora import adapter_base_of, adapter_task_of
+from rlhf_pipeline.stages.modeling.lora import adapter_base_of, adapter_task_of, kept_adapters
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 
 # Used when a base model's tokenizer brings no chat template of its own.
@@ -233,18 +233,24 @@ def save_merged_copies(inputs: dict[str, Path]) -> None:
     own, on the CPU, before it joins the process group: `save_pretrained` then writes from the first only.
     The random numbers peft draws to build the adapters before loading them are not taken from the stage's
     generator: a head the stage initialises next (a scorer made from a policy) is the one it gets unsharded."""
-    cpu = torch.device("cpu")
-    for model_dir in [path for root in inputs.values() for path in (root, *root.iterdir()) if path.is_dir()]:
-        base = adapter_base_of(model_dir)
-        if base is None or Path(merged_copy_of(model_dir)).exists():
+    for model_dir in kept_adapters(inputs):
+        if Path(merged_copy_of(model_dir)).exists():
             continue
+        base = adapter_base_of(model_dir)
         with torch.random.fork_rng(devices=[]):
-            if adapter_task_of(model_dir) == "SEQ_CLS":
-                pad_token_id = load_tokenizer(str(model_dir)).pad_token_id
-                merged = merged_adapter(load_scorer(base, cpu, pad_token_id), str(model_dir), "SEQ_CLS")
-            else:
-                merged = merged_adapter(load_policy(base, cpu), str(model_dir))
+            merged = merged_whole(model_dir, base, torch.device("cpu"), load_tokenizer(str(model_dir)).pad_token_id)
         merged.save_pretrained(merged_copy_of(model_dir))
+
+
+def merged_whole(
+    adapter_dir: str | Path, base: str, device: torch.device, pad_token_id: int, num_labels: int = 1
+) -> PreTrainedModel:
+    """A kept adapter merged into its base loaded whole on `device`: a scorer's (SEQ_CLS) with its
+    `num_labels` heads, any other as a causal LM."""
+    if adapter_task_of(adapter_dir) == "SEQ_CLS":
+        scorer = load_scorer(base, device, pad_token_id, num_labels=num_labels)
+        return merged_adapter(scorer, str(adapter_dir), "SEQ_CLS")
+    return merged_adapter(load_policy(base, device), str(adapter_dir))
 
 
 def unwrap_adapter(model: PreTrainedModel) -> PreTrainedModel:

@@ -152,12 +152,16 @@ def fetch_artifacts(
     return fetched
 
 
+def kept_adapters(inputs: dict[str, Path]) -> list[Path]:
+    """The kept adapters among a stage's fetched inputs: an artifact's own, and a safety model's under it."""
+    folders = [path for root in inputs.values() for path in (root, *root.iterdir()) if path.is_dir()]
+    return [folder for folder in folders if (folder / ADAPTER_CONFIG).exists()]
+
+
 def link_adapter_bases(inputs: dict[str, Path], materialize_base: Callable[[], str]) -> None:
     """Point each fetched kept adapter (and a safety model's under it) at the local copy of its base."""
-    for model_dir in [path for root in inputs.values() for path in (root, *root.iterdir()) if path.is_dir()]:
+    for model_dir in kept_adapters(inputs):
         config_path = model_dir / ADAPTER_CONFIG
-        if not config_path.exists():
-            continue
         config = json.loads(config_path.read_text())
         ref = config["base_model_name_or_path"]
         if ref == BASE_MODEL:

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_pipeline.stages.core.config import LoraConfig
 from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
-from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer, merged_adapter, unwrap_adapter
+from rlhf_pipeline.stages.modeling.loading import merged_whole, unwrap_adapter
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
 
 if TYPE_CHECKING:
@@ -73,9 +73,5 @@ def merged_again(model: PreTrainedModel, adapter_dir: Path, base_path: str, shar
     save_adapter(model, adapter_dir)
     base = unwrap_adapter(model)
     device = torch.device("cpu") if sharded else next(model.parameters()).device
-    if model.peft_config["default"].task_type == "SEQ_CLS":
-        whole = load_scorer(base_path, device, base.config.pad_token_id, num_labels=base.config.num_labels)
-        merged = merged_adapter(whole, str(adapter_dir), "SEQ_CLS")
-    else:
-        merged = merged_adapter(load_policy(base_path, device), str(adapter_dir))
+    merged = merged_whole(adapter_dir, base_path, device, base.config.pad_token_id, base.config.num_labels)
     return merged.to(base.dtype) if sharded else merged
