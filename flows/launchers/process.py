@@ -17,10 +17,14 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, cast
+from uuid import UUID
 
+from prefect.logging.configuration import setup_logging
+from prefect.logging.loggers import flow_run_logger
 from setproctitle import setproctitle
 
 from rlhf_pipeline.flows.launchers.launcher import StageCrashed, StageInputDamaged, StageInputError
@@ -38,6 +42,7 @@ TORCHRUN = "rlhf_pipeline.stages.modeling.torchrun"  # torchrun, passing on a fa
 # it to the first pod's name under the headless Service `rlhf-stages`).
 NODE0_ADDRESS = "RLHF_NODE0_ADDRESS"
 DEFAULT_NODE0_ADDRESS = "127.0.0.1:29500"
+FLOW_RUN_ID = "PREFECT__FLOW_RUN_ID"  # what a Prefect worker tells a flow run's container, pod or process
 # What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
 # (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
 PRELOADED_MODULES = [
@@ -187,6 +192,17 @@ class ForkedStage:
         self._process.close()
 
 
+def start_stage(
+    stage: str, config: PipelineConfig, config_uri: str, env: dict[str, str], forked: bool, node_rank: int = 0
+) -> ForkedStage | subprocess.Popen[str]:
+    """The stage's processes of node `node_rank` (all of them on one node), forked from the warm interpreter or
+    a fresh program, their output and errors as one text stream (`stdout`)."""
+    if forked:
+        return ForkedStage(*forked_program(stage, config, config_uri, node_rank), env)
+    command = stage_command(stage, config, config_uri, node_rank)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
 class ProcessLauncher:
     """Each stage in its own OS process (or processes); its output goes line by line to the stage run's logger.
     With `warm` (the pipeline's several stages) a CPU stage is forked from the warm interpreter
@@ -212,12 +228,7 @@ class ProcessLauncher:
         tail: deque[str] = deque(maxlen=5)
         message = None  # the stage's own, of its last process to give one
         monitor = StageMonitor.in_run_context(label or stage)
-        started: ForkedStage | subprocess.Popen[str]
-        if forked:
-            started = ForkedStage(*forked_program(stage, config, config_uri), env)
-        else:
-            started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        with started as proc:
+        with start_stage(stage, config, config_uri, env, forked) as proc:
             logger.info("stage process pid %d", proc.pid)
             assert proc.stdout is not None  # piped
             for line in proc.stdout:
@@ -237,21 +248,43 @@ class ProcessLauncher:
             raise StageInputError(message or f"{stage}: bad input")
         if code == EXIT_DAMAGED_ARTIFACT:
             raise StageInputDamaged(message or f"{stage}: a damaged input")
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        raise StageCrashed(f"stage {stage} {how}: {tail[-1] if tail else 'no output'}")
+        nodes = config.deploy.resources(stage).nodes
+        where = f" (node 0 of {nodes}: the others log to the stage's flow run)" if nodes > 1 else ""
+        raise StageCrashed(f"stage {stage}{where} {ending(code)}: {tail[-1] if tail else 'no output'}")
 
 
 def run_node(stage: str, config_uri: str, node_rank: int) -> int:
     """One node's processes of a stage on several nodes (`rlhf node`: a Kubernetes pod after the first, or a
-    machine of your own), started as the first node's are (forked on CPU), their output straight through; their
+    machine of your own), started as the first node's are (forked on CPU); their output line by line, and how
+    they ended, on this process's output and, in a pod of the stage's flow run, in that flow run's logs; their
     exit code."""
     config = read_config(config_uri)
     nodes = config.deploy.resources(stage).nodes
     if not 0 <= node_rank < nodes:
         raise InputError(f"--node-rank {node_rank}: deploy.stages.{stage}.nodes is {nodes} (ranks 0 to {nodes - 1})")
     env = stage_environment(stage, config)
-    if not forks_stage(stage, config):
-        return subprocess.run(stage_command(stage, config, config_uri, node_rank), env=env, check=False).returncode
-    with ForkedStage(*forked_program(stage, config, config_uri, node_rank), env) as node:
-        shutil.copyfileobj(node.stdout, sys.stdout)
-        return node.wait()
+    say = node_output(stage, node_rank)
+    with start_stage(stage, config, config_uri, env, forks_stage(stage, config), node_rank) as node:
+        assert node.stdout is not None  # piped
+        for line in node.stdout:
+            if line := line.rstrip():
+                say(logging.INFO, line)
+        code = node.wait()
+    say(logging.INFO if code == 0 else logging.ERROR, f"node {node_rank} of stage {stage} {ending(code)}")
+    return code
+
+
+def node_output(stage: str, node_rank: int) -> Callable[[int, str], None]:
+    """Where a node after the first puts its processes' lines (`say(level, line)`): in a pod of the stage's
+    flow run (the worker gives every pod of the stage's Kubernetes Job the flow run's id), that flow run's logs
+    as well as the pod's own output, for the worker streams the first pod's only; elsewhere its own output."""
+    flow_run_id = os.environ.get(FLOW_RUN_ID)
+    if not flow_run_id:
+        return lambda _level, line: print(line, flush=True)
+    setup_logging()  # Prefect's handlers: the console's, and the one that sends to its API
+    return flow_run_logger(flow_run_id=UUID(flow_run_id), flow_run_name=f"{stage} node {node_rank}").log
+
+
+def ending(code: int) -> str:
+    """How a process that exited with `code` ended (negative: killed by that signal)."""
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         torch_run.run(torch_run.parse_args(argv))
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        print(f"the stage's process of rank {rank} failed first, with exit code {failure.exitcode}", file=sys.stderr)
+        how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"the stage's process of rank {rank} failed first, {how}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 

@@ -26,7 +26,7 @@ from prefect.states import Completed, Crashed, Failed
 from rlhf_pipeline.flows.deployments import INFRA, deploy
 from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher, job_variables
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW, StageCrashed, StageInputError
-from rlhf_pipeline.flows.launchers.process import NODE0_ADDRESS
+from rlhf_pipeline.flows.launchers.process import FLOW_RUN_ID, NODE0_ADDRESS
 from rlhf_pipeline.flows.pipeline import run_pipeline
 from rlhf_pipeline.stages.core.config import DeployConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
@@ -249,14 +249,16 @@ def test_kubernetes_job_template_renders_gpu_and_cpu_limits_node_selector_and_to
 
 def test_a_stage_on_two_nodes_is_an_indexed_kubernetes_job_whose_pods_find_the_first(prefect_api):
     """Two pods with the stage's GPUs each, numbered (an indexed Job), named under the headless Service of
-    worker.yaml; every pod knows where the first one is and the config the others run their node of."""
+    worker.yaml; every pod knows where the first one is, the config the others run their node of, and the flow
+    run they send their output to."""
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     template = json.loads((INFRA / "kubernetes" / "base-job-template.json").read_text())
     deploy = DeployConfig.model_validate({"stages": {"sft": {"gpus": 8, "nodes": 2}}})
     values = job_variables("kubernetes", "sft", deploy, CONFIG_URI)
     configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
-    configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="sft"))  # as the worker does
+    flow_run = FlowRun(flow_id=uuid.uuid4(), name="sft")
+    configuration.prepare_for_flow_run(flow_run)  # as the worker does
     job = configuration.job_manifest
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["completionMode"] == "Indexed"
@@ -274,6 +276,7 @@ def test_a_stage_on_two_nodes_is_an_indexed_kubernetes_job_whose_pods_find_the_f
     job_name = "metadata.labels['batch.kubernetes.io/job-name']"
     assert env["RLHF_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == job_name
     assert env[NODE0_ADDRESS]["value"] == "$(RLHF_JOB_NAME)-0.rlhf-stages:29500"
+    assert env[FLOW_RUN_ID]["value"] == str(flow_run.id)  # where every pod's `rlhf node` sends its output
     names = [entry["name"] for entry in container["env"]]
     assert names.index("RLHF_JOB_NAME") < names.index(NODE0_ADDRESS)  # Kubernetes expands earlier variables only
     one_node = job_variables("kubernetes", "reward", deploy, CONFIG_URI)

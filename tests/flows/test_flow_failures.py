@@ -79,7 +79,7 @@ def test_a_real_stage_rejecting_its_input_is_an_input_error(tmp_path, start, pro
     assert ("(forked from the warm interpreter)" in log.lines[0]) == (start == "fork")
     assert f"rlhf_pipeline.flows.cli stage sft --config {path}" in log.lines[0] or processes == 1
     assert f"rlhf stage sft --config {path}" in log.lines[0] or processes == 2
-    assert sum("failed first, with exit code 2" in line for line in log.lines) == (processes == 2)
+    assert sum("failed first, exit code 2" in line for line in log.lines) == (processes == 2)
 
 
 def test_exit_code_2_is_an_input_error_with_the_stage_message(monkeypatch, config_file):

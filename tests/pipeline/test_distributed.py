@@ -5,17 +5,26 @@ main process publishes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from safetensors.torch import load as load_weights
 
-from rlhf_pipeline.flows.launchers.process import NODE0_ADDRESS, ProcessLauncher
+from rlhf_pipeline.flows.launchers.launcher import StageCrashed
+from rlhf_pipeline.flows.launchers.process import FLOW_RUN_ID, NODE0_ADDRESS, ProcessLauncher
+from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
@@ -72,6 +81,54 @@ def test_sft_on_two_nodes_of_two_processes_trains_as_one_node_of_four(tmp_path, 
     four, two_by_two = manifests
     assert four.cache_key == two_by_two.cache_key and two_by_two.metrics["processes"] == 4
     assert two_by_two.digest == four.digest
+
+
+def test_a_node_after_the_first_logs_to_the_stage_flow_run_and_its_death_fails_the_stage(
+    tmp_path, loopback_nodes, prefect_api
+):
+    """On Kubernetes the worker streams the first pod's output only; the pods after it send their processes'
+    lines, and how they ended, to the stage's flow run (whose id the worker gives every pod). A process of the
+    second node killed mid-training (out of memory, a lost GPU) fails the first node's stage, for the pipeline
+    to retry, and the flow run's logs say which node and process died, and how."""
+    store = LocalStore(tmp_path / "store")
+    overrides = ["run.device=cpu", "sft.max_steps=60", "deploy.stages.sft.nodes=2", f"run.store={store.uri}"]
+    config = load_config(None, [*TINY, *overrides])
+    run_stage("prepare", config, store)
+    store.write_bytes("runs/sft/config.yaml", dump_config(config).encode())
+    config_uri = store.uri_of("runs/sft/config.yaml")
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(rlhf_stage, parameters={"stage": "sft", "config_uri": config_uri})
+    node = [RLHF, "node", "sft", "--config", config_uri, "--node-rank", "1"]
+    second = subprocess.Popen(node, env=os.environ | {FLOW_RUN_ID: str(flow_run.id)})
+    crashed: list[StageCrashed] = []
+
+    def first() -> None:
+        try:
+            ProcessLauncher().launch("sft", config_uri, _Log())
+        except StageCrashed as exc:
+            crashed.append(exc)
+
+    first_node = threading.Thread(target=first)
+    first_node.start()
+    deadline = time.monotonic() + 300
+    while not list((store.root / "checkpoints" / "sft").rglob("step-*/manifest.json")):
+        assert time.monotonic() < deadline and first_node.is_alive(), "no checkpoint: the stage was not training"
+        time.sleep(0.05)
+    # the second node's one process, rank 1: the child of its torchrun (forked, it keeps torchrun's title)
+    processes = psutil.Process(second.pid).children(recursive=True)
+    ranks = [p for p in processes if p.parent().cmdline()[0].startswith("torchrun ")]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGKILL)
+    first_node.join(timeout=120)
+    assert second.wait(timeout=60) == 1
+    assert not first_node.is_alive() and crashed, "the first node's stage did not fail"
+    assert str(crashed[0]).startswith("stage sft (node 0 of 2: the others log to the stage's flow run) exited")
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    messages = [log.message for log in logs]
+    assert "the stage's process of rank 1 failed first, killed by SIGKILL" in messages
+    assert messages[-1] == "node 1 of stage sft exited with code 1"
+    assert logs[-1].level == logging.ERROR
 
 
 def published_weights(store: LocalStore, stage: str, manifest: Manifest, path: str = "model.safetensors") -> dict:
