@@ -26,6 +26,11 @@ assets: install
 demo: install
 	$(VENV)/bin/rlhf run examples/demo.yaml
 
+# The suite on two workers (pytest-xdist), each with its own Prefect server and S3 servers; a module's tests stay
+# on one worker, which computes the module's fixtures (whole pipeline runs) once. Each stage process of the tests
+# runs one compute thread (tests/conftest.py), so that the two workers' stages share the 2 cores without changing
+# each other's numbers.
+TEST_WORKERS ?= 2
 # The browser test opens the Prefect UI in Debian's headless Chromium; the tests' Prefect servers run on Debian's
 # PostgreSQL, as the compose stack does (both need root to install).
 test: install assets
@@ -33,7 +38,7 @@ test: install assets
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql)
 	$(VENV)/bin/ruff check .
 	$(MAKE) typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # The unit tests alone, for the edit loop (under 2 minutes): no pipeline runs, no models trained.
 FAST_TESTS := tests/core tests/data/test_formats.py tests/data/test_agreement.py tests/rlhf/test_ppo_math.py \

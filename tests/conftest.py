@@ -25,6 +25,7 @@ import pytest
 
 from rlhf_pipeline.flows.launchers.launcher import StageCrashed
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
+from rlhf_pipeline.stages.core.cpus import CPUS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -329,6 +330,22 @@ def wait_for_health(api_url: str, server: subprocess.Popen, log: Path, timeout: 
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"no Prefect server at {api_url} after {timeout} s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_compute_thread():
+    """Every stage process of the session (forked, spawned, in a container or here) runs one compute thread.
+    A stage's sums come out in another order when its thread count changes, and a stage takes its share of the
+    machine from the stage processes running beside it (`core.cpus`): the tests run on two workers side by side
+    (`make test`), and those that compare bytes (a resumed run's, a recomputed artifact's) must not see what the
+    other worker runs. The tests of that sharing set their own CPUs."""
+    saved = os.environ.get(CPUS_ENV)
+    os.environ[CPUS_ENV] = "1"
+    yield
+    if saved is None:
+        os.environ.pop(CPUS_ENV, None)
+    else:
+        os.environ[CPUS_ENV] = saved
 
 
 @pytest.fixture(autouse=True)

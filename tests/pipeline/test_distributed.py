@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
+from rlhf_pipeline.stages.core.cpus import CPUS_ENV, granted_cpus
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.data_parallel import join_processes
@@ -195,7 +197,7 @@ def test_sft_on_two_processes_trains_under_ddp_and_fsdp_alike_and_both_resume_ex
         stores.append(store)
         manifest, log = launch("sft", configs[-1], store)
         runs.append(manifest)
-        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        threads = max(1, math.floor(granted_cpus() / 2))  # two ranks share what the stage may use
         assert sum(f"INFO running on cpu, compute threads: {threads}" in line for line in log.lines) == 2
     ddp = runs[1]
     assert ddp.cache_key != single.cache_key and "processes" not in single.metrics
@@ -271,8 +273,9 @@ def test_multi_aspect_reward_model_sharded_over_two_processes_learns_and_publish
     torch.testing.assert_close(heads[0][0], weights @ heads[1])
 
 
-def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_threads(tmp_path):
+def test_a_stage_given_fewer_cpus_than_the_machine_runs_that_many_compute_threads(tmp_path, monkeypatch):
     """deploy.stages.<stage>.cpus caps a local stage process as a cgroup quota caps one in a container."""
+    monkeypatch.delenv(CPUS_ENV)  # the session's one thread per stage (conftest): the config's cap must do it
     assert len(os.sched_getaffinity(0)) >= 2  # the cap must be below what the process could use
     store = LocalStore(tmp_path / "store")
     config = load_config(None, [*TINY, f"run.store={store.uri}", "sft.max_steps=2", "deploy.stages.sft.cpus=1"])

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
-from rlhf_pipeline.stages.core.cpus import CPUS_ENV
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.runner import run_stage
@@ -43,14 +42,6 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "rloo": ("rl", ["rl.algorithm=rloo", *(f"rl.rloo.{setting}" for setting in GROUP_RL)]),
 }
 CHECKPOINT_EVERY = 3
-
-
-@pytest.fixture(autouse=True)
-def one_compute_thread(monkeypatch):
-    """Sums over several threads come out in another order when the thread count changes, and a stage takes
-    its share of the machine from the stage processes running beside it (`core.cpus`): the runs compared here
-    run one thread each (the killed process inherits it), so that what runs beside the suite cannot tell."""
-    monkeypatch.setenv(CPUS_ENV, "1")
 
 
 @pytest.fixture(scope="module")
