@@ -334,18 +334,14 @@ def wait_for_health(api_url: str, server: subprocess.Popen, log: Path, timeout: 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_compute_thread():
-    """Every stage process of the session (forked, spawned, in a container or here) runs one compute thread.
+    """Every stage process of the session (forked, started by a launcher, or run here) runs one compute thread.
     A stage's sums come out in another order when its thread count changes, and a stage takes its share of the
     machine from the stage processes running beside it (`core.cpus`): the tests run on two workers side by side
     (`make test`), and those that compare bytes (a resumed run's, a recomputed artifact's) must not see what the
     other worker runs. The tests of that sharing set their own CPUs."""
-    saved = os.environ.get(CPUS_ENV)
-    os.environ[CPUS_ENV] = "1"
-    yield
-    if saved is None:
-        os.environ.pop(CPUS_ENV, None)
-    else:
-        os.environ[CPUS_ENV] = saved
+    with pytest.MonkeyPatch.context() as session:
+        session.setenv(CPUS_ENV, "1")
+        yield
 
 
 @pytest.fixture(autouse=True)
