@@ -43,7 +43,7 @@ def base_model_dir(config: PipelineConfig, work_dir: Path) -> str:
     return materialize_base(config.model, config.run.seed, work_dir)
 
 
-def published_artifact(store: ArtifactStore, stage: str, plan: StagePlan) -> Manifest | None:
+def published_artifact(store: ArtifactStore, config: PipelineConfig, stage: str, plan: StagePlan) -> Manifest | None:
     """The stage's artifact if the store holds it. Of several processes, each finds what the main one found
     (`data_parallel.main_process_decides`, which imports torch: only such stages pay for it)."""
     existing = read_manifest(store, plan.prefix)
@@ -51,7 +51,7 @@ def published_artifact(store: ArtifactStore, stage: str, plan: StagePlan) -> Man
         return existing
     from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides
 
-    if not main_process_decides(f"{stage}/cached", existing is not None):
+    if not main_process_decides(f"{stage}/cached", existing is not None, config.deploy.collective_timeout(stage)):
         return None
     return existing or read_manifest(store, plan.prefix)  # published after this process looked
 
@@ -93,7 +93,7 @@ def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple
     """Returns the stage's manifest and whether it was already in the store (cached). Of several training
     processes only the main one publishes; the others return no manifest."""
     plan = plan_stage(store, config, stage)
-    existing = published_artifact(store, stage, plan)
+    existing = published_artifact(store, config, stage, plan)
     if existing is not None:
         log.info("%s: cached at %s", stage, store.uri_of(plan.prefix))
         return existing, True

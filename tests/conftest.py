@@ -149,31 +149,46 @@ class PidLog:
             self.pid = args[0]
 
 
+class LaunchedStage:
+    """A stage started as the pipeline starts it (`ProcessLauncher`), in a thread, for a test to do something
+    to its processes while it trains; `crashed` holds its StageCrashed, if it crashes."""
+
+    def __init__(self, stage: str, config_uri: str) -> None:
+        self.log = PidLog()
+        self.crashed: list[StageCrashed] = []
+        self.thread = threading.Thread(target=self._launch, args=(stage, config_uri))
+        self.thread.start()
+
+    def _launch(self, stage: str, config_uri: str) -> None:
+        try:
+            ProcessLauncher().launch(stage, config_uri, self.log)
+        except StageCrashed as exc:
+            self.crashed.append(exc)
+
+    def first_checkpoint(self, checkpoints: Path) -> int:
+        """Once a checkpoint under `checkpoints` is complete (the stage process started): its step."""
+        deadline = time.monotonic() + 300
+        while not (complete := sorted(checkpoints.rglob("step-*/manifest.json"))) or not self.log.pid:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "no checkpoint: the stage was not training"
+            time.sleep(0.02)
+        return int(complete[0].parent.name.removeprefix("step-"))
+
+    def processes(self) -> list[psutil.Process]:
+        """The stage process and the processes it started (torchrun's)."""
+        stage_process = psutil.Process(self.log.pid)
+        return [stage_process, *stage_process.children(recursive=True)]
+
+
 def kill_after_first_checkpoint(stage: str, config_path: Path, checkpoints: Path) -> int:
     """Start the stage as a real process; SIGKILL it once a checkpoint of it is complete, with the processes it
     started (torchrun's, which would otherwise train on for up to a second: a lost machine); that step."""
-    log, crashed = PidLog(), []
-
-    def launch() -> None:
-        try:
-            ProcessLauncher().launch(stage, str(config_path), log)
-        except StageCrashed as exc:
-            crashed.append(exc)
-
-    attempt = threading.Thread(target=launch)
-    attempt.start()
-    deadline = time.monotonic() + 300
-    while attempt.is_alive() and time.monotonic() < deadline:
-        complete = sorted(checkpoints.rglob("step-*/manifest.json"))
-        if complete and log.pid:
-            stage_process = psutil.Process(log.pid)
-            for process in [stage_process, *stage_process.children(recursive=True)]:
-                process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    attempt.join()
-    assert crashed and "killed by SIGKILL" in str(crashed[0]), "the stage ended before it could be killed"
-    return int(complete[0].parent.name.removeprefix("step-"))
+    launched = LaunchedStage(stage, str(config_path))
+    step = launched.first_checkpoint(checkpoints)
+    for process in launched.processes():
+        process.send_signal(signal.SIGKILL)
+    launched.thread.join()
+    assert launched.crashed and "killed by SIGKILL" in str(launched.crashed[0]), "the stage ended before it was killed"
+    return step
 
 
 class LocalBucketServer:

@@ -5,6 +5,7 @@ Unknown keys are errors, and every error names the file, the line and the field.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -447,6 +448,15 @@ class StageResources(Section):
         description="machines the stage runs on, each with `gpus` and `processes`: a Kubernetes pool runs one pod "
         "per node (an indexed Job); elsewhere `rlhf node` starts the nodes after the first",
     )
+    collective_timeout_minutes: float = Field(
+        120,
+        gt=0,
+        description="of a stage on several processes: how long each waits for the others at a collective (a sum "
+        "of gradients, a gather of rollouts, the wait while the main process uploads a checkpoint) before it "
+        "fails the stage, which the pipeline retries from its last checkpoint. A process that hangs (a lost "
+        "node, a stuck GPU) ends the stage after this long instead of holding it; keep it above the slowest "
+        "checkpoint upload and the spread between the processes' ends of a round's generation",
+    )
 
 
 class DeployConfig(Section):
@@ -486,6 +496,9 @@ class DeployConfig(Section):
     def world_size(self, stage: str) -> int:
         """All the stage's training processes, on all its nodes."""
         return self.resources(stage).nodes * self.processes_per_node(stage)
+
+    def collective_timeout(self, stage: str) -> timedelta:
+        return timedelta(minutes=self.resources(stage).collective_timeout_minutes)
 
 
 class PipelineConfig(Section):

@@ -20,8 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
 
 @dataclass(frozen=True)
 class Processes:
@@ -101,17 +99,18 @@ def stage_processes() -> Processes:
     return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def main_process_decides(topic: str, decision: bool) -> bool:
+def main_process_decides(topic: str, decision: bool, timeout: timedelta) -> bool:
     """The main process's `decision` in every process (each passes its own, only the main one's counts). A
     choice made from what the store holds, such as whether the stage's artifact is there already, must be one
     choice: another run may publish between two processes' reads, and then some would skip the stage while the
     others wait for them at their first collective. Passed through torchrun's key-value store, which exists
-    before any process group does (the Trainer stages' is made later, by accelerate)."""
+    before any process group does (the Trainer stages' is made later, by accelerate); the others wait for it
+    up to `timeout`."""
     processes = stage_processes()
     if processes.count == 1:
         return decision
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    store = dist.TCPStore(address, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    store = dist.TCPStore(address, port, is_master=False, timeout=timeout)
     key = f"rlhf/{topic}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if processes.main:
         store.set(key, str(int(decision)))
@@ -119,12 +118,13 @@ def main_process_decides(topic: str, decision: bool) -> bool:
     return store.get(key) == b"1"
 
 
-def join_processes(device: torch.device) -> Processes:
-    """The stage's processes, their process group joined (the Trainer stages' is joined by accelerate)."""
+def join_processes(device: torch.device, timeout: timedelta) -> Processes:
+    """The stage's processes, their process group joined (the Trainer stages' is joined by accelerate, with the
+    same `timeout`: `deploy.stages.<stage>.collective_timeout_minutes`, how long a collective waits for the
+    processes that have not reached it, the main one uploading a checkpoint among them)."""
     processes = stage_processes()
     if processes.count > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        # The others wait at a collective while the main process uploads a checkpoint: allow for a big one.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return processes

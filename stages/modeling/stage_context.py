@@ -4,6 +4,7 @@ and output directories, its checkpoints in the store, and, on first use, its tor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,10 @@ class StageContext:
         from rlhf_pipeline.stages.modeling.loading import init_torch
 
         return init_torch(self.config.run)
+
+    @property
+    def collective_timeout(self) -> timedelta:
+        return self.config.deploy.collective_timeout(self.stage)
 
     def input_manifest(self, name: str) -> Manifest:
         return self.plan.inputs[name][1]

@@ -46,15 +46,17 @@ SCHEDULE_FILE = "lr-schedule.pt"
 
 
 def model_shards(ctx: StageContext, distributed: DistributedConfig) -> int:
-    """The processes a stage's trained model is sharded over: all of them with fsdp (their process group joined
-    before the model loads into its shards, the kept adapters among its inputs merged into whole copies
-    before that), else 1 (each process holds it whole, under DDP)."""
+    """The processes a stage's trained model is sharded over: all of them with fsdp (the kept adapters among
+    its inputs merged into whole copies first, for the model to load into its shards), else 1 (each process
+    holds it whole, under DDP). Their process group is joined here, after the merging (`save_merged_copies`)
+    and before accelerate would join it: with the stage's collective timeout, which accelerate leaves at
+    torch's default on CPUs (TrainingArguments' `ddp_timeout` reaches GPU process groups only)."""
     processes = stage_processes()
-    if distributed.strategy != "fsdp" or processes.count == 1:
-        return 1
-    save_merged_copies(ctx.inputs)
-    join_processes(ctx.device)
-    return processes.count
+    sharded = distributed.strategy == "fsdp" and processes.count > 1
+    if sharded:
+        save_merged_copies(ctx.inputs)
+    join_processes(ctx.device, ctx.collective_timeout)
+    return processes.count if sharded else 1
 
 
 def frozen_shards(shards: int, distributed: RLDistributedConfig) -> int:

@@ -18,12 +18,20 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from rlhf_pipeline.stages.core.config import GroupRLConfig
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_turns
-from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, sharded_loading, unwrap_adapter
+from rlhf_pipeline.stages.modeling.loading import (
+    load_policy,
+    load_tokenizer,
+    merged_copy_of,
+    save_merged_copies,
+    sharded_loading,
+    unwrap_adapter,
+)
 from rlhf_pipeline.stages.modeling.lora import (
     AdapterBase,
     adapter_base_of,
@@ -70,15 +78,17 @@ def reward_function(scorer: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return reward_model
 
 
-def reloadable(model: PreTrainedModel, sft_dir: str, work_dir: Path, shards: int) -> None:
-    """TRL's GRPO and RLOO build their reference again, from the policy's path (`config._name_or_path`). A
-    policy assembled from the adapter sft kept has its base's path there, so the reference would be the base,
-    not the SFT model: that policy is saved whole in the work folder, and its path pointed there. A sharded
-    one was loaded from such a copy already (`loading.save_merged_copies`), and names it."""
-    if adapter_base_of(sft_dir) is None or shards > 1:
-        return
-    model.save_pretrained(work_dir / "reference")
-    model.config._name_or_path = str(work_dir / "reference")
+def policy_source(inputs: dict[str, Path], config: GroupRLConfig) -> str:
+    """Where the policy loads from. TRL's GRPO and RLOO build their reference again, from the policy's path
+    (`config._name_or_path`): a policy assembled from the adapter sft kept would have its base's path there,
+    and the reference would be the base, not the SFT model. Such a policy loads from the whole copy that
+    adapter makes (`loading.save_merged_copies`, each process its own, before `model_shards` joins the
+    process group), as a sharded one does anyway; with LoRA the reference is the policy, its adapter disabled."""
+    sft_dir = str(inputs["sft"])
+    if config.beta > 0 and config.lora is None and adapter_base_of(sft_dir) is not None:
+        save_merged_copies(inputs)
+        return merged_copy_of(sft_dir)
+    return sft_dir
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -87,14 +97,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trainer_class, config_class = TRAINERS[algorithm]
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
+    source = policy_source(ctx.inputs, config)
     shards = model_shards(ctx, ctx.config.rl.distributed)
     frozen = frozen_shards(shards, ctx.config.rl.distributed)
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)
     max_length = arguments.pop("max_length")
     quantization = quantization_config(config.lora, ctx.device, f"rl.{algorithm}")
-    model = load_policy(sft_dir, ctx.device, quantization, train=config.lora is None, shards=shards)
-    if config.beta > 0 and config.lora is None:  # with LoRA the reference is the policy, its adapter disabled
-        reloadable(model, sft_dir, ctx.work_dir, shards)
+    model = load_policy(source, ctx.device, quantization, train=config.lora is None, shards=shards)
     end_ids = end_of_turn_ids(tokenizer, model)
     own_config = model.generation_config
     prompts, too_long = fitting_prompts(

@@ -107,7 +107,7 @@ class PPOTrainer:
         self.ctx = ctx
         self.config = config
         self.sft_dir, self.reward_dir = str(ctx.inputs["sft"]), str(ctx.inputs["reward"])
-        self.processes = join_processes(ctx.device)
+        self.processes = join_processes(ctx.device, ctx.collective_timeout)
         distributed = ctx.config.rl.distributed
         self.sharded = distributed.strategy == "fsdp" and self.processes.count > 1
         self.tokenizer = load_tokenizer(self.sft_dir)

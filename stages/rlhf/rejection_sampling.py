@@ -185,7 +185,7 @@ def round_dir_of(ctx: StageContext) -> Callable[[int], Path]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
-    processes = join_processes(ctx.device)
+    processes = join_processes(ctx.device, ctx.collective_timeout)
     shards = model_shards(ctx, ctx.config.rl.distributed)
     frozen = frozen_shards(shards, ctx.config.rl.distributed)
     held_frozen = 0

@@ -12,8 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -23,7 +23,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from safetensors.torch import load as load_weights
 
-from rlhf_pipeline.flows.launchers.launcher import StageCrashed
 from rlhf_pipeline.flows.launchers.process import FLOW_RUN_ID, NODE0_ADDRESS, ProcessLauncher
 from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
@@ -37,7 +36,7 @@ from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer
 from rlhf_pipeline.stages.modeling.sharding import load_sharded, local_bytes
 from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import RLHF, TINY, free_port, kill_after_first_checkpoint
+from tests.conftest import RLHF, TINY, LaunchedStage, free_port, kill_after_first_checkpoint
 
 
 class _Log:
@@ -64,6 +63,11 @@ def launch(stage: str, config: PipelineConfig, store: LocalStore) -> tuple[Manif
     assert [node.wait(timeout=300) for node in others] == [0] * len(others)
     assert sum(f"rlhf.stage INFO {stage}: done" in line for line in log.lines) == 1  # rank 0, on the first node
     return read_manifest(store, plan_stage(store, config, stage).prefix), log
+
+
+def torchrun_ranks(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Of a stage's processes, those torchrun started (forked, they keep its title in their parent's)."""
+    return [process for process in processes if process.parent().cmdline()[0].startswith("torchrun ")]
 
 
 @pytest.fixture
@@ -102,35 +106,46 @@ def test_a_node_after_the_first_logs_to_the_stage_flow_run_and_its_death_fails_t
         flow_run = client.create_flow_run(rlhf_stage, parameters={"stage": "sft", "config_uri": config_uri})
     node = [RLHF, "node", "sft", "--config", config_uri, "--node-rank", "1"]
     second = subprocess.Popen(node, env=os.environ | {FLOW_RUN_ID: str(flow_run.id)})
-    crashed: list[StageCrashed] = []
-
-    def first() -> None:
-        try:
-            ProcessLauncher().launch("sft", config_uri, _Log())
-        except StageCrashed as exc:
-            crashed.append(exc)
-
-    first_node = threading.Thread(target=first)
-    first_node.start()
-    deadline = time.monotonic() + 300
-    while not list((store.root / "checkpoints" / "sft").rglob("step-*/manifest.json")):
-        assert time.monotonic() < deadline and first_node.is_alive(), "no checkpoint: the stage was not training"
-        time.sleep(0.05)
-    # the second node's one process, rank 1: the child of its torchrun (forked, it keeps torchrun's title)
-    processes = psutil.Process(second.pid).children(recursive=True)
-    ranks = [p for p in processes if p.parent().cmdline()[0].startswith("torchrun ")]
-    assert len(ranks) == 1
-    ranks[0].send_signal(signal.SIGKILL)
-    first_node.join(timeout=120)
+    first = LaunchedStage("sft", config_uri)
+    first.first_checkpoint(store.root / "checkpoints" / "sft")
+    (rank,) = torchrun_ranks(psutil.Process(second.pid).children(recursive=True))  # the second node's one process
+    rank.send_signal(signal.SIGKILL)
+    first.thread.join(timeout=120)
     assert second.wait(timeout=60) == 1
-    assert not first_node.is_alive() and crashed, "the first node's stage did not fail"
-    assert str(crashed[0]).startswith("stage sft (node 0 of 2: the others log to the stage's flow run) exited")
+    assert not first.thread.is_alive() and first.crashed, "the first node's stage did not fail"
+    assert str(first.crashed[0]).startswith("stage sft (node 0 of 2: the others log to the stage's flow run) exited")
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
     messages = [log.message for log in logs]
     assert "the stage's process of rank 1 failed first, killed by SIGKILL" in messages
     assert messages[-1] == "node 1 of stage sft exited with code 1"
     assert logs[-1].level == logging.ERROR
+
+
+def test_a_process_that_hangs_fails_the_stage_after_the_collective_timeout(tmp_path):
+    """A process that stops answering (a lost node, a stuck GPU) holds the others at their next collective for
+    `deploy.stages.<stage>.collective_timeout_minutes` (6 s here, 2 h by default), not for the 30 minutes that
+    accelerate leaves a Trainer stage's CPU process group at: then the one still running fails, and the stage
+    crashes, for the pipeline to retry it from its last checkpoint."""
+    store = LocalStore(tmp_path / "store")
+    timeout = 6
+    overrides = ["run.device=cpu", "sft.max_steps=60", "deploy.stages.sft.processes=2", f"run.store={store.uri}"]
+    config = load_config(None, [*TINY, *overrides, f"deploy.stages.sft.collective_timeout_minutes={timeout / 60}"])
+    run_stage("prepare", config, store)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    launched = LaunchedStage("sft", str(config_path))
+    launched.first_checkpoint(store.root / "checkpoints" / "sft")
+    hung, running = sorted(torchrun_ranks(launched.processes()), key=lambda rank: rank.pid)
+    hung.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    _, alive = psutil.wait_procs([running], timeout=timeout + 30)
+    waited = time.monotonic() - stopped
+    hung.send_signal(signal.SIGCONT)  # to take torchrun's SIGTERM now rather than its SIGKILL 30 s later
+    launched.thread.join(timeout=120)
+    assert not alive, "the process still running waited on past the collective timeout"
+    assert timeout - 1 < waited < timeout + 20
+    assert launched.crashed and str(launched.crashed[0]).endswith("failed first, exit code 1"), launched.crashed
 
 
 def published_weights(store: LocalStore, stage: str, manifest: Manifest, path: str = "model.safetensors") -> dict:
@@ -303,9 +318,12 @@ def test_every_process_takes_the_main_process_decision(tmp_path):
     script = tmp_path / "decide.py"
     script.write_text(
         "import os\n"
+        "from datetime import timedelta\n"
         "from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides\n"
         "rank = int(os.environ['RANK'])\n"
-        "first, second = main_process_decides('sft/cached', rank == 1), main_process_decides('rl/cached', rank == 0)\n"
+        "minute = timedelta(minutes=1)\n"
+        "first = main_process_decides('sft/cached', rank == 1, minute)\n"
+        "second = main_process_decides('rl/cached', rank == 0, minute)\n"
         "os.write(1, f'decided {rank} {first} {second}\\n'.encode())  # one write: the two lines never interleave\n"
     )
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
@@ -321,7 +339,7 @@ def load_in_shards(rank: int, folders: list[dict[str, Path]], port: int, out: Pa
     compute and what this process holds of them, saved to `out`."""
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     cpu = torch.device("cpu")
-    processes = join_processes(cpu)
+    processes = join_processes(cpu, timedelta(minutes=1))
     policy_dir, scorer_dir = str(folders[rank]["policy"]), str(folders[rank]["scorer"])
     models = {
         "policy": load_sharded(lambda device: load_policy(policy_dir, device), cpu, processes),

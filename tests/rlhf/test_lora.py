@@ -17,7 +17,7 @@ from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
 from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
-from rlhf_pipeline.stages.rlhf.grpo_rloo import reloadable
+from rlhf_pipeline.stages.rlhf.grpo_rloo import policy_source
 from rlhf_pipeline.stages.runner import run_stage
 from rlhf_pipeline.stages.tools.chat import fetch_model
 from tests.conftest import TINY
@@ -76,9 +76,8 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
     )
     tokenizer = load_tokenizer(str(kept_dir))
     batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
-    policy = load_policy(str(kept_dir), CPU)
     # TRL's GRPO and RLOO build their reference again from the policy's path: the SFT model too, not its base.
-    reloadable(policy, str(kept_dir), tmp_path / "work", shards=1)
+    policy = load_policy(policy_source({"sft": kept_dir}, load_config(None, []).rl.grpo), CPU)
     reference = create_model_from_path(get_config_model_id(policy.config))
     with torch.no_grad():
         expected = load_policy(str(merged_dir), CPU)(**batch).logits
