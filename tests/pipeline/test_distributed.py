@@ -97,7 +97,13 @@ def test_a_node_after_the_first_logs_to_the_stage_flow_run_and_its_death_fails_t
     second node killed mid-training (out of memory, a lost GPU) fails the first node's stage, for the pipeline
     to retry, and the flow run's logs say which node and process died, and how."""
     store = LocalStore(tmp_path / "store")
-    overrides = ["run.device=cpu", "sft.max_steps=60", "deploy.stages.sft.nodes=2", f"run.store={store.uri}"]
+    overrides = [
+        "run.device=cpu",
+        "sft.max_steps=60",
+        "run.checkpoint_every=5",
+        "deploy.stages.sft.nodes=2",
+        f"run.store={store.uri}",
+    ]
     config = load_config(None, [*TINY, *overrides])
     run_stage("prepare", config, store)
     store.write_bytes("runs/sft/config.yaml", dump_config(config).encode())
@@ -129,7 +135,13 @@ def test_a_process_that_hangs_fails_the_stage_after_the_collective_timeout(tmp_p
     crashes, for the pipeline to retry it from its last checkpoint."""
     store = LocalStore(tmp_path / "store")
     timeout = 6
-    overrides = ["run.device=cpu", "sft.max_steps=60", "deploy.stages.sft.processes=2", f"run.store={store.uri}"]
+    overrides = [
+        "run.device=cpu",
+        "sft.max_steps=60",
+        "run.checkpoint_every=5",
+        "deploy.stages.sft.processes=2",
+        f"run.store={store.uri}",
+    ]
     config = load_config(None, [*TINY, *overrides, f"deploy.stages.sft.collective_timeout_minutes={timeout / 60}"])
     run_stage("prepare", config, store)
     config_path = tmp_path / "config.yaml"
@@ -524,18 +536,35 @@ def test_dpo_sharded_over_two_processes_trains_as_ddp(upstream, tmp_path):
     assert runs[0].metrics["eval_reward_accuracy"] == pytest.approx(runs[1].metrics["eval_reward_accuracy"])
 
 
-def test_grpo_sharded_over_two_processes_samples_and_trains_as_ddp(upstream, tmp_path):
-    """TRL's GRPO with the policy sharded (generation gathers each layer's weights, every process joining each
-    forward pass until all are done): the same sampled answers' rewards and the same model as DDP; TRL's
-    reference (loaded through `model_init_kwargs`) and the reward model sharded too, half of them in each
-    process. RLOO is the same stage code (`rlhf.grpo_rloo`) on TRL's RLOOTrainer."""
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_methods_sharded_over_two_processes_sample_and_train_as_ddp(upstream, tmp_path, method):
+    """TRL's GRPO and RLOO (one stage code, `rlhf.grpo_rloo`) with the policy sharded (generation gathers each
+    layer's weights, every process joining each forward pass until all are done): the same sampled answers'
+    rewards and the same model as DDP; TRL's reference (loaded through `model_init_kwargs`) and the reward
+    model sharded too, half of them in each process."""
     store, overrides = upstream
-    grpo = [*overrides, "rl.algorithm=grpo", "rl.grpo.max_steps=3", "rl.grpo.logging_steps=1"]
-    grpo += ["rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
-    stores, runs = sharded_and_ddp("rl", store, grpo, tmp_path, SHARDED_RL)
+    group = [*overrides, f"rl.algorithm={method}", f"rl.{method}.max_steps=3", f"rl.{method}.logging_steps=1"]
+    group += [f"rl.{method}.batch_size=8", f"rl.{method}.num_generations=4"]
+    stores, runs = sharded_and_ddp("rl", store, group, tmp_path, SHARDED_RL)
     assert_trained_alike(*runs, "rl", stores, compared=("first_reward", "last_reward"))
     assert_frozen_models_halved(*runs)
     assert runs[1].metrics["frozen_bytes"] > 1.5 * runs[1].metrics["parameter_bytes"]  # the reference too
+
+
+def test_a_kept_reward_adapter_is_sharded_as_the_frozen_reward_model_as_ddp_holds_it_whole(upstream, tmp_path):
+    """The reward stage kept its LoRA adapter (`merge: false`): an RL stage sharding its frozen models loads that
+    adapter's reward model from a whole copy each process merges on the CPU (with its score head), and GRPO
+    samples, is rewarded and trains as under DDP, each process holding half of the reward model."""
+    store, overrides = upstream
+    kept = copy_upstream(store, tmp_path / "kept")
+    reward = [*overrides, "reward.lora.r=8", "reward.lora.merge=false", "reward.max_steps=6"]
+    adapter, _ = run_stage("reward", load_config(None, [*reward, f"run.store={kept.uri}"]), kept)
+    assert "adapter_config.json" in {entry.path for entry in adapter.files}
+    grpo = [*reward, "rl.algorithm=grpo", "rl.grpo.max_steps=2", "rl.grpo.logging_steps=1"]
+    grpo += ["rl.grpo.batch_size=8", "rl.grpo.num_generations=4"]
+    stores, runs = sharded_and_ddp("rl", kept, grpo, tmp_path, SHARDED_RL)
+    assert_trained_alike(*runs, "rl", stores, compared=("first_reward", "last_reward"))
+    assert_frozen_models_halved(*runs)
 
 
 def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstream, tmp_path):
