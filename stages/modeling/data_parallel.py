@@ -104,8 +104,7 @@ def main_process_decides(topic: str, decision: bool, timeout: timedelta) -> bool
     choice made from what the store holds, such as whether the stage's artifact is there already, must be one
     choice: another run may publish between two processes' reads, and then some would skip the stage while the
     others wait for them at their first collective. Passed through torchrun's key-value store, which exists
-    before any process group does (the Trainer stages' is made later, by accelerate); the others wait for it
-    up to `timeout`."""
+    before any process group does (`join_processes` makes it later); the others wait for it up to `timeout`."""
     processes = stage_processes()
     if processes.count == 1:
         return decision
@@ -119,9 +118,9 @@ def main_process_decides(topic: str, decision: bool, timeout: timedelta) -> bool
 
 
 def join_processes(device: torch.device, timeout: timedelta) -> Processes:
-    """The stage's processes, their process group joined (the Trainer stages' is joined by accelerate, with the
-    same `timeout`: `deploy.stages.<stage>.collective_timeout_minutes`, how long a collective waits for the
-    processes that have not reached it, the main one uploading a checkpoint among them)."""
+    """The stage's processes, their process group joined (the Trainer stages' before accelerate would join it,
+    in `trainer.model_shards`), with `timeout`: `deploy.stages.<stage>.collective_timeout_minutes`, how long a
+    collective waits for the processes that have not reached it, the main one uploading a checkpoint among them."""
     processes = stage_processes()
     if processes.count > 1 and not dist.is_initialized():
         if device.type == "cuda":
