@@ -47,7 +47,7 @@ def published_artifact(store: ArtifactStore, config: PipelineConfig, stage: str,
     """The stage's artifact if the store holds it. Of several processes, each finds what the main one found
     (`data_parallel.main_process_decides`, which imports torch: only such stages pay for it)."""
     existing = read_manifest(store, plan.prefix)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not several_processes():
         return existing
     from rlhf_pipeline.stages.modeling.data_parallel import main_process_decides
 
@@ -89,9 +89,24 @@ def stage_context(
     return ctx
 
 
+def several_processes() -> bool:
+    """Whether this is one of a stage's several processes (under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run_stage(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest | None, bool]:
     """Returns the stage's manifest and whether it was already in the store (cached). Of several training
-    processes only the main one publishes; the others return no manifest."""
+    processes only the main one publishes; the others return no manifest. The exception that ends one of them
+    is recorded for torchrun (torch's `record`, which imports torch: only such stages pay for it), whose report
+    of the process that failed first then names it (`modeling.torchrun`)."""
+    if not several_processes():
+        return run_stage_here(stage, config, store)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(run_stage_here)(stage, config, store)
+
+
+def run_stage_here(stage: str, config: PipelineConfig, store: ArtifactStore) -> tuple[Manifest | None, bool]:
     plan = plan_stage(store, config, stage)
     existing = published_artifact(store, config, stage, plan)
     if existing is not None:

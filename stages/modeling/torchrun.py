@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from torch.distributed import run as torch_run
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         torch_run.run(torch_run.parse_args(argv))
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        print(f"the stage's process of rank {rank} failed first, {how}", file=sys.stderr)
+        print(f"the stage's process of rank {rank} failed first, {how_it_ended(failure)}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def how_it_ended(failure: ProcessFailure) -> str:
+    """The signal or exit code, and the exception the process recorded (`runner.run_stage`), if it did."""
+    how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    recorded = failure.message.get("message") if isinstance(failure.message, dict) else None
+    return f"{how}: {recorded}" if recorded else how
 
 
 if __name__ == "__main__":
