@@ -22,6 +22,8 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from werkzeug.serving import make_server
 
 from rlhf_pipeline.flows.launchers.launcher import StageCrashed
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
@@ -96,20 +98,31 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
         process.wait()
 
 
+class MotoS3App(DomainDispatcherApplication):
+    """moto's server application with S3 as its only service. moto otherwise works out the service of every
+    request from its host, listing the folders of its ~200 backends and trying their URL patterns: over half of
+    what each request cost, and a pipeline run makes about a thousand."""
+
+    def get_backend_for_host(self, host: str | None) -> str:
+        return "s3"
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server on 127.0.0.1; the AWS variables point every boto3 client (and child process) at it."""
-    from moto.server import ThreadedMotoServer
-
+    """moto's S3 server on 127.0.0.1, in a thread; the AWS variables point every boto3 client (and child
+    process) at it."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server = make_server(
+        "127.0.0.1", 0, MotoS3App(create_backend_app), threaded=True, request_handler=MotoRequestHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
     saved = dict(os.environ)
     os.environ.update(AWS_ENDPOINT_URL=endpoint, **S3_TEST_CREDENTIALS)
     yield endpoint
-    server.stop()
+    server.shutdown()
+    thread.join()
     os.environ.clear()
     os.environ.update(saved)
 

@@ -43,9 +43,12 @@ TORCHRUN = "rlhf_pipeline.stages.modeling.torchrun"  # torchrun, passing on a fa
 NODE0_ADDRESS = "RLHF_NODE0_ADDRESS"
 DEFAULT_NODE0_ADDRESS = "127.0.0.1:29500"
 FLOW_RUN_ID = "PREFECT__FLOW_RUN_ID"  # what a Prefect worker tells a flow run's container, pod or process
-# What the warm interpreter imports once, so that a forked stage starts training at once: every stage's module
-# (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama, matplotlib).
+# What the warm interpreter imports once, so that a forked stage starts training at once: this module (a forked
+# child unpickles its target, run_forked, from it: Prefect's logging, 2-3 s to import on a CPU core), every
+# stage's module (torch, transformers, TRL, datasets, peft) and what they import only when running (Llama,
+# matplotlib).
 PRELOADED_MODULES = [
+    __name__,
     CLI,
     TORCHRUN,
     *STAGE_MODULES,

@@ -111,10 +111,11 @@ def artifact_prefix(stage: str, key: str) -> str:
 def read_manifest(store: ArtifactStore, prefix: str) -> Manifest | None:
     """The manifest of a complete artifact, or None where there is none (yet), or none that can be read."""
     key = f"{prefix}/{MANIFEST}"
-    if not store.exists(key):
+    data = store.read_bytes_if_present(key)
+    if data is None:
         return None
     try:
-        manifest = Manifest.model_validate_json(store.read_bytes(key))
+        manifest = Manifest.model_validate_json(data)
     except ValidationError as exc:
         log.warning("%s: unreadable manifest, counted as no artifact (%s)", store.uri_of(key), exc.errors()[0]["msg"])
         return None

@@ -48,6 +48,10 @@ class CheckpointStore:
         self.key = key
         self.keep = keep
         self.root = root or f"checkpoints/{stage}/{key}"
+        # Steps seen complete, so that each manifest is read once, not at every save's pruning: a manifest stays
+        # until its checkpoint is deleted (no longer listed) or set aside as damaged (forgotten here when this
+        # process does it; where another attempt does, pruning may keep it in place of an older good one).
+        self._complete: set[int] = set()
 
     def nested(self, name: str) -> CheckpointStore:
         """Checkpoints of a second model trained in the same stage; cleared with this store's."""
@@ -59,7 +63,10 @@ class CheckpointStore:
     def complete_steps(self) -> list[int]:
         names = self.store.list_children(self.root)
         steps = [int(name.removeprefix("step-")) for name in names if name.startswith("step-")]
-        return sorted(s for s in steps if read_manifest(self.store, self._prefix(s)) is not None)
+        for step in steps:
+            if step not in self._complete and read_manifest(self.store, self._prefix(step)) is not None:
+                self._complete.add(step)
+        return sorted(step for step in steps if step in self._complete)
 
     def restore_latest(self, local_dir: Callable[[int], Path]) -> int | None:
         """Download the newest checkpoint that verifies into `local_dir(step)` and return its step; None when
@@ -69,12 +76,14 @@ class CheckpointStore:
                 fetch_dir(self.store, self._prefix(step), local_dir(step))
             except DamagedArtifact as exc:
                 log.warning("%s; falling back to the checkpoint before it", exc)
+                self._complete.discard(step)
                 shutil.rmtree(local_dir(step), ignore_errors=True)
                 continue
             except Exception:
                 if read_manifest(self.store, self._prefix(step)) is not None:
                     raise
                 log.info("checkpoint at step %d pruned by another attempt while it downloaded", step)
+                self._complete.discard(step)
                 shutil.rmtree(local_dir(step), ignore_errors=True)
                 continue
             return step
@@ -93,6 +102,7 @@ class CheckpointStore:
                 return
         fields = {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step}
         create_manifest(self.store, self._prefix(step), folder, one_entry_per_path(entries), fields)
+        self._complete.add(step)  # this attempt's manifest or an earlier one's: complete either way
         for old in self.complete_steps()[: -self.keep]:
             self.store.delete_prefix(self._prefix(old))
 

@@ -50,10 +50,20 @@ class StagePlan:
 
 def plan_stage(store: ArtifactStore, config: PipelineConfig, stage: str) -> StagePlan:
     """The stage's cache key and its complete inputs; fails if an upstream artifact is missing."""
+    return _plan(store, config, stage, {})
+
+
+def _plan(
+    store: ArtifactStore, config: PipelineConfig, stage: str, known: dict[str, tuple[StagePlan, Manifest | None]]
+) -> StagePlan:
+    """plan_stage with the stages already planned on the way (`known`: each one's plan and manifest), so that
+    a stage reached along two paths (sft, under reward and under rl) is planned and its manifest read once."""
     inputs: dict[str, tuple[str, Manifest]] = {}
     for upstream in STAGES[stage].inputs_for(config):
-        plan = plan_stage(store, config, upstream)
-        manifest = read_manifest(store, plan.prefix)
+        if upstream not in known:
+            plan = _plan(store, config, upstream, known)
+            known[upstream] = (plan, read_manifest(store, plan.prefix))
+        plan, manifest = known[upstream]
         if manifest is None:
             raise MissingInput(
                 f"stage {stage}: its input {upstream!r} has not been produced yet (run {upstream} first)"

@@ -45,6 +45,7 @@ TRANSIENT_S3_ERRORS = {
     "RequestTimeout",
     "ConditionalRequestConflict",  # another conditional write of the key is in flight: ask again
 }
+MISSING_S3_OBJECT = ("404", "NoSuchKey", "NotFound")
 PERMANENT_S3_ERRORS = {
     "NoSuchBucket": "no such bucket",
     "AccessDenied": "access denied",
@@ -76,6 +77,11 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def read_bytes_if_present(self, key: str) -> bytes | None:
+        """The object's bytes, or None where there is none: one request where `exists` and `read_bytes` are two
+        (manifests are read this way many times a run)."""
 
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -136,6 +142,12 @@ class LocalStore(ArtifactStore):
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def read_bytes_if_present(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Written beside the target and renamed over it; created with the umask's permissions like any other
@@ -278,7 +290,7 @@ class S3Store(ArtifactStore):
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if exc.response["Error"]["Code"] in MISSING_S3_OBJECT:
                 return False
             raise
         return True
@@ -286,6 +298,17 @@ class S3Store(ArtifactStore):
     @_retried
     def read_bytes(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    @_retried
+    def read_bytes_if_present(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in MISSING_S3_OBJECT:
+                return None
+            raise
 
     @_retried
     def write_bytes(self, key: str, data: bytes) -> None:

@@ -56,6 +56,14 @@ def test_publish_then_fetch_round_trips_and_verifies(store, tmp_path):
         assert sha256_file(tmp_path / "dst" / entry.path) == sha256_file(source / entry.path) == entry.sha256
 
 
+def test_an_object_that_is_not_there_reads_as_none(store):
+    store.write_bytes("a/b/object", b"bytes")
+    assert store.read_bytes_if_present("a/b/object") == b"bytes"
+    assert store.read_bytes_if_present("a/b/other") is None
+    assert store.read_bytes_if_present("a/b") is None  # a folder (a prefix) is no object
+    assert store.read_bytes_if_present("a/b/object/below") is None
+
+
 def test_only_the_first_create_of_a_key_lands(store):
     """Eight writers race to create one key: exactly one succeeds, and what it wrote stays."""
     barrier = threading.Barrier(8)
