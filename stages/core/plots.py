@@ -6,7 +6,7 @@ Prefect UI.
 Drawn on matplotlib's `Figure` directly (no pyplot): no global state, no display needed. matplotlib is imported
 only to draw: a stage with nothing to plot never loads it. The panels sit on a fixed grid with margins in inches
 and carry at most a handful of ticks: matplotlib's constrained layout measures every label to place them, which
-took longer than a small stage's training (2.6 s against 1.2 s for PPO's twenty curves).
+cost more than a tiny stage's training (docs/monitoring.md: 0.45x the time for PPO's twenty curves).
 """
 
 from __future__ import annotations
