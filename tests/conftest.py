@@ -67,7 +67,9 @@ TINY = [
     "rl.rejection_sampling.training.learning_rate=1e-3",
     "evaluate.prompts=32",
     "evaluate.generation.max_new_tokens=12",
-    "run.checkpoint_every=5",
+    # A checkpoint every 25 steps: four of sft's 100 steps, two of reward's 60. The tests that kill a stage
+    # and resume it checkpoint more often (each checkpoint is a dozen uploads: at 5, a third of a run's requests).
+    "run.checkpoint_every=25",
     "run.retry_delay_seconds=0.5",
 ]
 

@@ -277,7 +277,8 @@ def test_a_killed_orchestrator_leaves_no_stage_running_and_the_rerun_resumes(fir
     """SIGKILL `rlhf run` itself (not its stage) while `rl` trains: the stage sees its launcher gone and stops;
     the same command again finds the finished stages cached and resumes `rl` from its checkpoint."""
     store = S3Store(f"s3://{bucket}/runs")
-    command = [RLHF, "run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args("rl.ppo.steps=40")]
+    overrides = tiny_args("rl.ppo.steps=40", "run.checkpoint_every=5")
+    command = [RLHF, "run", "--store", f"s3://{bucket}/runs", "--json", *overrides]
     orchestrator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage = None
     deadline = time.monotonic() + 300
