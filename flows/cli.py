@@ -191,9 +191,8 @@ def _runs(args: argparse.Namespace) -> int:
     rows = []
     now = datetime.now(UTC)
     for run_id in store.list_children("runs"):
-        key = f"runs/{run_id}/run.json"
-        if store.exists(key):
-            summary = store.read_json(key)
+        if (stored := store.read_bytes_if_present(f"runs/{run_id}/run.json")) is not None:
+            summary = json.loads(stored)
         elif found := heartbeat_of(store, run_id, now):
             summary = {"status": "crashed" if found[1] else "running", "stages": {}}
         else:
@@ -213,9 +212,10 @@ def _show(args: argparse.Namespace) -> int:
     store = ArtifactStore.from_uri(args.store)
     store.check_access()
     key = f"runs/{args.run_id}/run.json"
-    if not store.exists(key):
+    stored = store.read_bytes_if_present(key)
+    if stored is None:
         raise InputError(f"{store.uri_of(key)}: no finished run {args.run_id!r} in this store (see `rlhf runs`)")
-    summary = store.read_json(key)
+    summary = json.loads(stored)
     if args.json:
         print(json.dumps(summary))
     else:

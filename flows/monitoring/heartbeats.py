@@ -10,6 +10,7 @@ where it runs the same config, says that it resumes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -89,10 +90,11 @@ def heartbeat_of(store: ArtifactStore, run_id: str, now: datetime) -> tuple[dict
     """A run's heartbeat and whether it stopped; None where the run has none, or one that cannot be read
     (logged and left as it is)."""
     key = heartbeat_key(run_id)
-    if not store.exists(key):
+    data = store.read_bytes_if_present(key)
+    if data is None:
         return None
     try:
-        heartbeat = store.read_json(key)
+        heartbeat = json.loads(data)
         return heartbeat, is_dead(heartbeat, now)
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("%s: unreadable heartbeat, left as it is (%s)", store.uri_of(key), exc)
