@@ -151,7 +151,10 @@ def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fie
     """Upload every file of `local_dir` under a folder of this attempt's own, then create the manifest: the
     artifact exists only once that lands (`create_manifest`)."""
     folder = attempt_folder()
-    return create_manifest(store, prefix, folder, upload_files(store, local_dir, prefix, folder), manifest_fields)
+    manifest = create_manifest(store, prefix, folder, upload_files(store, local_dir, prefix, folder), manifest_fields)
+    if manifest is None:
+        raise DamagedArtifact(f"{store.uri_of(prefix)}: another attempt's manifest is there but cannot be read")
+    return manifest
 
 
 def upload_files(store: ArtifactStore, local_dir: Path, prefix: str, folder: str) -> list[FileEntry]:
@@ -170,10 +173,11 @@ def upload_files(store: ArtifactStore, local_dir: Path, prefix: str, folder: str
 
 def create_manifest(
     store: ArtifactStore, prefix: str, folder: str, entries: list[FileEntry], manifest_fields: dict[str, Any]
-) -> Manifest:
+) -> Manifest | None:
     """The manifest of the files uploaded under `folder`, created only where there is none yet. Where another
     attempt's manifest landed first, this attempt's files are removed and the other's manifest is returned: the
-    artifact that exists is never changed."""
+    artifact that exists is never changed. None where the other's could not be read: unreadable, or gone since
+    (another attempt pruned its checkpoint, or cleared them all once its artifact landed; our upload with them)."""
     manifest = Manifest(files=sorted(entries, key=lambda entry: entry.path), files_at=folder, **manifest_fields)
     if store.create(f"{prefix}/{MANIFEST}", manifest.model_dump_json(indent=2).encode()):
         return manifest
@@ -181,9 +185,7 @@ def create_manifest(
     if existing is not None and existing.files_at == folder:  # ours after all: the reply to the create was lost
         return existing
     store.delete_prefix(f"{prefix}/{folder}")
-    log.info("%s: published first by another attempt; using it, this attempt's upload removed", store.uri_of(prefix))
-    if existing is None:
-        raise DamagedArtifact(f"{store.uri_of(prefix)}: another attempt's manifest is there but cannot be read")
+    log.info("%s: published first by another attempt; this attempt's upload removed", store.uri_of(prefix))
     return existing
 
 

@@ -101,8 +101,10 @@ class CheckpointStore:
             if not processes.main:
                 return
         fields = {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step}
-        create_manifest(self.store, self._prefix(step), folder, one_entry_per_path(entries), fields)
-        self._complete.add(step)  # this attempt's manifest or an earlier one's: complete either way
+        if create_manifest(self.store, self._prefix(step), folder, one_entry_per_path(entries), fields) is None:
+            log.info("checkpoint at step %d: another attempt's came first and is gone (pruned or cleared)", step)
+        else:
+            self._complete.add(step)  # this attempt's manifest or an earlier one's: complete either way
         for old in self.complete_steps()[: -self.keep]:
             self.store.delete_prefix(self._prefix(old))
 

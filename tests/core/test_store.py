@@ -96,6 +96,31 @@ def test_two_attempts_at_one_artifact_the_first_manifest_wins(store, tmp_path):
     assert sha256_file(tmp_path / "dst" / "model/weights.bin") == sha256_file(tmp_path / "first/model/weights.bin")
 
 
+def test_a_checkpoint_that_another_attempt_clears_before_it_is_read_is_passed_over(store, tmp_path):
+    """Two attempts race to the last checkpoint; the other's manifest lands first, then goes before this attempt
+    reads it (the other published the artifact and cleared its checkpoints, our upload with them): this attempt
+    goes on (the step is done), it does not fail the stage. An artifact's manifest that cannot be read fails."""
+    checkpoints = CheckpointStore(store, "sft", "k", keep=2)
+    create = store.create
+
+    def create_then_clear(key: str, data: bytes) -> bool:
+        store.create = create  # once
+        assert create(key, b'{"written by": "the other attempt"}')
+        checkpoints.clear()
+        return False
+
+    store.create = create_then_clear
+    checkpoints.save(40, _make_dir(tmp_path / "src"))
+    assert checkpoints.complete_steps() == [] and store.list_children("checkpoints/sft/k") == []
+    checkpoints.save(45, _make_dir(tmp_path / "next"))
+    assert checkpoints.complete_steps() == [45]
+
+    store.write_bytes(f"artifacts/sft/k/{MANIFEST}", b"not a manifest")
+    with pytest.raises(DamagedArtifact, match="another attempt's manifest is there but cannot be read"):
+        publish_dir(store, _make_dir(tmp_path / "artifact"), "artifacts/sft/k", FIELDS)
+    assert store.list_children("artifacts/sft/k") == [MANIFEST]  # this attempt's upload removed
+
+
 def test_a_manifest_whose_files_folder_leaves_the_artifact_is_refused(store, tmp_path):
     manifest = publish_dir(store, _make_dir(tmp_path / "src"), "artifacts/sft/k", FIELDS)
     for folder in ("../other", "/etc", "a/b"):
