@@ -31,6 +31,7 @@ from rlhf_pipeline.stages.core.progress import stop_with_launcher
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
+EPHEMERAL_STARTUP_TIMEOUT_S = "180"
 DISK_FULL_ADVICE = (
     "free space in the work directory's file system (TMPDIR), or give the stage more "
     "(deploy.stages.<stage>.work_storage on Kubernetes); a retry first removes what killed attempts left behind"
@@ -143,8 +144,17 @@ def _resolve(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _prefect_defaults() -> None:
+    """Settings Prefect reads when it is first imported, so before that. Without PREFECT_API_URL a run starts
+    Prefect's ephemeral server, which creates and migrates its database on first use: 28-33 s on a 2-core machine
+    with a fresh PREFECT_HOME (16-19 s after), past the 20 s Prefect waits for it by default (`make demo` on a
+    fresh machine failed its first run with Prefect's traceback)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _prefect_defaults()
     from rlhf_pipeline.flows.monitoring.run_view import print_summary, watching
     from rlhf_pipeline.flows.pipeline import run_pipeline, step_labels
     from rlhf_pipeline.stages.tools.validate import validate_inputs
@@ -160,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prefect_defaults()
     from rlhf_pipeline.flows.deployments import deploy
 
     config = _resolve(args)

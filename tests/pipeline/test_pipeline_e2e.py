@@ -1,5 +1,6 @@
 """The whole pipeline through `rlhf run`, against moto's S3 server and one Prefect server for the session:
-a full run, a rerun that is all cache hits, a change of RL algorithm that reruns only `rl` and `evaluate`,
+a full run, a rerun that is all cache hits (on Prefect's ephemeral server in a fresh Prefect home, as
+`make demo` on a fresh machine), a change of RL algorithm that reruns only `rl` and `evaluate`,
 a damaged artifact computed again, and an `rl` stage process SIGKILLed mid-run that the same run retries and
 resumes."""
 
@@ -97,15 +98,19 @@ def test_evaluate_artifact_holds_the_report(first_run, bucket, tmp_path):
 
 
 def test_rerun_with_nothing_changed_is_all_cached(first_run, bucket):
+    """As `make demo` runs on a fresh machine: no Prefect server to report to (PREFECT_API_URL unset), so Prefect
+    starts its ephemeral one, in a Prefect home never used before (this test's), whose database it creates
+    first: 28-33 s on this machine, past the 20 s Prefect waits by default."""
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
     started = time.monotonic()
-    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args())
+    result = rlhf("run", "--store", f"s3://{bucket}/runs", "--json", *tiny_args(), env=env)
     elapsed = time.monotonic() - started
     summary = summary_of(result)
     assert summary["status"] == "completed"
     assert {name: s["status"] for name, s in summary["stages"].items()} == dict.fromkeys(STAGE_NAMES, "cached")
     for name in STAGE_NAMES:
         assert summary["stages"][name]["artifact"] == first_run["stages"][name]["artifact"]
-    assert elapsed < 60
+    assert elapsed < 120  # the server's first start; nothing trains, downloads or starts a stage process
 
 
 # Settings no other test uses, so that both methods train here (the shared stages are the first run's): switching
