@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
-from rlhf_pipeline.stages.modeling.data_parallel import Processes, join_processes
+from rlhf_pipeline.stages.modeling.data_parallel import Processes, stage_processes
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, merged_adapter
 from rlhf_pipeline.stages.modeling.lora import (
     AdapterBase,
@@ -185,8 +185,8 @@ def round_dir_of(ctx: StageContext) -> Callable[[int], Path]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.rl.rejection_sampling
-    processes = join_processes(ctx.device, ctx.collective_timeout)
-    shards = model_shards(ctx, ctx.config.rl.distributed)
+    processes = stage_processes()
+    shards = model_shards(ctx, ctx.config.rl.distributed)  # joins their process group
     frozen = frozen_shards(shards, ctx.config.rl.distributed)
     held_frozen = 0
     prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
