@@ -263,7 +263,9 @@ def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CA
     that policy, where it adapts the same transformer layers and the score head stays as the scorer has it.
     peft freezes the base it loads an adapter into; the merged model is left trainable where the base was
     (a stage that fully fine-tunes a kept adapter's model trains every weight). A model built without its
-    weights is the merged model's skeleton already."""
+    weights is the merged model's skeleton already. peft draws random numbers to initialise the adapter's layers
+    before it loads their weights: from generators of their own, so that what the stage draws next (a new
+    adapter it trains, a head) is what it draws where the merged model is loaded whole (`save_merged_copies`)."""
     if _WEIGHTS_UNREAD.get():
         return base
     from peft import PeftConfig, PeftModel
@@ -272,7 +274,8 @@ def merged_adapter(base: PreTrainedModel, adapter_dir: str, task_type: str = "CA
     if config.task_type != task_type:
         config.task_type = None
     trainable = {name for name, parameter in base.named_parameters() if parameter.requires_grad}
-    merged = PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()
+    with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
+        merged = PeftModel.from_pretrained(base, adapter_dir, config=config).merge_and_unload()
     for name, parameter in merged.named_parameters():
         parameter.requires_grad_(name in trainable)
     return merged
