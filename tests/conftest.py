@@ -41,6 +41,9 @@ def artifact_key(store, uri: str) -> str:
 
 
 # A pipeline small enough for tests on 2 CPU cores, with the same code paths as the demo.
+# A manifest's losses and scores are rounded to 4 decimals: two runs within float rounding of each other can round
+# to neighbours (0.6915 and 0.6916), one unit of the last decimal apart.
+ROUNDED_METRIC = 1.5e-4
 TINY = [
     "model.tiny.hidden_size=32",
     "model.tiny.num_layers=2",

@@ -36,7 +36,7 @@ from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer
 from rlhf_pipeline.stages.modeling.sharding import load_sharded, local_bytes
 from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import RLHF, TINY, LaunchedStage, free_port, kill_after_first_checkpoint
+from tests.conftest import RLHF, ROUNDED_METRIC, TINY, LaunchedStage, free_port, kill_after_first_checkpoint
 
 
 class _Log:
@@ -163,9 +163,6 @@ def test_a_process_that_hangs_fails_the_stage_after_the_collective_timeout(tmp_p
     assert "Timed out waiting 6000ms" in str(launched.crashed[0])
 
 
-# A manifest's losses are rounded to 4 decimals: two runs within float rounding of each other can round to
-# neighbours (0.6915 and 0.6916), one unit of the last decimal apart.
-ROUNDED_METRIC = 1.5e-4
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
