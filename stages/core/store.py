@@ -389,5 +389,5 @@ class S3Store(ArtifactStore):
 
 def read_uri(uri: str) -> bytes:
     """One object by its full location: a local path or s3://bucket/key."""
-    directory, _, name = uri.rpartition("/")
-    return ArtifactStore.from_uri(directory or ".").read_bytes(name)
+    directory, slash, name = uri.rpartition("/")
+    return ArtifactStore.from_uri(directory or slash or ".").read_bytes(name)

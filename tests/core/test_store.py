@@ -267,6 +267,14 @@ def test_listing_and_deleting(store):
     assert read_uri(store.uri_of("a/z")) == b"1"
 
 
+def test_a_location_is_read_where_it_says(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("config.yaml").write_text("here")
+    assert read_uri("config.yaml") == read_uri(str(tmp_path / "config.yaml")) == b"here"
+    with pytest.raises(FileNotFoundError, match="'/config.yaml'"):  # the file system's root, not here
+        read_uri("/config.yaml")
+
+
 def _save_checkpoints(store: ArtifactStore, tmp_path: Path, steps: tuple[int, ...], keep: int) -> CheckpointStore:
     checkpoints = CheckpointStore(store, "rl", "key", keep=keep)
     for step in steps:
