@@ -74,9 +74,15 @@ class RunConfig(Section):
 
 
 class TinyModelConfig(Section):
-    hidden_size: int = Field(128, description="width of the built-in tiny Llama")
-    num_layers: int = Field(4, description="its decoder layers")
-    num_heads: int = Field(4, description="its attention heads")
+    hidden_size: int = Field(128, ge=1, description="width of the built-in tiny Llama")
+    num_layers: int = Field(4, ge=1, description="its decoder layers")
+    num_heads: int = Field(4, ge=1, description="its attention heads")
+
+    @model_validator(mode="after")
+    def _heads_split_the_width(self) -> TinyModelConfig:
+        if self.hidden_size % (2 * self.num_heads):  # each head's rotary embedding turns pairs of dimensions
+            raise ValueError("hidden_size must be a multiple of 2 × num_heads (each head an even width)")
+        return self
 
 
 class ModelConfig(Section):
@@ -182,7 +188,7 @@ class TrainingConfig(Section):
     batch_size: int = Field(8, ge=1, description="rows per optimizer step and process, before accumulation")
     gradient_accumulation_steps: int = Field(1, ge=1, description="batches summed per optimizer step")
     warmup: float = Field(0.0, ge=0, description="warmup steps, or a fraction of all steps when < 1")
-    logging_steps: int = Field(10, description="steps between logged metrics")
+    logging_steps: int = Field(10, ge=1, description="steps between logged metrics")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less GPU memory for about a third more compute"
     )
@@ -279,8 +285,8 @@ class PPOConfig(Section):
     clip_range: float = Field(0.2, gt=0, description="PPO's clipping of the policy ratio")
     clip_range_value: float = Field(0.2, gt=0, description="clipping of the value model's update")
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
-    gamma: float = Field(1.0, description="discount of GAE")
-    lam: float = Field(0.95, description="λ of GAE")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount of GAE")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of GAE")
     missing_eos_penalty: float | None = Field(None, description="subtracted from the score of unfinished responses")
     generation: GenerationConfig = Field(GenerationConfig(), description="how rollouts are sampled")
     gradient_checkpointing: bool = Field(

@@ -221,6 +221,22 @@ def test_a_section_that_changes_a_default_keeps_the_fields_limits(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["sft.logging_steps=0", "rl.grpo.logging_steps=-5", "model.tiny.num_heads=0", "rl.ppo.gamma=1.5", "rl.ppo.lam=-1"],
+)
+def test_settings_no_stage_could_train_with_are_refused_with_the_config(override):
+    """Caught where the config is read (exit 2 naming the field), not when a stage's Trainer or model refuses
+    them with a traceback, retried as a crash."""
+    with pytest.raises(InputError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_the_tiny_models_heads_must_split_its_width_evenly():
+    with pytest.raises(InputError, match=r"model\.tiny: .*hidden_size must be a multiple of 2 × num_heads"):
+        load_config(None, ["model.tiny.hidden_size=36", "model.tiny.num_heads=4"])
+
+
 def test_several_methods_are_each_checked_and_a_stage_runs_only_one(tmp_path):
     config = load_config(None, ["rl.algorithm=[ppo, rejection_sampling, dpo]"])
     assert config.rl.methods == ("ppo", "rejection_sampling", "dpo")
