@@ -102,9 +102,15 @@ class CheckpointStore:
                 return
         fields = {"stage": self.stage, "cache_key": self.key, "config": {}, "step": step}
         if create_manifest(self.store, self._prefix(step), folder, one_entry_per_path(entries), fields) is None:
-            log.info("checkpoint at step %d: another attempt's came first and is gone (pruned or cleared)", step)
+            log.info(
+                "%s: checkpoint at step %d passed over: another attempt's came first and is gone since "
+                "(pruned or cleared)",
+                self.root,
+                step,
+            )
         else:
             self._complete.add(step)  # this attempt's manifest or an earlier one's: complete either way
+            log.info("%s: checkpoint at step %d saved to the store", self.root, step)
         for old in self.complete_steps()[: -self.keep]:
             self.store.delete_prefix(self._prefix(old))
 

@@ -150,10 +150,7 @@ class StoreCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        processes = stage_processes()
-        self.checkpoints.save(state.global_step, local, processes)
-        if processes.main:
-            log.info("%s: checkpoint at step %d saved to the store", self.checkpoints.root, state.global_step)
+        self.checkpoints.save(state.global_step, local, stage_processes())
 
 
 class ReportProgress(TrainerCallback):

@@ -320,8 +320,6 @@ class PPOTrainer:
             (local / "samples.json").write_text(json.dumps(self.samples))
         self.ctx.checkpoints.save(step, local, self.processes)
         shutil.rmtree(local)  # in the store now: the local copy would only fill the disk
-        if self.processes.main:
-            log.info("rl: checkpoint at step %d saved to the store", step)
 
     def restore_dir(self, step: int) -> Path:
         return self.ctx.work_dir / f"ppo-restore-{step}"
