@@ -201,12 +201,11 @@ def _runs(args: argparse.Namespace) -> int:
     rows = []
     now = datetime.now(UTC)
     for run_id in store.list_children("runs"):
-        if (stored := store.read_bytes_if_present(f"runs/{run_id}/run.json")) is not None:
-            summary = json.loads(stored)
-        elif found := heartbeat_of(store, run_id, now):
-            summary = {"status": "crashed" if found[1] else "running", "stages": {}}
-        else:
-            summary = {"status": "stopped", "stages": {}}
+        summary = store.read_json_if_present(f"runs/{run_id}/run.json")
+        if summary is None:
+            found = heartbeat_of(store, run_id, now)
+            status = "stopped" if found is None else "crashed" if found[1] else "running"
+            summary = {"status": status, "stages": {}}
         metrics = {name: stage["metrics"] for name, stage in summary["stages"].items()}
         rows.append((summary.get("finished_at", ""), run_id, summary["status"], headline(metrics)))
     if not rows:
@@ -222,10 +221,9 @@ def _show(args: argparse.Namespace) -> int:
     store = ArtifactStore.from_uri(args.store)
     store.check_access()
     key = f"runs/{args.run_id}/run.json"
-    stored = store.read_bytes_if_present(key)
-    if stored is None:
+    summary = store.read_json_if_present(key)
+    if summary is None:
         raise InputError(f"{store.uri_of(key)}: no finished run {args.run_id!r} in this store (see `rlhf runs`)")
-    summary = json.loads(stored)
     if args.json:
         print(json.dumps(summary))
     else:

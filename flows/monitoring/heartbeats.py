@@ -10,7 +10,6 @@ where it runs the same config, says that it resumes it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -90,12 +89,9 @@ def heartbeat_of(store: ArtifactStore, run_id: str, now: datetime) -> tuple[dict
     """A run's heartbeat and whether it stopped; None where the run has none, or one that cannot be read
     (logged and left as it is)."""
     key = heartbeat_key(run_id)
-    data = store.read_bytes_if_present(key)
-    if data is None:
-        return None
     try:
-        heartbeat = json.loads(data)
-        return heartbeat, is_dead(heartbeat, now)
+        heartbeat = store.read_json_if_present(key)
+        return None if heartbeat is None else (heartbeat, is_dead(heartbeat, now))
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("%s: unreadable heartbeat, left as it is (%s)", store.uri_of(key), exc)
         return None

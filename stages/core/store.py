@@ -117,6 +117,11 @@ class ArtifactStore(ABC):
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
+    def read_json_if_present(self, key: str) -> Any:
+        """The object's JSON, or None where there is none (`read_bytes_if_present`: one request)."""
+        data = self.read_bytes_if_present(key)
+        return None if data is None else json.loads(data)
+
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2).encode())
 
