@@ -84,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="COMMAND")
     convert = data.add_parser("convert", help="print a dataset's rows in TRL's conversational format as JSONL")
-    convert.add_argument("path", help="a .json/.jsonl/.parquet file or a Hugging Face Hub dataset id")
+    convert.add_argument(
+        "path", help="a .json/.jsonl/.csv/.parquet file (the first three also .gz) or a Hugging Face Hub dataset id"
+    )
     convert.add_argument("--format", required=True, help="dolly, alpaca, oasst, shp, hh-rlhf, messages, ...")
     convert.add_argument("--kind", required=True, choices=("sft", "preference", "prompt"))
     convert.add_argument("--split", default="train", help="the Hub dataset's split")

@@ -100,6 +100,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     part.skipped.summary(),
                 )
                 reasons[part.source.path] = part.skipped.as_metrics()["skipped_reasons"]
+        if parts and not (train and held_out):
+            raise InputError(
+                f"data.{CONFIG_FIELD[kind]}: no {kind} rows left to {'train on' if not train else 'hold out'} "
+                f"({counts['rows'] - counts['duplicates']} distinct rows, prepare.eval_fraction "
+                f"{eval_fraction}, weights {[part.source.weight for part in parts]})"
+            )
         write_jsonl(ctx.out_dir / f"{kind}_train.jsonl", train)
         write_jsonl(ctx.out_dir / f"{kind}_eval.jsonl", held_out)
         metrics[kind] = counts | {"train": len(train), "eval": len(held_out)} | agreement

@@ -20,7 +20,8 @@ BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # An infinite or NaN number passes every bound (`gt=0` included) and fails much later, in a stage.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -102,7 +103,10 @@ class DemoDataConfig(Section):
 
 
 class DataSource(Section):
-    path: str = Field(description="a .json/.jsonl/.parquet file, a Hugging Face Hub dataset id, or builtin:demo")
+    path: str = Field(
+        description="a .json/.jsonl/.csv/.parquet file (the first three also .gz), a Hugging Face Hub dataset id, "
+        "or builtin:demo"
+    )
     format: str | None = Field(
         None,
         description="dolly, alpaca, oasst, shp, hh-rlhf, messages, preference or prompt; default: the "
@@ -136,7 +140,7 @@ class DataConfig(Section):
     safety: Annotated[list[DataSource], BeforeValidator(_one_source)] = Field(
         [], description="preference pairs judged on safety: trains a second, safety reward model (Llama 2)"
     )
-    stage_split: dict[Literal["sft", "reward", "rl"], float] | None = Field(
+    stage_split: dict[Literal["sft", "reward", "rl"], Annotated[float, Field(ge=0)]] | None = Field(
         None, description="DeepSpeed-Chat style: each source's rows divided between the stages in these proportions"
     )
     allow_noncommercial: bool = Field(False, description="allow data whose licence forbids commercial use")
@@ -148,6 +152,13 @@ class DataConfig(Section):
         "are skipped and counted; a source with a larger share of skipped rows is refused",
     )
     demo: DemoDataConfig = Field(DemoDataConfig(), description="the size of the built-in demo data")
+
+    @field_validator("stage_split")
+    @classmethod
+    def _some_share(cls, split: dict[str, float] | None) -> dict[str, float] | None:
+        if split is not None and not sum(split.values()) > 0:
+            raise ValueError("the proportions must not all be 0")
+        return split
 
 
 class PrepareConfig(Section):
@@ -232,7 +243,9 @@ class RewardConfig(TrainingConfig):
         "pairwise", description="pairwise ranking on preference pairs, or one regression head per rated aspect"
     )
     aspects: dict[str, float] = Field(
-        {"relevance": 1.0, "helpfulness": 1.0}, description="multi_aspect: the aspects and their weights in the reward"
+        {"relevance": 1.0, "helpfulness": 1.0},
+        min_length=1,
+        description="multi_aspect: the aspects and their weights in the reward",
     )
     epochs: float = 2.0
     learning_rate: float = 5e-4

@@ -30,7 +30,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise InputError(f"--set {override!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", exc)
+            raise InputError(f"--set {override!r}: the value is not valid YAML ({problem})") from None
     return result
 
 

@@ -84,13 +84,23 @@ def _off_topic_answer(rng: random.Random, topic: str) -> str:
 
 def gold_score(prompt: str, response: str) -> float:
     """Ground truth: +1 for mentioning the asked topic, plus the balance of kind over unkind words in [-1, 1]."""
+    on_topic, tone = _topic_and_tone(prompt, response)
+    return on_topic + tone
+
+
+def true_ratings(prompt: str, response: str) -> dict[str, int]:
+    """What a careful rater gives on 1-5: relevance from the topic alone, helpfulness from the tone alone."""
+    on_topic, tone = _topic_and_tone(prompt, response)
+    return {"relevance": 5 if on_topic else 1, "helpfulness": round(3 + 2 * tone)}
+
+
+def _topic_and_tone(prompt: str, response: str) -> tuple[float, float]:
     asked = next((w for w in prompt.split() if w in TOPICS), None)
     words = response.split()
     on_topic = 1.0 if asked is not None and asked in words else 0.0
     positive = sum(w in POSITIVE for w in words)
     negative = sum(w in NEGATIVE for w in words)
-    tone = (positive - negative) / (positive + negative) if positive + negative else 0.0
-    return on_topic + tone
+    return on_topic, (positive - negative) / (positive + negative) if positive + negative else 0.0
 
 
 def _user(content: str) -> list[dict[str, str]]:
@@ -169,9 +179,7 @@ def rated_rows(n: int, seed: int, raters: int = 3) -> list[dict[str, Any]]:
         topic = rng.choice(TOPICS)
         prompt = _prompt(rng, topic)
         answer = _off_topic_answer(rng, topic) if rng.random() < 0.3 else _answer(rng, topic)
-        score = gold_score(prompt, answer)
-        on_topic = score >= 0.5
-        truth = {"relevance": 5 if on_topic else 1, "helpfulness": round(3 + 2 * (score - on_topic))}
+        truth = true_ratings(prompt, answer)
         ratings = {
             aspect: [truth[aspect] if rng.random() < 0.7 else rng.randint(1, 5) for _ in range(raters)]
             for aspect in RATED_ASPECTS

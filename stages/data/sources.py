@@ -101,7 +101,13 @@ def _load_source(config: PipelineConfig, kind: str, index: int, source: DataSour
     converted = convert(source.path, format_name, ROWS_OF[kind], source.split, config.data.max_skipped_fraction)
     rows = converted.rows
     if config.data.stage_split:
-        rows = stage_share(rows, config.data.stage_split, STAGE_OF_KIND[kind], f"{seed}-{source.path}")
+        stage = STAGE_OF_KIND[kind]
+        rows = stage_share(rows, config.data.stage_split, stage, f"{seed}-{source.path}")
+        if not rows:
+            raise InputError(
+                f"{where}: {source.path}: data.stage_split leaves the {stage} stage none of its "
+                f"{len(converted.rows)} rows"
+            )
     return SourceRows(index, source, rows, converted.skipped)
 
 

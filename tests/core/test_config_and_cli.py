@@ -56,6 +56,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("run:\n  seed: 1\n sft: [\n")
     with pytest.raises(InputError, match=r"broken.yaml:\d+: not valid YAML"):
         load_config(path)
+    with pytest.raises(InputError, match=r"--set 'run.name=\[x': the value is not valid YAML"):
+        load_config(None, ["run.name=[x"])
 
 
 def _write(path: Path, text: str) -> Path:
@@ -223,7 +225,21 @@ def test_a_section_that_changes_a_default_keeps_the_fields_limits(override):
 
 @pytest.mark.parametrize(
     "override",
-    ["sft.logging_steps=0", "rl.grpo.logging_steps=-5", "model.tiny.num_heads=0", "rl.ppo.gamma=1.5", "rl.ppo.lam=-1"],
+    [
+        "sft.logging_steps=0",
+        "rl.grpo.logging_steps=-5",
+        "model.tiny.num_heads=0",
+        "rl.ppo.gamma=1.5",
+        "rl.ppo.lam=-1",
+        # infinite and NaN numbers pass every bound in pydantic unless refused
+        "deploy.stages.sft.collective_timeout_minutes=.inf",
+        "rl.ppo.missing_eos_penalty=.nan",
+        "data.stage_split={sft: .nan}",
+        "data.stage_split={sft: -1, reward: 2}",
+        "data.stage_split={sft: 0, reward: 0, rl: 0}",
+        "data.sft=[{path: builtin:demo, weight: .inf}]",
+        "reward.aspects={}",
+    ],
 )
 def test_settings_no_stage_could_train_with_are_refused_with_the_config(override):
     """Caught where the config is read (exit 2 naming the field), not when a stage's Trainer or model refuses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ from rlhf_pipeline.stages.core.artifacts import artifact_prefix, read_verified
 from rlhf_pipeline.stages.core.config_loading import load_config
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import LocalStore
+from rlhf_pipeline.stages.data import demo_task
 from rlhf_pipeline.stages.data.formats import convert as convert_source
 from rlhf_pipeline.stages.data.sources import check_licenses, stage_share, weighted
 from rlhf_pipeline.stages.runner import run_stage
@@ -404,3 +406,124 @@ def test_implicit_prompt_preference_rows_get_the_shared_turns_as_prompt(tmp_path
     assert convert(str(path), "preference", "preference") == [
         {"prompt": [user], "chosen": [{"role": "assistant", "content": "good"}], "rejected": row["rejected"][1:]}
     ]
+
+
+def _message_rows(*contents: str) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": c.upper()}]} for c in contents
+    ]
+
+
+def test_files_as_real_dumps_ship_them_are_read(tmp_path):
+    """Gzipped files (hh-rlhf's and oasst's downloads), a UTF-8 byte-order mark (Windows tools), and text holding
+    U+2028 or U+0085, which JSON leaves unescaped inside strings but Python's splitlines() breaks lines at."""
+    rows = _message_rows("a\u2028b", "c\x85d", "e")
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    (tmp_path / "plain.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps(rows, indent=2), encoding="utf-8")
+    with gzip.open(tmp_path / "zipped.jsonl.gz", "wt", encoding="utf-8") as file:
+        file.write(lines)
+    for name in ("plain.jsonl", "bom.jsonl", "bom.json", "zipped.jsonl.gz"):
+        assert convert(str(tmp_path / name), "messages", "sft") == rows, name
+    csv_text = (FIXTURES / "imdb.csv").read_text()
+    (tmp_path / "bom.csv").write_text("\ufeff" + csv_text, encoding="utf-8")
+    with gzip.open(tmp_path / "zipped.csv.gz", "wt", encoding="utf-8") as file:
+        file.write(csv_text)
+    for name in ("bom.csv", "zipped.csv.gz"):
+        assert convert(str(tmp_path / name), "imdb", "sft") == convert(str(FIXTURES / "imdb.csv"), "imdb", "sft"), name
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # blank lines between CSV rows still count: the bad row is on line 5
+        (
+            "x.csv",
+            'review,sentiment\n\n"One two three four five six seven eight nine",positive\n\n"x",maybe\n',
+            "x.csv:5:",
+        ),
+        ("x.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", r"x.jsonl:1: JSON nested too deeply"),
+        ("x.jsonl.gz", "not gzip at all\n", r"x.jsonl.gz: cannot read data file"),
+    ],
+)
+def test_broken_files_name_their_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        convert(str(path), "imdb" if name.endswith(".csv") else "messages", "sft")
+
+
+def test_preference_rows_as_ultrafeedback_and_other_exports_shape_them(tmp_path):
+    """UltraFeedback binarized keeps the prompt's text beside two whole conversations (TRL's maybe_extract_prompt
+    takes the shared turns); some exports repeat a `prompt` list at the start of both conversations; a margin
+    must be a finite number."""
+    user = {"role": "user", "content": "q"}
+    good, bad = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
+    expected = {"prompt": [user], "chosen": [good], "rejected": [bad]}
+    rows = [
+        {"prompt": "q", "chosen": [user, good], "rejected": [user, bad], "score_chosen": 8.0, "score_rejected": 5.0},
+        {"prompt": [user], "chosen": [user, good], "rejected": [user, bad]},
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},
+    ]
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert convert(str(path), "preference", "preference") == [expected] * 3
+    path.write_text(json.dumps({**rows[2], "margin": float("nan")}) + "\n")
+    with pytest.raises(InputError, match=r"x.jsonl:1: field 'margin': expected a finite number"):
+        convert(str(path), "preference", "preference")
+
+
+def test_unusable_shp_and_oasst_rows_are_counted(tmp_path):
+    """An SHP row whose label prefers the lower-scored comment (SHP's preference is the score's) and an empty
+    oasst message are skipped and counted with their lines; the empty message's replies go with it."""
+    shp = tmp_path / "shp.jsonl"
+    good = {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_A": 9, "score_B": 2}
+    shp.write_text(json.dumps(good) + "\n" + json.dumps(good | {"labels": 0}) + "\n")
+    converted = convert_source(str(shp), "shp", "preference", "train", 0.5)
+    assert len(converted.rows) == 1 and converted.skipped.reasons == {"label disagrees with scores": ["2"]}
+    messages = [
+        {"message_id": "p", "parent_id": None, "role": "prompter", "text": "Hi?"},
+        {"message_id": "a", "parent_id": "p", "role": "assistant", "text": "Hello.", "rank": 0},
+        {"message_id": "b", "parent_id": "p", "role": "assistant", "text": "  ", "rank": 1},
+        {"message_id": "c", "parent_id": "b", "role": "prompter", "text": "More?"},
+    ]
+    oasst = tmp_path / "oasst.jsonl"
+    oasst.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    converted = convert_source(str(oasst), "oasst", "sft", "train", 0.5)
+    assert converted.rows == [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    ]
+    assert converted.skipped.reasons == {"empty message": ["3"]}
+    assert convert_source(str(oasst), "oasst", "prompt", "train", 0.5).skipped.count == 1
+
+
+def test_prepare_refuses_a_kind_left_with_nothing_to_train_on_or_hold_out(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(20))
+    )
+    own = [f"data.prompts={prompts}", "evaluate.judge=reward_model", f"run.store={store.uri}"]
+    split = [*own, "data.stage_split={sft: 1, reward: 1}"]
+    with pytest.raises(InputError, match=r"data.prompts\[0\]: .*p.jsonl: data.stage_split leaves the rl stage none"):
+        run_stage("prepare", load_config(None, split), store)
+    held_out = [*own, "prepare.eval_fraction=0.99"]
+    with pytest.raises(InputError, match=r"data.prompts: no prompt rows left to train on \(20 distinct rows"):
+        run_stage("prepare", load_config(None, held_out), store)
+
+
+def test_demo_raters_judge_relevance_by_topic_and_helpfulness_by_tone():
+    prompt = "tell me about the bird today ."
+    assert demo_task.true_ratings(prompt, "the bird is harsh , harsh and gloomy .") == {
+        "relevance": 5,
+        "helpfulness": 1,
+    }
+    assert demo_task.true_ratings(prompt, "the cat is lovely , bright and lovely .") == {
+        "relevance": 1,
+        "helpfulness": 5,
+    }
+    assert demo_task.true_ratings(prompt, "the bird is lovely , harsh and lovely .") == {
+        "relevance": 5,
+        "helpfulness": 4,
+    }

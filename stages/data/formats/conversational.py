@@ -3,11 +3,14 @@ and `rated` rows (a response scored per aspect by several raters) for the multi-
 
 A preference row without a `prompt` holds two whole conversations (TRL's implicit-prompt form): the prompt is
 the turns they share, as TRL's `extract_prompt` makes it. The same rule makes usable the real dumps whose two
-transcripts differ before their last answer (HH-RLHF has a few).
+transcripts differ before their last answer (HH-RLHF has a few), and those that keep the prompt's text beside two
+whole conversations (UltraFeedback binarized: a string `prompt`, as TRL's `maybe_extract_prompt` reads it). A
+`prompt` list that both conversations repeat at their start is taken off them, so that no turn appears twice.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rlhf_pipeline.stages.data.formats.records import Record, UnusableRow, each
@@ -61,16 +64,22 @@ def sft(record: Record) -> dict[str, Any]:
 @each
 def preference(record: Record) -> dict[str, Any]:
     chosen, rejected = messages_of(record, "chosen"), messages_of(record, "rejected")
-    if "prompt" in record.row:
+    if record.row.get("prompt") is None or isinstance(record.row["prompt"], str):
+        prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+    else:
         prompt = messages_of(record, "prompt")
+        if chosen[: len(prompt)] == prompt == rejected[: len(prompt)]:
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        if not chosen or not rejected:
+            raise UnusableRow("no assistant answer at the end")
         answered(chosen), answered(rejected)
         if chosen == rejected:
             raise UnusableRow("chosen identical to rejected")
-    else:
-        prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
     row: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     margin = record.get("margin", (int, float), default=None)
     if margin is not None:
+        if not math.isfinite(margin):
+            raise record.error("margin", f"expected a finite number, got {margin}")
         row["margin"] = float(margin)
     return row
 
@@ -90,7 +99,7 @@ def rated(record: Record) -> dict[str, Any]:
         raise record.error("ratings", "expected scores for at least one aspect")
     for aspect, scores in ratings.items():
         numbers = isinstance(scores, list) and all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in scores
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in scores
         )
         if not numbers or len(scores) < 2:
             raise record.error("ratings", f"{aspect!r}: expected a list of at least two raters' numeric scores")

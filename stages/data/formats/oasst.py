@@ -1,6 +1,7 @@
 """OpenAssistant (oasst1/oasst2) message rows, rebuilt into their conversation trees.
 
-Deleted messages and messages that failed review are dropped with everything below them. SFT conversations
+Deleted messages and messages that failed review are dropped with everything below them (the dataset's own
+moderation, not counted); so are empty messages, skipped and counted. SFT conversations
 follow the best-ranked reply (rank 0) from each root down to a leaf; preference pairs come from sibling
 assistant replies ranked against each other, each with the conversation that led to them as the prompt.
 """
@@ -34,15 +35,20 @@ class Node:
         return nodes[::-1]
 
 
-def build_trees(records: list[Record]) -> list[Node]:
-    """The root prompts of every tree, with only the messages that are neither deleted nor failed review."""
+def build_trees(records: list[Record]) -> tuple[list[Node], Skipped]:
+    """The root prompts of every tree, with only the messages that are neither deleted nor failed review nor
+    empty; and the empty ones, skipped."""
     nodes: dict[str, Node] = {}
     parents: dict[str, str | None] = {}
+    skipped = Skipped(len(records))
     for record in records:
         role = record.get("role")
         if role not in ROLES:
             raise record.error("role", f"{role!r} is not 'prompter' or 'assistant'")
         if record.get("deleted", bool, default=False) or record.get("review_result", bool, default=True) is False:
+            continue
+        if not record.get("text").strip():
+            skipped.add("empty message", record)
             continue
         rank = record.get("rank", (int, float), default=None)
         node = Node(
@@ -65,7 +71,7 @@ def build_trees(records: list[Record]) -> list[Node]:
             node.parent.children.append(node)
         elif parent_id not in dropped:
             raise node.record.error("parent_id", f"{parent_id!r} is not a message_id in this data")
-    return [root for root in roots if root.role == "user"]
+    return [root for root in roots if root.role == "user"], skipped
 
 
 def _messages(nodes: list[Node]) -> list[dict[str, str]]:
@@ -74,7 +80,8 @@ def _messages(nodes: list[Node]) -> list[dict[str, str]]:
 
 def sft(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
     rows = []
-    for root in build_trees(records):
+    roots, skipped = build_trees(records)
+    for root in roots:
         path = [root]
         while path[-1].children:
             path.append(min(path[-1].children, key=lambda n: n.rank))
@@ -82,12 +89,12 @@ def sft(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
             path.pop()
         if path:
             rows.append({"messages": _messages(path)})
-    return rows, Skipped(len(records))
+    return rows, skipped
 
 
 def preference(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
     rows = []
-    stack = build_trees(records)
+    stack, skipped = build_trees(records)
     while stack:
         node = stack.pop()
         stack.extend(node.children)
@@ -99,8 +106,9 @@ def preference(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
                 rows.append(
                     {"prompt": _messages(node.path()), "chosen": _messages([better]), "rejected": _messages([worse])}
                 )
-    return rows, Skipped(len(records))
+    return rows, skipped
 
 
 def prompt(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
-    return [{"prompt": _messages([root])} for root in build_trees(records)], Skipped(len(records))
+    roots, skipped = build_trees(records)
+    return [{"prompt": _messages([root])} for root in roots], skipped

@@ -11,11 +11,12 @@ tie) is skipped and counted (`Record.unusable`, collected in `Skipped`), as ever
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rlhf_pipeline.stages.core.errors import InputError
 
@@ -102,62 +103,81 @@ def each(convert_one: Callable[[Record], Any]) -> Callable[[list[Record]], tuple
     return convert
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+GZIP = ".gz"
+
+
 def read_records(source: str, split: str = "train") -> list[Record]:
-    """Rows of a local .json/.jsonl/.csv/.parquet file, or of a Hub dataset id (needs network)."""
+    """Rows of a local .json/.jsonl/.csv/.parquet file (the first three also gzipped, as hh-rlhf and oasst publish
+    them), or of a Hub dataset id (needs network)."""
     path = Path(source).expanduser()
-    if path.exists() or path.suffix in (".json", ".jsonl", ".csv", ".parquet"):
-        records = list(_read_file(path))
-    else:
-        records = _read_hub(source, split)
+    local = path.exists() or _file_kind(path) in FILE_SUFFIXES
+    records = list(_read_file(path)) if local else _read_hub(source, split)
     if not records:
         raise InputError(f"{source}: no rows (the file is empty)")
     return records
 
 
+def _file_kind(path: Path) -> str:
+    """`.jsonl` for both `x.jsonl` and `x.jsonl.gz`."""
+    return Path(path.stem).suffix if path.suffix == GZIP else path.suffix
+
+
 def _read_file(path: Path) -> Iterator[Record]:
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
-    if path.suffix == ".parquet":
+    kind = _file_kind(path)
+    if kind == ".parquet":
         yield from _read_parquet(path)
         return
-    if path.suffix == ".csv":
+    if kind == ".csv":
         yield from _read_csv(path)
         return
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        with _open_text(path) as file:
+            text = file.read()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read data file ({exc})") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        for index, row in enumerate(rows):
+    if kind == ".json" and text.lstrip().startswith("["):
+        for index, row in enumerate(_parse_json(text, path)):
             yield _record(f"{path}: row {index}", row)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        yield _record(f"{path}:{number}", row)
+    # Lines end at "\n" only: JSON leaves U+2028 and other Unicode line separators unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield _record(f"{path}:{number}", _parse_json(line, path, number))
+
+
+def _open_text(path: Path) -> IO[str]:
+    """The file as text, gunzipped if it ends in .gz; a UTF-8 byte-order mark (Windows tools write one) dropped."""
+    if path.suffix == GZIP:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{line or exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
     """A header line, then one row per record (quoted fields may span lines: the location is the row's first)."""
     try:
-        with path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            columns = len(reader.fieldnames or [])
+        with _open_text(path) as file:
+            reader = csv.reader(file)
+            header = next(reader, [])
             start = reader.line_num + 1
-            for row in reader:
-                if None in row or None in row.values():
-                    raise InputError(f"{path}:{start}: expected {columns} columns")
-                yield Record(f"{path}:{start}", row)
+            for values in reader:
+                if values:  # a blank line
+                    if len(values) != len(header):
+                        raise InputError(f"{path}:{start}: expected {len(header)} columns, got {len(values)}")
+                    yield Record(f"{path}:{start}", dict(zip(header, values, strict=True)))
                 start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: not a readable CSV file ({exc})") from None
 
 

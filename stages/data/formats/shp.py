@@ -27,6 +27,8 @@ def _sides(record: Record) -> tuple[str, str, float | None]:
     margin = None
     if score_a is not None and score_b is not None and score_a > 0 and score_b > 0:
         high, low = (score_a, score_b) if label == 1 else (score_b, score_a)
+        if high < low:  # SHP prefers the comment with the higher score: such a row is mislabelled
+            raise UnusableRow("label disagrees with scores")
         margin = round(math.log(high / low), 6)
     return chosen, rejected, margin
 
