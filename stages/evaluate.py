@@ -20,6 +20,7 @@ from rlhf_pipeline.stages.core.comparison import win_rate
 from rlhf_pipeline.stages.core.plots import save_distributions
 from rlhf_pipeline.stages.data import demo_task
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.chat_template import fitting_prompts
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
@@ -89,7 +90,11 @@ def repeated_word_rate(responses: list[str]) -> float:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config = ctx.config.evaluate
-    held_out = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_eval.jsonl")]
+    held_out, too_long = fitting_prompts(
+        load_tokenizer(str(ctx.inputs["sft"])),
+        [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_eval.jsonl")],
+        ctx.config.model.max_length - config.generation.max_new_tokens,
+    )
     prompts = list(islice(cycle(held_out), config.prompts))
     sources = {
         "base": materialize_base(ctx.config.model, ctx.config.run.seed, ctx.work_dir),
@@ -119,6 +124,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     report = {
         "judge": JUDGES[config.judge],
         "prompts": len(prompts),
+        "prompts_too_long": too_long,
         "mean_reward": {name: mean(reward[name]) for name in POLICIES},
         "mean_judge_score": {name: mean(judged[name]) for name in POLICIES},
         "win_rate_vs_sft": round(win_rate(judged["rl"], judged["sft"]), 4),

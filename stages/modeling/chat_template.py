@@ -1,12 +1,15 @@
 """The chat template as every stage uses it: a conversation's prompt as token ids within a budget (oldest turns
-dropped first), and the token ids that end an assistant turn (the template's turn ending, eos, the model's own
-list), which differ between tokenizers in ways the tiny built-in one hides."""
+dropped first; what still does not fit is left out of RL, or keeps its end in `rlhf chat`), and the token ids
+that end an assistant turn (the template's turn ending, eos, the model's own list), which differ between
+tokenizers in ways the tiny built-in one hides."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_pipeline.stages.core.errors import InputError
 
 Conversation = list[dict[str, Any]]
 SENTINEL = "\u2063rlhf-sentinel\u2063"
@@ -52,6 +55,25 @@ def trim_turns(
         turns = turns[2:] if len(turns) > 2 else turns[-1:]
         ids = prompt_ids(tokenizer, system + turns)
     return system + turns, ids
+
+
+def fitting_prompts(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], budget: int
+) -> tuple[list[Conversation], int]:
+    """The prompts with their oldest exchanges dropped to fit `budget` tokens, and how many were left out
+    because their latest turn alone is too long. Every RL algorithm samples, scores and trains on these, so that
+    the reward model judges, and rejection sampling fine-tunes on, the conversation the policy answered."""
+    kept = []
+    for conversation in conversations:
+        trimmed, ids = trim_turns(tokenizer, conversation, budget)
+        if len(ids) <= budget:
+            kept.append(trimmed)
+    if not kept:
+        raise InputError(
+            f"every prompt is longer than model.max_length less max_new_tokens ({budget} tokens), even with only "
+            "its latest turn left"
+        )
+    return kept, len(conversations) - len(kept)
 
 
 def fit_prompt(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, budget: int | None) -> list[int]:

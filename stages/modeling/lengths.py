@@ -2,7 +2,8 @@
 
 TRL's SFT and DPO trainers keep the first `max_length` tokens of a row: where the prompt alone fills them, the
 answer is cut away entirely and the row's loss mask is empty (a batch of such rows divides by zero). TRL's
-RewardTrainer drops every pair longer than `max_length` without saying so. Each stage therefore filters its
+RewardTrainer drops every pair longer than `max_length` without saying so; a rated response cut short would
+be scored at a token in its middle. Each stage therefore filters its
 rows itself, by the same token counts, and reports how many it left out.
 """
 
@@ -39,10 +40,19 @@ def answerable(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: 
 def whole_pairs(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, int]:
     """The preference pairs whose chosen and rejected conversations both fit `max_length` (what TRL's
     RewardTrainer trains on), and how many were left out."""
+    return _whole(rows, tokenizer, max_length, ("chosen", "rejected"))
+
+
+def whole_rated(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, int]:
+    """The rated responses whose conversation fits `max_length`, and how many were left out: a score read at
+    a token cut off in the middle of the answer would be trained on what the answer as a whole was rated."""
+    return _whole(rows, tokenizer, max_length, ("response",))
+
+
+def _whole(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int, answers: tuple[str, ...]):
     kept = [
         row
         for row in rows
-        if max(conversation_length(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected"))
-        <= max_length
+        if max(conversation_length(tokenizer, row["prompt"] + row[side]) for side in answers) <= max_length
     ]
     return kept, len(rows) - len(kept)

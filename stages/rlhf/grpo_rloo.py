@@ -23,7 +23,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from rlhf_pipeline.stages.core.config import GroupRLConfig
 from rlhf_pipeline.stages.data.rows import load_rows
-from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, trim_turns
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fitting_prompts
 from rlhf_pipeline.stages.modeling.loading import (
     load_policy,
     load_tokenizer,
@@ -108,7 +108,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     own_config = model.generation_config
     prompts, too_long = fitting_prompts(
         tokenizer,
-        load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl"),
+        [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")],
         max_length - config.generation.max_new_tokens,
     )
     model.generation_config = HFGenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
@@ -126,7 +126,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             top_k=config.generation.top_k,
             **arguments,
         ),
-        train_dataset=Dataset.from_list(prompts),
+        train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
         processing_class=tokenizer,
         peft_config=adapter_config(config.lora),
     )
@@ -137,14 +137,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary["frozen_bytes"] = summary.get("frozen_bytes", 0) + frozen  # a LoRA policy's base counted
     save_trained(trainer, config, AdapterBase(sft_dir, artifact_base("sft")), ctx.out_dir)
     return summary | {"prompts_too_long": too_long}
-
-
-def fitting_prompts(tokenizer, rows: list[dict], budget: int) -> tuple[list[dict], int]:
-    """Prompt rows with their oldest exchanges dropped to fit `budget` tokens (TRL's trainers do not limit
-    prompts); a prompt whose latest turn alone is too long is left out and counted."""
-    kept = []
-    for row in rows:
-        prompt, ids = trim_turns(tokenizer, row["prompt"], budget)
-        if len(ids) <= budget:
-            kept.append({"prompt": prompt})
-    return kept, len(rows) - len(kept)

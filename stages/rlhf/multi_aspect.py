@@ -20,6 +20,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
+from rlhf_pipeline.stages.modeling.lengths import whole_rated
 from rlhf_pipeline.stages.modeling.loading import load_scorer, load_tokenizer
 from rlhf_pipeline.stages.modeling.lora import with_adapter
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
@@ -43,9 +44,11 @@ def standardization(rows: list[dict[str, Any]], aspects: list[str]) -> dict[str,
     return stats
 
 
-def encode(tokenizer, rows, aspects: list[str], stats: dict[str, tuple[float, float]], max_length: int) -> Dataset:
+def encode(tokenizer, rows, aspects: list[str], stats: dict[str, tuple[float, float]]) -> Dataset:
+    """Each rated response as the reward model reads it (the whole conversation, no end token added), with its
+    targets standardized."""
     texts = [tokenizer.apply_chat_template(r["prompt"] + r["response"], tokenize=False) for r in rows]
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
+    encoded = tokenizer(texts, add_special_tokens=False)
     labels = [[(r["targets"][a] - stats[a][0]) / stats[a][1] for a in aspects] for r in rows]
     return Dataset.from_dict({**encoded, "labels": labels})
 
@@ -88,12 +91,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model = with_adapter(model, config.lora, "SEQ_CLS")
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)
     max_length = arguments.pop("max_length")
+    train_rows, train_dropped = whole_rated(train_rows, tokenizer, max_length)
+    eval_rows, eval_dropped = whole_rated(eval_rows, tokenizer, max_length)
     stats = standardization(train_rows, aspects)
     trainer = MultiAspectTrainer(
         model=model,
         args=TrainingArguments(**arguments),
-        train_dataset=encode(tokenizer, train_rows, aspects, stats, max_length),
-        eval_dataset=encode(tokenizer, eval_rows, aspects, stats, max_length),
+        train_dataset=encode(tokenizer, train_rows, aspects, stats),
+        eval_dataset=encode(tokenizer, eval_rows, aspects, stats),
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
@@ -122,4 +127,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "eval_rows": len(prediction.label_ids),  # gathered from every process, each row once
         "eval_loss": round(prediction.metrics["test_loss"], 4),
         "eval_accuracy": pairwise_accuracy(model.eval(), tokenizer, load_rows(prepared / "preference_eval.jsonl")),
+        "rows_too_long": {"train": train_dropped, "eval": eval_dropped},
     }

@@ -34,6 +34,7 @@ import torch
 from rlhf_pipeline.stages.core.config import PPOConfig
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.chat_template import fitting_prompts
 from rlhf_pipeline.stages.modeling.data_parallel import join_processes
 from rlhf_pipeline.stages.modeling.loading import (
     autocast,
@@ -111,6 +112,11 @@ class PPOTrainer:
         distributed = ctx.config.rl.distributed
         self.sharded = distributed.strategy == "fsdp" and self.processes.count > 1
         self.tokenizer = load_tokenizer(self.sft_dir)
+        self.prompts, self.prompts_too_long = fitting_prompts(
+            self.tokenizer,
+            [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")],
+            ctx.config.model.max_length - config.generation.max_new_tokens,
+        )
         self.quantization = quantization_config(config.lora, ctx.device, "rl.ppo")
         self.history: list[dict[str, float]] = []
         self.samples: list[dict[str, Any]] = []  # what the policy answered, every SAMPLES_EVERY steps
@@ -129,7 +135,6 @@ class PPOTrainer:
         pad = self.tokenizer.pad_token_id
         self.reward_model = self.load(lambda device: load_reward_model(self.reward_dir, device, pad), shard_frozen)
         self.reward_model.requires_grad_(False)
-        self.prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
 
     def build_trainable(self) -> None:
         """Policy (from SFT), value model (from the reward model), LoRA adapters on them where configured, and
@@ -405,7 +410,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     checks = {key: first[key] for key in ("first_ratio_error", "first_approx_kl") if key in first}
     processes = {"processes": trainer.processes.count} if trainer.processes.count > 1 else {}
     checkpoints = {name: round(seconds, 2) for name, seconds in trainer.checkpoint_seconds.items() if seconds}
-    return summarize(trainer.history, keys) | throughput | phases | checks | processes | memory | checkpoints
+    summary = summarize(trainer.history, keys) | {"prompts_too_long": trainer.prompts_too_long}
+    return summary | throughput | phases | checks | processes | memory | checkpoints
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:

@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf_pipeline.stages.core.progress import report_metrics, report_progress
 from rlhf_pipeline.stages.data.rows import load_rows
+from rlhf_pipeline.stages.modeling.chat_template import fitting_prompts
 from rlhf_pipeline.stages.modeling.data_parallel import Processes, stage_processes
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, merged_adapter
 from rlhf_pipeline.stages.modeling.lora import (
@@ -75,13 +76,24 @@ def load_round_policy(ctx: StageContext, round_dir: Path | None, trainable: bool
 
 @dataclass(frozen=True)
 class BestAnswer:
+    """The kept answer, as text and as the very tokens sampled: the prompt's (as the policy saw it) and the
+    response's, through its end-of-turn token if it ended its turn."""
+
     prompt: list[dict[str, str]]
     response: str
-    finished: bool  # it ended its turn (not cut at max_new_tokens)
+    finished: bool
     score: float
+    prompt_ids: list[int]
+    response_ids: list[int]
 
     def as_sft_row(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "completion": [{"role": "assistant", "content": self.response}]}
+        """The sampled tokens, the response's the only ones trained on. Not the text through the chat template
+        again: that would end every answer's turn, also where sampling cut it at `max_new_tokens` (teaching the
+        policy to stop mid-sentence), and a real tokenizer does not always give back the tokens it decoded."""
+        return {
+            "input_ids": self.prompt_ids + self.response_ids,
+            "completion_mask": [0] * len(self.prompt_ids) + [1] * len(self.response_ids),
+        }
 
 
 def best_of_n(
@@ -108,10 +120,10 @@ def best_of_n(
     max_length = ctx.config.model.max_length
     mine = processes.share(len(prompts))
     starts = range(mine.start, mine.stop, per_batch)
-    if shards > 1:  # a share one batch short still joins the others' last batch, with one answer left unused
+    if shards > 1:  # a share one batch short still joins the others' last batch, with one prompt's answers
         batches = int(processes.max({"batches": len(starts)})["batches"])
         for _ in range(batches - len(starts)):
-            filler = sample(policy, tokenizer, prompts[:1], config.generation, seeds[:1], max_length)
+            filler = sample(policy, tokenizer, prompts[:1] * n, config.generation, seeds[:n], max_length)
             rollout_scores(reward_model, tokenizer, filler)
     kept, mean_scores = [], []
     for start in starts:
@@ -120,15 +132,19 @@ def best_of_n(
         chunk_seeds = seeds[start * n : start * n + len(answers)]
         rollout = sample(policy, tokenizer, answers, config.generation, chunk_seeds, max_length)
         scores = rollout_scores(reward_model, tokenizer, rollout).view(len(chunk), n)
-        best = scores.argmax(dim=1)
+        best_scores, best = scores.max(dim=1)
         chosen = rollout.select(best + torch.arange(len(chunk), device=best.device) * n)
-        responses = decode_responses(tokenizer, chosen)
-        kept += map(BestAnswer, chunk, responses, chosen.finished.tolist(), scores.max(dim=1).values.tolist())
+        texts, tokens = decode_responses(tokenizer, chosen), chosen.rows()
+        for prompt, text, score, (prompt_ids, response_ids, done) in zip(
+            chunk, texts, best_scores.tolist(), tokens, strict=True
+        ):
+            kept.append(BestAnswer(prompt, text, done, score, prompt_ids, response_ids))
         mean_scores += scores.mean(dim=1).tolist()
     kept, mean_scores = processes.gather_objects(kept), processes.gather_objects(mean_scores)
     stats = {
         "score": sum(mean_scores) / len(mean_scores),
         "best_score": sum(answer.score for answer in kept) / len(kept),
+        "best_finished_fraction": sum(answer.finished for answer in kept) / len(kept),
         "frozen_bytes": frozen_bytes([reward_model]),
     }
     return kept, stats
@@ -189,7 +205,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     shards = model_shards(ctx, ctx.config.rl.distributed)  # joins their process group
     frozen = frozen_shards(shards, ctx.config.rl.distributed)
     held_frozen = 0
-    prompts = [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")]
+    prompts, too_long = fitting_prompts(
+        load_tokenizer(str(ctx.inputs["sft"])),
+        [row["prompt"] for row in load_rows(ctx.inputs["prepare"] / "prompt_train.jsonl")],
+        ctx.config.model.max_length - config.generation.max_new_tokens,
+    )
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
     start = ctx.checkpoints.restore_latest(round_dir_of(ctx)) or 0
@@ -228,5 +248,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if processes.main:
         save_final(ctx, round_dir)
     several = {"processes": processes.count} if processes.count > 1 else {}
-    summary = summarize(history, ("score", "best_score")) | {"kept_per_round": config.prompts_per_round}
+    summary = summarize(history, ("score", "best_score", "best_finished_fraction"))
+    summary |= {"kept_per_round": min(config.prompts_per_round, len(prompts)), "prompts_too_long": too_long}
     return summary | several | ({"frozen_bytes": held_frozen} if held_frozen else {})

@@ -26,11 +26,12 @@ from transformers import (
 
 from rlhf_pipeline.stages.core.config import GenerationConfig
 from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
-from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fit_prompt, prompt_ids
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fit_prompt, fitting_prompts, prompt_ids
 from rlhf_pipeline.stages.modeling.data_parallel import Processes
-from rlhf_pipeline.stages.modeling.lengths import answerable, whole_pairs
+from rlhf_pipeline.stages.modeling.lengths import answerable, whole_pairs, whole_rated
 from rlhf_pipeline.stages.modeling.loading import (
     load_policy,
     load_scorer,
@@ -271,6 +272,14 @@ def test_prompts_are_limited_to_leave_room_for_the_answer(tokenizer_dirs):
     )
     alone = fit_prompt(tokenizer, [{"role": "user", "content": "word " * 100}], 30)
     assert len(alone) == 30 and tokenizer.decode(alone).endswith("<|endoftext|>\n<|assistant|>\n")
+    # RL samples, scores and trains on the conversation the policy saw: the trimmed one, or none
+    short = [{"role": "user", "content": "Hi."}]
+    assert fitting_prompts(tokenizer, [conversation, [{"role": "user", "content": "word " * 100}], short], 40) == (
+        [[conversation[0], conversation[-1]], short],
+        1,
+    )
+    with pytest.raises(InputError, match=r"every prompt is longer than model.max_length less max_new_tokens \(4 "):
+        fitting_prompts(tokenizer, [short], 4)
 
 
 def test_rows_whose_answer_cannot_fit_are_left_out_and_counted(tokenizer_dirs):
@@ -284,6 +293,9 @@ def test_rows_whose_answer_cannot_fit_are_left_out_and_counted(tokenizer_dirs):
         "rejected": [{"role": "assistant", "content": "No " * 80}],
     }
     assert whole_pairs([pair], tokenizer, 64) == ([], 1)
+    # a rated response cut short would be scored at a token in its middle
+    rated = {"prompt": pair["prompt"], "response": short["messages"][1:], "ratings": {"helpfulness": [4, 5]}}
+    assert whole_rated([rated, rated | {"response": pair["rejected"]}], tokenizer, 64) == ([rated], 1)
     assert answerable([pair], tokenizer, 64, "pairs") == ([pair], 0)  # DPO: the answers are cut, not lost
 
 
@@ -383,12 +395,21 @@ def test_minimum_length_keeps_the_first_rollouts_kl_zero_over_the_full_softmax(p
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_ppo_rejection_sampling_and_evaluate_run_end_to_end(name, pipelines):
+def test_ppo_rejection_sampling_and_evaluate_run_end_to_end(name, pipelines, tmp_path):
+    """Each on the prompts that fit `model.max_length` less its answer's tokens (SmolLM2's templates add a
+    system message: a few of the demo's prompts do not fit 48 - 8 tokens), the others counted."""
     store, overrides = pipelines[name]
     for algorithm in ("ppo", "rejection_sampling"):
         config = load_config(None, [*overrides, f"rl.algorithm={algorithm}"])
         rl = run_stage("rl", config, store)[0].metrics
         report = run_stage("evaluate", config, store)[0].metrics
+        plan = plan_stage(store, config, "evaluate")
+        inputs = stage_context("evaluate", config, store, plan, tmp_path / algorithm).inputs
+        tokenizer = load_tokenizer(str(inputs["sft"]))
+        for metrics, rows in ((rl, "prompt_train.jsonl"), (report, "prompt_eval.jsonl")):
+            prompts = [json.loads(line)["prompt"] for line in (inputs["prepare"] / rows).open()]
+            too_long = sum(len(prompt_ids(tokenizer, prompt)) > 48 - 8 for prompt in prompts)
+            assert metrics["prompts_too_long"] == too_long and (too_long > 0) == (name != "gpt2")
         if algorithm == "ppo":
             phases = ("generation", "scoring", "reference_values", "optimization")
             assert all(rl[f"{phase}_seconds"] > 0 for phase in phases)
@@ -412,6 +433,33 @@ def test_best_of_n_keeps_the_highest_scored_answer(name, pipelines, tmp_path):
     rescored = response_scores(reward_model, tokenizer, prompts, [a.response for a in kept], [a.finished for a in kept])
     assert rescored == pytest.approx([a.score for a in kept], abs=1e-5)
     assert stats["best_score"] > stats["score"]
+
+
+def test_rejection_sampling_fine_tunes_on_the_tokens_it_sampled(pipelines, monkeypatch, tmp_path):
+    """The kept answers train as sampled: the prompt as the policy saw it (no loss), the response through its
+    end-of-turn token if it ended its turn, and without one where `max_new_tokens` cut it (through the chat
+    template again, every answer would end its turn, teaching the policy to stop mid-sentence)."""
+    store, overrides = pipelines["chatml-eos"]  # end of turn <|im_end|> is not eos
+    short = ["rl.algorithm=rejection_sampling", "rl.rejection_sampling.generation.max_new_tokens=3"]
+    config = load_config(None, [*overrides, *short])
+    ctx = stage_context("rl", config, store, plan_stage(store, config, "rl"), tmp_path)
+    prompts = [json.loads(line)["prompt"] for line in (ctx.inputs["prepare"] / "prompt_train.jsonl").open()][:8]
+    kept, stats = rejection_sampling.best_of_n(ctx, None, prompts, 0, Processes(rank=0, count=1))
+    tokenizer = load_tokenizer(str(ctx.inputs["sft"]))
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stats["best_finished_fraction"] == sum(a.finished for a in kept) / len(kept) < 1
+    for answer in kept:
+        assert answer.prompt_ids == prompt_ids(tokenizer, answer.prompt)
+        assert (answer.response_ids[-1] == end) == answer.finished
+        assert answer.finished or len(answer.response_ids) == 3
+    trained = {}
+    monkeypatch.setattr(rejection_sampling.SFTTrainer, "train", lambda self: trained.update(rows=self.train_dataset))
+    rows = [answer.as_sft_row() for answer in kept]
+    rejection_sampling.fine_tune(ctx, None, rows, tmp_path / "round-1", 0, Processes(rank=0, count=1), 1)
+    assert [row["labels"] for row in trained["rows"]] == [
+        [-100] * len(answer.prompt_ids) + answer.response_ids for answer in kept
+    ]
+    assert [row["input_ids"] for row in trained["rows"]] == [answer.prompt_ids + answer.response_ids for answer in kept]
 
 
 def test_gradient_checkpointing_recomputes_the_value_model_too(pipelines, tmp_path):
