@@ -91,30 +91,46 @@ def with_adapter(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType =
     from peft import get_peft_model
 
     adapted = get_peft_model(prepared_for_training(model), adapter_config(lora, task_type))
-    make_trained_copies_whole(adapted)
+    make_trained_copies_whole_fp32(adapted)
     return adapted
 
 
-def make_trained_copies_whole(model: PreTrainedModel) -> None:
+def make_trained_copies_whole_fp32(model: PreTrainedModel) -> None:
     """peft trains a copy of each module it saves whole (SEQ_CLS: the score head). Copied from a base sharded
     as it loaded, the copy would hold shards that no FSDP module gathers; it is made whole in every process
-    (a collective: every process calls it), so that it trains as the adapters beside it do."""
+    (a collective: every process calls it), so that it trains as the adapters beside it do. Copied from a bf16
+    base, it is made fp32, as peft makes the adapters: AdamW's updates of bf16 weights round away (a value head
+    at learning rate 5e-5 would not move). Its input is cast to fp32, so that it runs outside autocast too."""
+    import torch
     from peft.utils import ModulesToSaveWrapper
     from torch.distributed.tensor import DTensor
     from torch.nn import Parameter
 
     wrappers = [module for module in model.modules() if isinstance(module, ModulesToSaveWrapper)]
-    for module in (m for wrapper in wrappers for copy in wrapper.modules_to_save.values() for m in copy.modules()):
-        for name, parameter in list(module.named_parameters(recurse=False)):
-            if isinstance(parameter.data, DTensor):
-                setattr(module, name, Parameter(parameter.data.full_tensor(), parameter.requires_grad))
+    for copy in (copy for wrapper in wrappers for copy in wrapper.modules_to_save.values()):
+        for module in copy.modules():
+            for name, parameter in list(module.named_parameters(recurse=False)):
+                data = parameter.data.full_tensor() if isinstance(parameter.data, DTensor) else parameter.data
+                if data.dtype in (torch.bfloat16, torch.float16):
+                    data = data.float()
+                if data is not parameter.data:
+                    setattr(module, name, Parameter(data, parameter.requires_grad))
+        copy.register_forward_pre_hook(_inputs_as_fp32)
+
+
+def _inputs_as_fp32(module, args: tuple) -> tuple:
+    import torch
+
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def resume_adapter(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
     """An adapter saved by a checkpoint, trainable again, on the same (equally prepared) base."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(prepared_for_training(model), str(adapter_dir), is_trainable=True)
+    resumed = PeftModel.from_pretrained(prepared_for_training(model), str(adapter_dir), is_trainable=True)
+    make_trained_copies_whole_fp32(resumed)
+    return resumed
 
 
 def prepared_for_training(model: PreTrainedModel) -> PreTrainedModel:

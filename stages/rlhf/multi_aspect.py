@@ -54,14 +54,16 @@ def encode(tokenizer, rows, aspects: list[str], stats: dict[str, tuple[float, fl
 
 
 def fold_heads(model, weights: list[float]) -> None:
-    """Replace the per-aspect heads by their weighted sum: one head, one score."""
+    """Replace the per-aspect heads by their weighted sum: one head, one score, in the dtype of the rest of the
+    model (a LoRA-trained head is fp32 on a bf16 base)."""
     head = model.score
-    combined = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None).to(head.weight)
+    combined = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None)
     with torch.no_grad():
         w = torch.tensor(weights, dtype=head.weight.dtype, device=head.weight.device)
         combined.weight.copy_(w @ head.weight)
         if head.bias is not None:
             combined.bias.copy_(w @ head.bias)
+    combined.to(device=head.weight.device, dtype=model.get_input_embeddings().weight.dtype)
     model.score = combined
     model.config.num_labels = 1
 

@@ -39,7 +39,9 @@ from rlhf_pipeline.stages.modeling.loading import (
     unwrap_adapter,
     weights_dtype,
 )
+from rlhf_pipeline.stages.modeling.lora import with_adapter
 from rlhf_pipeline.stages.rlhf import rejection_sampling
+from rlhf_pipeline.stages.rlhf.multi_aspect import fold_heads
 from rlhf_pipeline.stages.rlhf.ppo import PhaseTimer, PPOTrainer
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
 from rlhf_pipeline.stages.rlhf.rollout import (
@@ -308,6 +310,32 @@ def test_trained_weights_are_fp32_and_frozen_ones_the_compute_dtype(monkeypatch,
     assert weights_dtype(torch.device("cuda"), train=True) == torch.float32
     assert load_policy(source, CPU, train=True).dtype == torch.float32
     assert load_policy(source, CPU).dtype == torch.bfloat16
+
+
+def test_a_lora_scorers_trained_head_is_fp32_on_a_bf16_base(monkeypatch, tokenizer_dirs, tmp_path):
+    """peft makes its adapters fp32 on a bf16 base but copies the score head it trains (PPO's value head, a
+    LoRA reward model's head) in bf16, where AdamW's small updates round away: the head is made fp32 too, and
+    runs with or without autocast; folded heads take the base's dtype again."""
+    monkeypatch.setattr("rlhf_pipeline.stages.modeling.loading.compute_dtype", lambda device: torch.bfloat16)
+    tokenizer = load_tokenizer(str(tokenizer_dirs["gpt2"]))
+    source = random_llama(tokenizer_dirs["gpt2"], tmp_path / "rm", scorer=True)
+    lora = load_config(None, ["rl.ppo.lora.r=4"]).rl.ppo.lora
+    model = with_adapter(load_scorer(source, CPU, tokenizer.pad_token_id), lora, "SEQ_CLS")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert unwrap_adapter(model).model.embed_tokens.weight.dtype == torch.bfloat16
+    head = unwrap_adapter(model).score.modules_to_save["default"].weight
+    before = head.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+    batch = tokenizer(["the cat is kind ."], return_tensors="pt")
+    model(**batch).logits.sum().backward()
+    optimizer.step()
+    assert (head != before).float().mean() > 0.9  # in bf16 the step rounds away for most of the weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(**batch).logits.dtype == torch.bfloat16
+    assert model(**batch).logits.dtype == torch.float32
+    merged = model.merge_and_unload()
+    fold_heads(merged, [1.0])
+    assert merged.score.weight.dtype == torch.bfloat16 and merged(**batch).logits.dtype == torch.bfloat16
 
 
 REAL_TINY = [
