@@ -41,7 +41,7 @@ from rlhf_pipeline.stages.core.comparison import (
     save_comparison_frontier,
 )
 from rlhf_pipeline.stages.core.config import PipelineConfig
-from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
+from rlhf_pipeline.stages.core.config_loading import dump_config, read_config, with_data_digests
 from rlhf_pipeline.stages.core.errors import InputError, MissingInput
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES, STAGES
@@ -314,7 +314,7 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     _warm_up(store, config, launcher)  # now, so that its imports overlap Prefect's start
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
-    store.write_bytes(config_key, dump_config(config).encode())
+    store.write_bytes(config_key, dump_config(with_data_digests(config)).encode())
     rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
     return store.read_json(f"runs/{run_id}/run.json")
 

@@ -116,6 +116,11 @@ class DataSource(Section):
     weight: float = Field(1.0, gt=0, description="share of the rows kept: 0.5 a random half, 2 every row twice")
     license: str | None = Field(None, description="the licence of your own data (seed datasets know theirs)")
     commercial_use: bool = Field(True, description="whether your own data may be used commercially")
+    digest: str | None = Field(
+        None,
+        description="filled in by `rlhf run`: the sha256 of a local file's bytes, so that a file changed in place "
+        "is prepared again (prepare's cache key holds the rest of this section); leave it unset",
+    )
 
 
 def _one_source(value: Any) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from rlhf_pipeline.stages.core.artifacts import sha256_file
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import read_uri
@@ -72,6 +73,22 @@ def parse_config_text(text: str, source: str) -> PipelineConfig:
         return PipelineConfig.model_validate(yaml.safe_load(text))
     except (yaml.YAMLError, ValidationError) as exc:
         raise InputError(f"{source}: invalid resolved config: {exc}") from None
+
+
+def with_data_digests(config: PipelineConfig) -> PipelineConfig:
+    """The config as a run stores it for its stages: each local data file's digest filled in (`digest`), which
+    prepare's cache key then holds beside the file's path."""
+    updates = {
+        name: [source.model_copy(update={"digest": _file_digest(source.path)}) for source in sources]
+        for name, sources in config.data
+        if isinstance(sources, list)
+    }
+    return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+
+
+def _file_digest(path: str) -> str | None:
+    file = Path(path).expanduser()
+    return sha256_file(file) if file.is_file() else None
 
 
 def dump_config(config: PipelineConfig) -> str:

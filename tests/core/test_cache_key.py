@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_pipeline.stages.core import code_version
 from rlhf_pipeline.stages.core.artifacts import FileEntry, Manifest, cache_key
-from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.config_loading import load_config, with_data_digests
 from rlhf_pipeline.stages.core.planner import key_sections
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES, STAGES
 
@@ -92,6 +92,27 @@ def test_a_stage_keys_only_on_its_own_sections():
     moved_store = load_config(None, ["run.store=/elsewhere", "run.checkpoint_every=7"])
     assert all(key_sections(ppo, s) == key_sections(moved_store, s) for s in ("prepare", "sft", "rl"))
     assert key_sections(ppo, "sft") != key_sections(load_config(None, ["run.seed=1"]), "sft")
+
+
+def test_a_data_file_changed_in_place_is_prepared_again(tmp_path):
+    """prepare's key holds its sources' paths; the config a run stores for its stages (`with_data_digests`)
+    adds each local file's digest, so that new bytes under the old name are not taken for the rows prepared
+    before. The same bytes elsewhere (another machine's copy, under the same path) keep the key."""
+    rows = tmp_path / "sft.jsonl"
+    row = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "%s"}]}\n'
+    config = load_config(None, [f"data.sft={rows}"])
+
+    def prepare_key() -> dict:
+        return key_sections(with_data_digests(config), "prepare")
+
+    rows.write_text(row % "a")
+    before = prepare_key()
+    assert prepare_key() == before
+    rows.write_text(row % "b")
+    assert prepare_key() != before
+    rows.write_text(row % "a")
+    assert prepare_key() == before
+    assert with_data_digests(config).data.prompts[0].digest is None  # builtin:demo
 
 
 def test_rl_keys_only_on_the_chosen_algorithms_section():
