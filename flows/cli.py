@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rlhf_pipeline.stages.core.config import DataConfig, PipelineConfig, RunConfig
-from rlhf_pipeline.stages.core.config_loading import apply_overrides, load_config, read_config
+from rlhf_pipeline.stages.core.config_loading import load_config, read_config, with_overrides
 from rlhf_pipeline.stages.core.errors import (
     ERROR_PREFIX,
     EXIT_DAMAGED_ARTIFACT,
@@ -241,7 +241,7 @@ def _stage(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     overrides = args.overrides + ([f"run.store={args.store}"] if args.store else [])
     if overrides:
-        config = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+        config = with_overrides(config, overrides)
     run_stage(args.name, config, config.run.open_store())
     return 0
 

@@ -110,7 +110,7 @@ def print_summary(summary: dict[str, Any], file=None) -> None:
     print(f"run {summary['run_id']}: {summary['status']} (store {summary['store']})", file=file)
     if summary.get("resumes"):
         print(f"  resumes run {summary['resumes']}, which crashed", file=file)
-    width = max(9, *map(len, summary["stages"]))
+    width = max([9, *map(len, summary["stages"])])
     print(f"  {'stage':<{width}} {'status':<7} {'seconds':>8} {'tries':>5}  key numbers", file=file)
     for name, stage in summary["stages"].items():
         attempts = stage.get("attempts") or "-"

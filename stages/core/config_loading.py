@@ -75,6 +75,14 @@ def parse_config_text(text: str, source: str) -> PipelineConfig:
         raise InputError(f"{source}: invalid resolved config: {exc}") from None
 
 
+def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """A run's resolved config with `--set` overrides, validated again (`rlhf stage`)."""
+    try:
+        return PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+    except ValidationError as exc:
+        raise InputError(_describe_validation_error(exc, "--set", "{}")) from None
+
+
 def with_data_digests(config: PipelineConfig) -> PipelineConfig:
     """The config as a run stores it for its stages: each local data file's digest filled in (`digest`), which
     prepare's cache key then holds beside the file's path."""
@@ -104,7 +112,7 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}: cannot read config ({exc})") from None
 
 
-def _describe_validation_error(exc: ValidationError, path: Path, text: str) -> str:
+def _describe_validation_error(exc: ValidationError, path: Path | str, text: str) -> str:
     root = yaml.compose(text)
     problems = []
     for error in exc.errors():

@@ -273,13 +273,18 @@ class S3Store(ArtifactStore):
 
     @_retried
     def check_access(self) -> None:
-        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, SSLError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except EndpointConnectionError:
+        except (EndpointConnectionError, ConnectTimeoutError):
             raise InputError(
                 f"store {self.uri}: cannot reach the S3 endpoint {self.endpoint} (AWS_ENDPOINT_URL)"
+            ) from None
+        except SSLError as exc:
+            raise InputError(
+                f"store {self.uri}: no TLS connection to the S3 endpoint {self.endpoint} (AWS_ENDPOINT_URL; a "
+                f"server that speaks plain HTTP needs an http:// address): {exc}"
             ) from None
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("404", "NoSuchBucket"):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rlhf_pipeline.stages.core.config import PipelineConfig
-from rlhf_pipeline.stages.core.config_loading import load_config
+from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
 from rlhf_pipeline.stages.core.errors import InputError
 from tests.conftest import REPO, rlhf
 
@@ -140,6 +140,11 @@ def test_cli_stage_with_missing_config_exits_2(tmp_path):
     assert result.returncode == 2
     assert "missing.yaml: cannot read config" in result.stderr
     assert "Traceback" not in result.stderr
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(dump_config(load_config(None)))
+    result = rlhf("stage", "prepare", "--config", str(resolved), "--set", "prepare.eval_fraction=2", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--set: prepare.eval_fraction: Input should be less than 1" in result.stderr
 
 
 def test_cli_node_outside_the_stages_nodes_exits_2(tmp_path):
@@ -175,12 +180,16 @@ NO_CREDENTIALS = {
         (NO_CREDENTIALS, "present", "no S3 credentials (set AWS_ACCESS_KEY_ID"),
         ({}, "absent", "bucket 'absent-bucket' at http://127.0.0.1:"),
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}, "present", "cannot reach the S3"),
+        ({"AWS_ENDPOINT_URL": "https:"}, "present", "no TLS connection to the S3 endpoint https://127.0.0.1:"),
     ],
 )
 def test_an_unusable_s3_store_exits_2_naming_it(s3_bucket, tmp_path, env, bucket, message):
-    """No credentials, no bucket, no server: `rlhf validate`, `run`, `runs` and `chat` stop before anything starts."""
+    """No credentials, no bucket, no server, https:// to a plain-HTTP server: `rlhf validate`, `run`, `runs` and
+    `chat` stop before anything starts."""
     name = s3_bucket if bucket == "present" else "absent-bucket"
     store = f"s3://{name}/runs"
+    if env.get("AWS_ENDPOINT_URL") == "https:":  # the test server's address, as https://
+        env = {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"].replace("http:", "https:")}
     child_env = {k: v for k, v in (os.environ | env).items() if v is not None}
     demo = str(REPO / "examples" / "demo.yaml")
     for command in (

@@ -8,7 +8,14 @@ import re
 
 from rich.console import Console
 
-from rlhf_pipeline.flows.monitoring.run_view import key_numbers, stage_finished, stage_progress, stage_started, watching
+from rlhf_pipeline.flows.monitoring.run_view import (
+    key_numbers,
+    print_summary,
+    stage_finished,
+    stage_progress,
+    stage_started,
+    watching,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -46,3 +53,13 @@ def test_without_a_view_reports_go_nowhere(capsys):
 def test_key_numbers_show_trends_and_the_numbers_that_matter():
     metrics = {"first_loss": 3.9, "last_loss": 0.97, "eval_loss": 0.9672, "steps": 255, "win_rate_vs_sft": 0.789}
     assert key_numbers(metrics) == "loss 3.9 → 0.97, eval_loss 0.967, win_rate_vs_sft 0.789"
+
+
+def test_a_run_that_died_before_its_first_stage_ended_prints_its_table():
+    """`rlhf show` of a run found dead while its first stage ran: its summary has no stages yet."""
+    output = io.StringIO()
+    print_summary({"run_id": "demo-1", "status": "crashed", "store": "/s", "stages": {}}, file=output)
+    assert output.getvalue().splitlines() == [
+        "run demo-1: crashed (store /s)",
+        "  stage     status   seconds tries  key numbers",
+    ]
