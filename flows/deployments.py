@@ -44,6 +44,9 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
     pool = config.deploy.work_pool
     ensure_work_pool(pool, pool_type)
     image_pool = pool_type != "process"
+    # A process worker runs each flow run in a new temporary directory: relative paths in the config (a local
+    # store, data files) mean what they meant where `rlhf deploy` ran.
+    job_variables = None if image_pool else {"working_dir": str(Path.cwd())}
     names = []
     for stage in STAGE_NAMES:
         rlhf_stage.deploy(
@@ -53,6 +56,7 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
             build=False,
             push=False,
             parameters={"stage": stage},
+            job_variables=job_variables,
             entrypoint_type=EntrypointType.MODULE_PATH,
             print_next_steps=False,
         )
@@ -68,6 +72,7 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
         push=False,
         parameters={"config_uri": store.uri_of(config_key)},
         cron=config.deploy.schedule,
+        job_variables=job_variables,
         entrypoint_type=EntrypointType.MODULE_PATH,
         print_next_steps=False,
     )

@@ -108,9 +108,14 @@ def test_each_stage_runs_as_a_flow_run_of_its_own_deployment(process_pool, s3_bu
     assert len(pids) == len(STAGE_NAMES) and None not in pids  # each stage in its own process
 
 
-def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(process_pool, s3_bucket, tmp_path):
+def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(
+    process_pool, s3_bucket, tmp_path, monkeypatch
+):
+    """Also: a process worker runs each flow run in a new temporary directory, and a relative data path means
+    what it meant where `rlhf deploy` ran (the stage reads the file, and finds its broken line)."""
     pool, start_worker = process_pool
-    broken = tmp_path / "broken.jsonl"
+    monkeypatch.chdir(tmp_path)
+    broken = Path("broken.jsonl")
     broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
     config = load_config(
         None,
