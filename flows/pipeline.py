@@ -315,8 +315,12 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
     store.write_bytes(config_key, dump_config(with_data_digests(config)).encode())
-    rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
-    return store.read_json(f"runs/{run_id}/run.json")
+    state = rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
+    summary = store.read_json_if_present(f"runs/{run_id}/run.json")
+    if summary is None:  # the flow itself raised, before the summary: its own error, not "run.json not found"
+        state.result()
+        raise RuntimeError(f"run {run_id}: the pipeline flow ended {state.name} without a summary: {state.message}")
+    return summary
 
 
 def _warm_up(store: ArtifactStore, config: PipelineConfig, launcher: str) -> None:

@@ -26,6 +26,7 @@ from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
 from rlhf_pipeline.stages import runner
 from rlhf_pipeline.stages.core.artifacts import publish_dir, read_manifest, set_aside
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config, read_config
+from rlhf_pipeline.stages.core.errors import DamagedArtifact
 from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import LocalStore
@@ -182,6 +183,18 @@ def test_crashes_are_retried_and_input_errors_are_not(prefect_api, monkeypatch, 
     assert summary["stages"]["sft"]["status"] == "failed"
     assert summary["stages"]["sft"]["error"] == f"stage sft failed on attempt {attempts}"
     assert state.message == f"stage sft failed: stage sft failed on attempt {attempts}"  # the UI's run message
+
+
+def test_an_error_of_the_flow_itself_reaches_rlhf_run_as_it_was_raised(prefect_api, monkeypatch, tmp_path, capsys):
+    """Raised outside any stage (here: a damaged artifact found while planning), before the run summary is
+    written: `rlhf run` used to say only that run.json was not found."""
+
+    def damaged(*args):
+        raise DamagedArtifact("artifacts/sft/k: manifest.json cannot be parsed")
+
+    monkeypatch.setattr(pipeline, "run_stages", damaged)
+    assert cli.main(["run", "--store", str(tmp_path / "store")]) == 3
+    assert capsys.readouterr().err.strip().endswith("error: artifacts/sft/k: manifest.json cannot be parsed")
 
 
 class _Publishing:
