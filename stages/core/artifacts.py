@@ -31,6 +31,7 @@ from rlhf_pipeline.stages.core.store import ArtifactStore
 log = logging.getLogger("rlhf.stage")
 
 MANIFEST = "manifest.json"
+DAMAGED_MANIFEST = "manifest.damaged-"  # + when it was set aside: a damaged artifact's manifest, moved
 # Pickles (the HF Trainer's `training_args.bin`) are never published: nothing read from the store is unpickled.
 NEVER_PUBLISHED = {"training_args.bin"}
 # What a stage records about its run (tracker event files of `run.report_to`, its metrics history and curves):
@@ -135,9 +136,14 @@ def is_inside(path: str) -> bool:
 
 def set_aside(store: ArtifactStore, prefix: str, reason: str) -> None:
     """Move a damaged artifact's manifest out of the way: the artifact no longer exists for the planner, and
-    its files stay where they are for whoever looks into it."""
-    aside = f"{prefix}/manifest.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%f}.json"
-    store.write_bytes(aside, store.read_bytes(f"{prefix}/{MANIFEST}"))
+    its files stay where they are for whoever looks into it. Every process of a stage checks its inputs: the
+    others find the manifest already moved."""
+    manifest = store.read_bytes_if_present(f"{prefix}/{MANIFEST}")
+    if manifest is None:
+        log.error("%s: %s; set aside already", store.uri_of(prefix), reason)
+        return
+    aside = f"{prefix}/{DAMAGED_MANIFEST}{datetime.now(UTC):%Y%m%dT%H%M%S%f}.json"
+    store.write_bytes(aside, manifest)
     store.delete(f"{prefix}/{MANIFEST}")
     log.error("%s: %s; set aside (manifest moved to %s)", store.uri_of(prefix), reason, aside)
 
@@ -194,6 +200,9 @@ def fetch_dir(store: ArtifactStore, prefix: str, local_dir: Path) -> Manifest:
     downloaded once more (a transfer can go wrong); if it still does not, the artifact is damaged in the store:
     it is set aside and DamagedArtifact raised, so that no stage trains on it and its producer runs again."""
     manifest = read_manifest(store, prefix)
+    if manifest is None and any(name.startswith(DAMAGED_MANIFEST) for name in store.list_children(prefix)):
+        # another process of this stage (or another run) found it damaged: its producer is to run again
+        raise DamagedArtifact(f"{store.uri_of(prefix)}: set aside as damaged, to be computed again")
     if manifest is None:
         raise InputError(f"{store.uri_of(prefix)}: no complete artifact there (manifest.json missing)")
     store.download_files({manifest.location(prefix, e.path): local_dir / e.path for e in manifest.files})

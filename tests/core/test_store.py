@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from rlhf_pipeline.stages.core.artifacts import MANIFEST, fetch_dir, publish_dir, read_manifest, sha256_file
+from rlhf_pipeline.stages.core.artifacts import MANIFEST, fetch_dir, publish_dir, read_manifest, set_aside, sha256_file
 from rlhf_pipeline.stages.core.checkpoints import CheckpointStore
 from rlhf_pipeline.stages.core.errors import DamagedArtifact, InputError
 from rlhf_pipeline.stages.core.store import ArtifactStore, LocalStore, S3Store, read_uri
@@ -148,6 +148,11 @@ def test_a_damaged_artifact_is_set_aside_not_deleted(store, tmp_path):
         f.model_dump() for f in manifest.files
     ]
     assert store.exists(manifest.location("artifacts/sft/k", "model/weights.bin"))  # nothing deleted
+    # The stage's other processes check the same input: they find it set aside, which is no input error
+    set_aside(store, "artifacts/sft/k", "sha256 of model/weights.bin does not match the manifest")
+    with pytest.raises(DamagedArtifact, match="set aside as damaged, to be computed again"):
+        fetch_dir(store, "artifacts/sft/k", tmp_path / "other-process")
+    assert len([name for name in store.list_children("artifacts/sft/k") if name.startswith("manifest.damaged-")]) == 1
 
 
 def test_a_file_damaged_in_transfer_is_downloaded_again(tmp_path):
