@@ -32,7 +32,7 @@ from rlhf_pipeline.flows.launchers.launcher import Launcher, StageInputDamaged, 
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.flows.monitoring.heartbeats import RunHeartbeat, mark_dead_runs
 from rlhf_pipeline.flows.monitoring.run_view import stage_finished, stage_started
-from rlhf_pipeline.flows.monitoring.stage_monitor import png_data_uri, publish_curves, publish_markdown, publish_report
+from rlhf_pipeline.flows.monitoring.stage_monitor import png_data_uri, publish_markdown, publish_stage_pictures
 from rlhf_pipeline.stages.core.artifacts import read_manifest, read_verified
 from rlhf_pipeline.stages.core.comparison import (
     FRONTIER_FILE,
@@ -75,9 +75,7 @@ def run_stage(stage: str, config_uri: str, launcher: str, label: str) -> dict[st
         manifest = published(store, stage, plan.prefix)
         status = "ran"
     logger.info("%s %s: %s", label, status, store.uri_of(plan.prefix))
-    publish_curves(store, label, plan.prefix, manifest)
-    if stage == "evaluate":
-        publish_report(store, plan.prefix, label)
+    publish_stage_pictures(store, stage, label, plan.prefix, manifest)
     return {
         "status": status,
         "artifact": store.uri_of(plan.prefix),

@@ -29,6 +29,7 @@ from prefect.events import emit_event
 
 from rlhf_pipeline.flows.monitoring.run_view import stage_progress
 from rlhf_pipeline.stages.core.artifacts import CURVES_FILE, PLOTS_DIR, Manifest, read_verified
+from rlhf_pipeline.stages.core.errors import DamagedArtifact
 from rlhf_pipeline.stages.core.progress import PREFIX
 from rlhf_pipeline.stages.core.store import ArtifactStore
 
@@ -123,6 +124,17 @@ def artifact_key(label: str, what: str) -> str:
 
 def publish_markdown(markdown: str, key: str, description: str) -> None:
     create_markdown_artifact(markdown, key=key, description=description)
+
+
+def publish_stage_pictures(store: ArtifactStore, stage: str, label: str, prefix: str, manifest: Manifest) -> None:
+    """A finished stage's curves (and an evaluation's report) in the UI. A picture that cannot be read is
+    logged and left out: a damaged figure (outside the digest) would otherwise fail the stage, on every run."""
+    try:
+        publish_curves(store, label, prefix, manifest)
+        if stage == "evaluate":
+            publish_report(store, prefix, label)
+    except DamagedArtifact as exc:
+        log.warning("%s: not shown in the UI: %s", label, exc)
 
 
 def publish_report(store: ArtifactStore, prefix: str, label: str = "evaluate") -> None:

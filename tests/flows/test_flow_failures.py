@@ -22,7 +22,7 @@ from rlhf_pipeline.flows.launchers.launcher import StageCrashed, StageInputDamag
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.flows.monitoring import heartbeats
 from rlhf_pipeline.flows.monitoring.heartbeats import STALE_SECONDS, RunHeartbeat, heartbeat_key, mark_dead_runs
-from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor
+from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor, publish_stage_pictures
 from rlhf_pipeline.stages import runner
 from rlhf_pipeline.stages.core.artifacts import publish_dir, read_manifest, set_aside
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config, read_config
@@ -121,6 +121,18 @@ def test_monitoring_failures_never_stop_the_stage(monkeypatch, config_file, capl
     assert log.lines[-1] == "trained to the end"
     assert caplog.text.count("malformed event line skipped") == 2
     assert "could not forward progress to Prefect (the Prefect API is unreachable); training goes on" in caplog.text
+
+
+def test_a_damaged_figure_is_left_out_of_the_ui_not_a_failed_stage(tmp_path, caplog):
+    """The curves are outside the digest, so nothing sets their artifact aside: failing on them failed the
+    stage on every run."""
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    (tmp_path / "out" / "logs" / "curves.png").write_bytes(b"\x89PNG picture")
+    manifest = publish_dir(store, tmp_path / "out", "artifacts/sft/k", {"stage": "sft", "cache_key": "k", "config": {}})
+    store.write_bytes(manifest.location("artifacts/sft/k", "logs/curves.png"), b"\x89PNG damaged")
+    publish_stage_pictures(store, "sft", "sft", "artifacts/sft/k", manifest)
+    assert "sft: not shown in the UI: " in caplog.text and "logs/curves.png" in caplog.text
 
 
 def test_a_full_disk_is_reported_as_such(monkeypatch, config_file, capsys):
