@@ -156,6 +156,9 @@ def attempt_folder() -> str:
 def publish_dir(store: ArtifactStore, local_dir: Path, prefix: str, manifest_fields: dict[str, Any]) -> Manifest:
     """Upload every file of `local_dir` under a folder of this attempt's own, then create the manifest: the
     artifact exists only once that lands (`create_manifest`)."""
+    if store.exists(f"{prefix}/{MANIFEST}") and read_manifest(store, prefix) is None:
+        # a manifest that cannot be parsed made the planner count no artifact, and would now refuse ours
+        set_aside(store, prefix, "its manifest cannot be read")
     folder = attempt_folder()
     manifest = create_manifest(store, prefix, folder, upload_files(store, local_dir, prefix, folder), manifest_fields)
     if manifest is None:

@@ -115,7 +115,12 @@ def test_a_checkpoint_that_another_attempt_clears_before_it_is_read_is_passed_ov
     checkpoints.save(45, _make_dir(tmp_path / "next"))
     assert checkpoints.complete_steps() == [45]
 
-    store.write_bytes(f"artifacts/sft/k/{MANIFEST}", b"not a manifest")
+    def create_unreadable(key: str, data: bytes) -> bool:  # lands while this attempt uploads
+        store.create = create
+        store.write_bytes(key, b"not a manifest")
+        return False
+
+    store.create = create_unreadable
     with pytest.raises(DamagedArtifact, match="another attempt's manifest is there but cannot be read"):
         publish_dir(store, _make_dir(tmp_path / "artifact"), "artifacts/sft/k", FIELDS)
     assert store.list_children("artifacts/sft/k") == [MANIFEST]  # this attempt's upload removed
@@ -153,6 +158,17 @@ def test_a_damaged_artifact_is_set_aside_not_deleted(store, tmp_path):
     with pytest.raises(DamagedArtifact, match="set aside as damaged, to be computed again"):
         fetch_dir(store, "artifacts/sft/k", tmp_path / "other-process")
     assert len([name for name in store.list_children("artifacts/sft/k") if name.startswith("manifest.damaged-")]) == 1
+
+
+def test_an_unreadable_manifest_is_set_aside_when_the_stage_publishes_again(store, tmp_path):
+    """Counted as no artifact, so the stage ran again; its publish used to fail on the unreadable manifest, on
+    every run."""
+    store.write_bytes(f"artifacts/sft/k/{MANIFEST}", b'{"files": [truncated')
+    assert read_manifest(store, "artifacts/sft/k") is None
+    manifest = publish_dir(store, _make_dir(tmp_path / "src"), "artifacts/sft/k", FIELDS)
+    assert read_manifest(store, "artifacts/sft/k") == manifest
+    aside = [name for name in store.list_children("artifacts/sft/k") if name.startswith("manifest.damaged-")]
+    assert [store.read_bytes(f"artifacts/sft/k/{name}") for name in aside] == [b'{"files": [truncated']
 
 
 def test_a_file_damaged_in_transfer_is_downloaded_again(tmp_path):
