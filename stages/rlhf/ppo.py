@@ -65,6 +65,7 @@ from rlhf_pipeline.stages.rlhf import ppo_math
 from rlhf_pipeline.stages.rlhf.reward_signal import load_reward_model
 from rlhf_pipeline.stages.rlhf.rollout import (
     Rollout,
+    TopK,
     decode_responses,
     prompt_seeds,
     reference_logprobs,
@@ -177,7 +178,7 @@ class PPOTrainer:
         applied), and the top-k token ids they are renormalised over."""
         return response_logprobs(self.policy, rollout, self.config.generation)
 
-    def reference_logprobs(self, rollout: Rollout, support: torch.Tensor | None) -> torch.Tensor:
+    def reference_logprobs(self, rollout: Rollout, support: TopK | None) -> torch.Tensor:
         """The SFT model's distribution over the same top-k tokens as the policy's: the KL penalty measures how
         far the policy moved, and is 0 on the first rollout."""
         generation = self.config.generation

@@ -236,23 +236,37 @@ def response_mask_until_end(response_ids: torch.Tensor, end_ids: list[int]) -> t
     return (~after_end).long()
 
 
-def top_k_support(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
-    """The ids of the `top_k` likeliest tokens at each position (what top-k sampling keeps), or None for all."""
+TIES_KEPT = 16  # tokens tied with the k-th likeliest, beyond the k, that the support can hold
+
+
+@dataclass(frozen=True)
+class TopK:
+    """What top-k sampling draws from at each position: every token whose logit is at least the k-th largest
+    (transformers' TopKLogitsWarper keeps the ties, and bf16 logits tie often), as ids and which of them count."""
+
+    ids: torch.Tensor  # (B, R, k + TIES_KEPT), likeliest first
+    kept: torch.Tensor  # bool, the same shape: the first k, and those tied with the k-th
+
+
+def top_k_support(logits: torch.Tensor, top_k: int) -> TopK | None:
+    """The tokens top-k sampling keeps at each position, or None for all."""
     if top_k <= 0 or top_k >= logits.shape[-1]:
         return None
-    return torch.topk(logits, top_k, dim=-1).indices
+    values, ids = torch.topk(logits, min(top_k + TIES_KEPT, logits.shape[-1]), dim=-1)
+    return TopK(ids, values >= values[..., top_k - 1 : top_k])
 
 
 def support_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, support: torch.Tensor | None
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, support: TopK | None
 ) -> torch.Tensor:
-    """log p(token) of softmax(logits / temperature) restricted to `support` (token ids per position) and
-    renormalised: the distribution top-k sampling draws from when `support` is the sampler's top k."""
+    """log p(token) of softmax(logits / temperature) restricted to `support` and renormalised: the
+    distribution top-k sampling draws from when `support` is the sampler's top k."""
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if support is None:
         return chosen
-    return chosen - torch.logsumexp(logprobs.gather(-1, support), dim=-1)
+    within = logprobs.gather(-1, support.ids).masked_fill(~support.kept, float("-inf"))
+    return chosen - torch.logsumexp(within, dim=-1)
 
 
 def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
@@ -281,17 +295,17 @@ def sampled_logits(model: PreTrainedModel, rollout: Rollout, generation: Generat
 
 def response_logprobs(
     policy: PreTrainedModel, rollout: Rollout, generation: GenerationConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, TopK | None]:
     """log π(response token | prefix) for every response position, (B, R), of the distribution that was
     sampled (no end of turn before the minimum length, temperature, the policy's own top k renormalised), and
-    that top k's token ids."""
+    that top k (`TopK`)."""
     logits = sampled_logits(policy, rollout, generation)
     support = top_k_support(logits, generation.top_k)
     return support_logprobs(logits, rollout.response_ids, generation.temperature, support), support
 
 
 def reference_logprobs(
-    model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig, support: torch.Tensor | None
+    model: PreTrainedModel, rollout: Rollout, generation: GenerationConfig, support: TopK | None
 ) -> torch.Tensor:
     """A reference model's log-probabilities over what the sampling policy could sample (its top k, `support`,
     and no early end of turn): KL(π ‖ π_ref) then compares two distributions over the same tokens, and is

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from transformers import TopKLogitsWarper
 
 from rlhf_pipeline.stages.rlhf import ppo_math
 from rlhf_pipeline.stages.rlhf.rollout import response_mask_until_end, support_logprobs, top_k_support
@@ -28,12 +29,25 @@ def test_logprobs_are_those_of_the_top_k_distribution_that_was_sampled():
     full = support_logprobs(logits, tokens, 0.5, top_k_support(logits, 0))
     assert full.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 1].item())
     support = top_k_support(logits, 2)
-    assert support.tolist() == [[[0, 1]]]
+    assert support.ids[support.kept].tolist() == [0, 1]
     top2 = support_logprobs(logits, tokens, 0.5, support)
     assert top2.item() == pytest.approx(math.log(math.exp(1.0 / 0.5) / (math.exp(2.0 / 0.5) + math.exp(1.0 / 0.5))))
     other = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]])  # a reference over the policy's two tokens: p(1) = e^6/(1+e^6)
     assert support_logprobs(other, tokens, 0.5, support).item() == pytest.approx(-math.log1p(math.exp(-6.0)), rel=1e-4)
     assert support_logprobs(logits, tokens, 0.5, support).item() - top2.item() == 0.0
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_samples():
+    """TopKLogitsWarper keeps every token whose logit is at least the k-th largest: with a tie at rank k the
+    sampler draws from more than k tokens (bf16 logits tie often), and the trained log-probability is of that
+    distribution, not of k of the tied tokens picked arbitrarily."""
+    logits = torch.tensor([[[3.0, 1.0, 2.0, 2.0, 2.0, -1.0]]])
+    tokens = torch.tensor([[4]])
+    sampled = TopKLogitsWarper(top_k=2)(None, logits[0] / 0.7).log_softmax(-1)
+    assert torch.isfinite(sampled).sum().item() == 4  # the likeliest and the three tied for second
+    assert support_logprobs(logits, tokens, 0.7, top_k_support(logits, 2)).item() == pytest.approx(
+        sampled[0, 4].item(), rel=1e-6
+    )
 
 
 def test_approx_kl_is_zero_for_an_unchanged_policy_and_positive_otherwise():
