@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.data.agreement import category_counts, fleiss_kappa, item_agreement
+from rlhf_pipeline.stages.data.formats.conversational import rating_shape
 from rlhf_pipeline.stages.data.rows import write_jsonl
 from rlhf_pipeline.stages.data.sources import CONFIG_FIELD, SourceRows, check_licenses, load_kind, weighted
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
@@ -47,14 +48,11 @@ def with_agreement(parts: list[SourceRows], min_agreement: float | None) -> dict
     rows = [row for part in parts for row in part.rows]
     if not rows:
         return {}
+    shapes = {f"data.rated[{part.index}] {part.source.path}": rating_shape(part.rows[0]) for part in parts}
+    if len({str(shape) for shape in shapes.values()}) > 1:  # each source's items are alike (its format checks)
+        raise InputError(f"data.rated: raters per aspect differ between the sources: {shapes}")
     aspects = sorted(rows[0]["ratings"])
-    for row in rows:
-        if sorted(row["ratings"]) != aspects:
-            raise InputError(f"rated data: every item must be rated on the same aspects {aspects}")
-    try:
-        kappa = {a: round(fleiss_kappa(category_counts([r["ratings"][a] for r in rows])), 4) for a in aspects}
-    except ValueError as exc:
-        raise InputError(f"rated data: {exc}") from None
+    kappa = {a: round(fleiss_kappa(category_counts([r["ratings"][a] for r in rows])), 4) for a in aspects}
     dropped = 0
     for part in parts:
         kept = []

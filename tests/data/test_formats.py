@@ -527,3 +527,21 @@ def test_demo_raters_judge_relevance_by_topic_and_helpfulness_by_tone():
         "relevance": 5,
         "helpfulness": 4,
     }
+
+
+def test_rated_items_with_other_raters_or_aspects_name_their_line_or_source(tmp_path):
+    """Fleiss' kappa needs every item rated on the same aspects by as many raters: the item that differs is
+    named by its line, a source that differs from another by both sources."""
+    conversation = {"prompt": [{"role": "user", "content": "q"}], "response": [{"role": "assistant", "content": "a"}]}
+    three, two = {"helpfulness": [4, 5, 4]}, {"helpfulness": [4, 5]}
+    path = tmp_path / "rated.jsonl"
+    path.write_text("".join(json.dumps(conversation | {"ratings": r}) + "\n" for r in (three, three, two)))
+    with pytest.raises(InputError, match=r"rated.jsonl:3: field 'ratings': raters per aspect \{'helpfulness': 2\}"):
+        convert(str(path), "rated", "rated")
+    (tmp_path / "three.jsonl").write_text(json.dumps(conversation | {"ratings": three}) + "\n")
+    (tmp_path / "two.jsonl").write_text(json.dumps(conversation | {"ratings": two}) + "\n")
+    store = LocalStore(tmp_path / "store")
+    sources = json.dumps([{"path": str(tmp_path / name), "format": "rated"} for name in ("three.jsonl", "two.jsonl")])
+    config = load_config(None, [f"data.rated={sources}", f"run.store={store.uri}"])
+    with pytest.raises(InputError, match=r"data.rated: raters per aspect differ between the sources: .*two.jsonl"):
+        run_stage("prepare", config, store)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_pipeline.stages.data.formats.records import Record, UnusableRow, each
+from rlhf_pipeline.stages.data.formats.records import Record, Skipped, UnusableRow, each
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -92,8 +92,28 @@ def prompt(record: Record) -> dict[str, Any]:
     return {"prompt": messages}
 
 
-@each
-def rated(record: Record) -> dict[str, Any]:
+def rated(records: list[Record]) -> tuple[list[dict[str, Any]], Skipped]:
+    """Rated rows, every item rated on the same aspects by as many raters as the first (Fleiss' kappa needs
+    that): a file that breaks it names the item's line."""
+    rows, first = [], None
+    for record in records:
+        row = _rated(record)
+        shape = rating_shape(row)
+        first = first or shape
+        if shape != first:
+            raise record.error(
+                "ratings", f"raters per aspect {shape}, the file's first item {first}: every item needs the same"
+            )
+        rows.append(row)
+    return rows, Skipped(len(records))
+
+
+def rating_shape(row: dict[str, Any]) -> dict[str, int]:
+    """How many raters scored each aspect of a rated item."""
+    return {aspect: len(scores) for aspect, scores in sorted(row["ratings"].items())}
+
+
+def _rated(record: Record) -> dict[str, Any]:
     ratings = record.get("ratings", dict)
     if not ratings:
         raise record.error("ratings", "expected scores for at least one aspect")
