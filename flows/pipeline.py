@@ -20,12 +20,12 @@ from contextvars import copy_context
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 
 from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher
 from rlhf_pipeline.flows.launchers.launcher import Launcher, StageInputDamaged, StageInputError, published
@@ -313,7 +313,7 @@ def run_pipeline(config: PipelineConfig, launcher: str | None = None) -> dict[st
     run_id = f"{config.run.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     config_key = f"runs/{run_id}/config.yaml"
     store.write_bytes(config_key, dump_config(with_data_digests(config)).encode())
-    state = rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True)
+    state = cast(State, rlhf_pipeline(store.uri_of(config_key), run_id, launcher, return_state=True))  # not async
     summary = store.read_json_if_present(f"runs/{run_id}/run.json")
     if summary is None:  # the flow itself raised, before the summary: its own error, not "run.json not found"
         state.result()
