@@ -142,8 +142,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> PipelineConfig:
-    overrides = args.overrides + ([f"run.store={args.store}"] if args.store else [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The `--set` overrides, and `--store` as `run.store`: quoted, since a path is a string whatever YAML would
+    read in it (`2025`, `yes`, `@runs`)."""
+    return args.overrides + ([f"run.store={json.dumps(args.store)}"] if args.store else [])
 
 
 def _prefect_defaults() -> None:
@@ -239,8 +244,7 @@ def _stage(args: argparse.Namespace) -> int:
 
     stop_with_launcher()
     config = read_config(args.config)
-    overrides = args.overrides + ([f"run.store={args.store}"] if args.store else [])
-    if overrides:
+    if overrides := _overrides(args):
         config = with_overrides(config, overrides)
     run_stage(args.name, config, config.run.open_store())
     return 0

@@ -9,38 +9,54 @@ is installed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Failed, State
+from prefect.workers.base import BaseWorker
 
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW
 from rlhf_pipeline.flows.pipeline import run_pipeline
 from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
+from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 
 # infra/ beside flows/: the repository's folder, or in an installed wheel the package data rlhf_pipeline/infra.
 INFRA = Path(__file__).resolve().parents[1] / "infra"
+log = logging.getLogger("rlhf.deploy")
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 S3_SECRETS = {"AWS_ACCESS_KEY_ID": "rlhf-s3-access-key-id", "AWS_SECRET_ACCESS_KEY": "rlhf-s3-secret-access-key"}
 
 
 @flow(name="rlhf-scheduled")
-def scheduled_pipeline(config_uri: str) -> dict[str, Any]:
-    """The pipeline deployment's flow: a fresh run of the stored config, each stage on its own deployment."""
-    config = read_config(config_uri)
-    return run_pipeline(config, launcher="deployment")
+def scheduled_pipeline(config_uri: str) -> dict[str, Any] | State:
+    """The pipeline deployment's flow: a fresh run of the stored config, each stage on its own deployment. A run
+    that did not complete ends Failed (its summary as the state's data), so that Prefect's notifications and
+    automations see it (the summary returned as a value ended it Completed)."""
+    summary = run_pipeline(read_config(config_uri), launcher="deployment")
+    if summary["status"] == "failed":
+        failed = next(name for name, stage in summary["stages"].items() if stage["status"] == "failed")
+        error = summary["stages"][failed]["error"]
+        return Failed(message=f"run {summary['run_id']}: stage {failed} failed: {error}", data=summary)
+    return summary
 
 
 def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
     """Create the work pool if missing, then register (or update) every deployment; returns their names."""
+    if config.deploy.schedule is not None:
+        check_schedule(config.deploy.schedule)
+    store = config.run.open_store()
+    store.check_access()
     pool = config.deploy.work_pool
     ensure_work_pool(pool, pool_type)
     image_pool = pool_type != "process"
@@ -61,7 +77,6 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
             print_next_steps=False,
         )
         names.append(f"{STAGE_FLOW}/{stage}")
-    store = config.run.open_store()
     config_key = f"deployments/{config.run.name}/config.yaml"
     store.write_bytes(config_key, dump_config(config).encode())
     scheduled_pipeline.deploy(
@@ -80,15 +95,34 @@ def deploy(config: PipelineConfig, pool_type: str) -> list[str]:
     return names
 
 
+def check_schedule(cron: str) -> None:
+    """A `deploy.schedule` Prefect would refuse is an input error, not a traceback from inside Prefect."""
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise InputError(f"deploy.schedule: {cron!r} is not a cron expression (five fields: 0 2 * * 1)") from None
+
+
 def ensure_work_pool(name: str, pool_type: str) -> None:
+    """The pool with this project's job template. A pool of another type is refused. A worker started before
+    the first `rlhf deploy` (compose's, Kubernetes') created the pool with its type's default template, which
+    lacks the store's credentials, GPUs and nodes: that one gets the project's; a template someone edited is
+    left as it is."""
+    template = base_job_template(pool_type)
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
-            return
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
-            pass
-        template = base_job_template(pool_type)
-        client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+            return
+        if pool.type != pool_type:
+            raise InputError(
+                f"deploy.work_pool: {name!r} is a {pool.type} work pool, not {pool_type} (rlhf deploy --pool-type)"
+            )
+        if pool.base_job_template in ({}, default_job_template(pool_type)):  # {}: the worker fills in the default
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+        elif pool.base_job_template != template:
+            log.warning("work pool %r keeps its own job template (not this project's, nor its type's default)", name)
 
 
 def base_job_template(pool_type: str) -> dict[str, Any]:
@@ -97,18 +131,18 @@ def base_job_template(pool_type: str) -> dict[str, Any]:
     host's network."""
     if pool_type == "kubernetes":
         return json.loads((INFRA / "kubernetes" / "base-job-template.json").read_text())
+    template = default_job_template(pool_type)
     if pool_type == "docker":
-        from prefect_docker.worker import DockerWorker
-
-        template = DockerWorker.get_default_base_job_template()
         variables = template["variables"]["properties"]
         variables["env"]["default"] = s3_environment()
         # Stage containers reach the store and the Prefect API where the worker does (infra/compose.yaml).
         variables["network_mode"]["default"] = "host"
-        return template
-    from prefect.workers.process import ProcessWorker
+    return template
 
-    return ProcessWorker.get_default_base_job_template()
+
+def default_job_template(pool_type: str) -> dict[str, Any]:
+    """The template a worker of the type creates its pool with."""
+    return BaseWorker.get_worker_class_from_type(pool_type).get_default_base_job_template()
 
 
 def s3_environment() -> dict[str, str]:

@@ -52,6 +52,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
+def pairs_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    """The pairs as TRL's dataset. `Dataset.from_list` takes its columns from the first row: where only some
+    sources carry a `margin`, a first row without one dropped every margin, and a later one without it crashed
+    the collator (None). A pair without a margin gets 0, the plain loss."""
+    if any("margin" in row for row in rows):
+        rows = [{"margin": 0.0} | row for row in rows]
+    return Dataset.from_list(rows)
+
+
 def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: CheckpointStore) -> dict[str, Any]:
     """One reward model on the `rows` pairs written by prepare (`preference` or `safety`)."""
     config = ctx.config.reward
@@ -74,8 +83,8 @@ def train_pairwise(ctx: StageContext, rows: str, out_dir: Path, checkpoints: Che
             center_rewards_coefficient=config.center_rewards_coefficient,
             **training_arguments(ctx, config, ctx.work_dir / f"trainer-{rows}", shards),
         ),
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(held_out),
+        train_dataset=pairs_dataset(train),
+        eval_dataset=pairs_dataset(held_out),
         processing_class=tokenizer,
     )
     base = AdapterBase(sft_dir, artifact_base("sft"))

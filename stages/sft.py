@@ -38,12 +38,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base = materialize_base(ctx.config.model, ctx.config.run.seed, ctx.work_dir)
     tokenizer = load_tokenizer(base)
     max_length = ctx.config.model.max_length
-    train, train_dropped = answerable(
-        load_rows(ctx.inputs["prepare"] / "sft_train.jsonl"), tokenizer, max_length, "sft"
-    )
-    held_out, eval_dropped = answerable(
-        load_rows(ctx.inputs["prepare"] / "sft_eval.jsonl"), tokenizer, max_length, "sft"
-    )
+    train, train_dropped = answerable(load_rows(ctx.inputs["prepare"] / "sft_train.jsonl"), tokenizer, max_length)
+    held_out, eval_dropped = answerable(load_rows(ctx.inputs["prepare"] / "sft_eval.jsonl"), tokenizer, max_length)
     shards = model_shards(ctx, config.distributed)
     args = SFTConfig(completion_only_loss=True, **training_arguments(ctx, config, ctx.work_dir / "trainer", shards))
     quantization = quantization_config(config.lora, ctx.device, "sft")

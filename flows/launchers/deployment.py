@@ -77,7 +77,7 @@ def await_flow_run(flow_run, stage: str, pool: str, start_timeout: float, poll: 
 def job_variables(pool_type: str, stage: str, deploy: DeployConfig, config_uri: str) -> dict[str, Any]:
     """The stage's image and resources in the shape each work pool type's job template takes. A stage on several
     nodes is a Kubernetes indexed Job of as many pods, whose pods after the first run their node's processes of
-    the stage's config (`docker/stage-entrypoint.sh`); a Docker pool starts one container per stage."""
+    the stage's config (`docker/entrypoint.sh`); a Docker pool starts one container per stage."""
     resources = deploy.resources(stage)
     if resources.nodes > 1 and pool_type != "kubernetes":
         raise StageInputError(

@@ -85,7 +85,10 @@ def torchrun_arguments(stage: str, config: PipelineConfig, node_rank: int = 0) -
         return [*torchrun, "--standalone"]
     host, _, port = os.environ.get(NODE0_ADDRESS, DEFAULT_NODE0_ADDRESS).rpartition(":")
     torchrun += ["--nnodes", str(nodes), "--node-rank", str(node_rank)]
-    return [*torchrun, "--master-addr", host, "--master-port", port]
+    # The nodes wait for each other (a pod scheduled late, a large image pulled) as long as for a collective,
+    # not the 600 s torchrun's static rendezvous gives them.
+    waits = int(config.deploy.collective_timeout(stage).total_seconds())
+    return [*torchrun, "--master-addr", host, "--master-port", port, "--rdzv-conf", f"timeout={waits}"]
 
 
 def stage_command(stage: str, config: PipelineConfig, config_uri: str, node_rank: int = 0) -> list[str]:

@@ -141,6 +141,8 @@ class LocalStore(ArtifactStore):
         existing = next(p for p in (self.root, *self.root.parents) if p.exists())
         if not existing.is_dir():
             raise InputError(f"store {self.uri}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"store {self.uri}: {existing} is not writable by this user")
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -212,7 +214,13 @@ def _retried(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self: S3Store, *args, **kwargs):
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
         from s3transfer.exceptions import RetriesExceededError
 
         for attempt in range(1, self.retries + 1):
@@ -223,6 +231,8 @@ def _retried(method: Callable) -> Callable:
                     f"store {self.uri}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a "
                     "profile in ~/.aws)"
                 ) from None
+            except PartialCredentialsError as exc:
+                raise InputError(f"store {self.uri}: {exc}") from None
             except ClientError as exc:
                 code = exc.response["Error"]["Code"]
                 if code in PERMANENT_S3_ERRORS:
@@ -261,7 +271,10 @@ class S3Store(ArtifactStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.retries = retries
-        self.client = boto3.client("s3", config=Config(retries={"mode": "standard"}))
+        try:
+            self.client = boto3.client("s3", config=Config(retries={"mode": "standard"}))
+        except ValueError as exc:  # botocore's "Invalid endpoint: localhost:9000" (no scheme)
+            raise InputError(f"store {uri}: AWS_ENDPOINT_URL: {exc} (expected http://host:port or https://…)") from None
         self.endpoint = self.client.meta.endpoint_url
         self.transfer_config = TransferConfig(
             multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=8
@@ -382,17 +395,28 @@ class S3Store(ArtifactStore):
             self._delete_keys([o["Key"] for o in page.get("Contents", [])])
 
     def _delete_keys(self, keys: list[str]) -> None:
-        """One DeleteObjects request per page of keys, or, on a server without it, one DeleteObject per key."""
+        """One DeleteObjects request per page of keys, or, on a server without it, one DeleteObject per key.
+
+        DeleteObjects answers 200 also where some keys were not deleted, listing them under `Errors`: the first is
+        raised as the error of a request, so that a busy server is asked again (the prefix is listed anew) and a
+        refusal is an input error, never objects silently left behind."""
         from botocore.exceptions import ClientError
 
         if keys and self.bulk_delete:
             try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys]})
-                return
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+                )
             except ClientError as exc:
                 if exc.response["Error"]["Code"] not in ("NotImplemented", "501"):
                     raise
                 self.bulk_delete = False
+            else:
+                if failed := answer.get("Errors"):
+                    first = failed[0]
+                    message = f"{len(failed)} key(s) not deleted, {first.get('Key')}: {first.get('Message')}"
+                    raise ClientError({"Error": {"Code": first.get("Code", ""), "Message": message}}, "DeleteObjects")
+                return
         for key in keys:
             self.client.delete_object(Bucket=self.bucket, Key=key)
 

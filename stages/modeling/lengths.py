@@ -27,13 +27,24 @@ def leaves_room(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, Any]]
     return len(prompt_ids(tokenizer, prompt)) < max_length
 
 
-def answerable(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int, kind: str) -> tuple[list, int]:
-    """The rows whose answer keeps at least one token within `max_length` (`kind`: `sft`, a `messages` row, or
-    `preference`), and how many were left out."""
-    if kind == "sft":
-        kept = [row for row in rows if leaves_room(tokenizer, row["messages"][:-1], max_length)]
-    else:
-        kept = [row for row in rows if leaves_room(tokenizer, row["prompt"], max_length)]
+def answerable(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, int]:
+    """The `messages` rows whose answer keeps at least one token within `max_length`, and how many were left
+    out."""
+    kept = [row for row in rows if leaves_room(tokenizer, row["messages"][:-1], max_length)]
+    return kept, len(rows) - len(kept)
+
+
+def distinct_pairs(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, int]:
+    """The preference pairs whose chosen and rejected conversations still differ in their first `max_length`
+    tokens (what TRL's DPO keeps of each), and how many were left out. Answers are cut, as DPO does, but a pair
+    cut to the same tokens (a long prompt, or answers that differ only past the cut) teaches nothing and counts
+    as wrong in DPO's reward accuracy."""
+
+    def cut(row: Row, side: str) -> list[int]:
+        conversation = row["prompt"] + row[side]
+        return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][:max_length]
+
+    kept = [row for row in rows if cut(row, "chosen") != cut(row, "rejected")]
     return kept, len(rows) - len(kept)
 
 

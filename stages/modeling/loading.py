@@ -226,6 +226,20 @@ def merged_copy_of(adapter_dir: str | Path) -> str:
     return f"{adapter_dir}-merged"
 
 
+def policy_source(inputs: dict[str, Path], rebuilt_reference: bool) -> str:
+    """Where a TRL trainer's policy loads from. TRL's DPO, GRPO and RLOO trainers build their reference again
+    from the policy's path (`config._name_or_path`) where `rebuilt_reference` (no reference passed, no LoRA):
+    a policy assembled from the adapter sft kept would have its base's path there, and the reference would be
+    the base, not the SFT model. Such a policy loads from the whole copy that adapter makes (each process its
+    own, before `model_shards` joins the process group), as a sharded one does anyway; with LoRA the
+    reference is the policy, its adapter disabled."""
+    sft_dir = str(inputs["sft"])
+    if rebuilt_reference and adapter_base_of(sft_dir) is not None:
+        save_merged_copies(inputs)
+        return merged_copy_of(sft_dir)
+    return sft_dir
+
+
 def save_merged_copies(inputs: dict[str, Path]) -> None:
     """Each kept adapter among a stage's inputs merged into its base and saved whole beside it, for
     transformers to load sharded (peft merges into whole weights only): a policy's adapter as a causal LM (a

@@ -8,6 +8,7 @@ merges it into its base loaded again whole on the CPU, as for a quantized base."
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from rlhf_pipeline.stages.core.config import LoraConfig
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids
 from rlhf_pipeline.stages.modeling.data_parallel import stage_processes
 from rlhf_pipeline.stages.modeling.loading import merged_whole, unwrap_adapter
 from rlhf_pipeline.stages.modeling.lora import AdapterBase
@@ -39,8 +41,7 @@ def save_model(
     the merged model carries no quantization error.
     """
     if lora is None or not hasattr(model, "peft_config"):
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        save_whole(model, tokenizer, out_dir)
         return
     sharded_base = unwrap_adapter(model).is_distributed_loading_by_transformers
     if sharded_base and not stage_processes().main:
@@ -52,11 +53,22 @@ def save_model(
     if not lora.merge:
         log.info("keeping the LoRA adapter (base %s)", base.ref)
         save_adapter(model, out_dir)
+        tokenizer.save_pretrained(out_dir)
     elif lora.quantize is not None or sharded_base:
-        adapter_dir = out_dir.parent / f"{out_dir.name}-adapter"
-        merged_again(model, adapter_dir, base.path, sharded_base).save_pretrained(out_dir)
+        with tempfile.TemporaryDirectory(prefix="adapter-") as adapter_dir:  # never inside the artifact
+            save_whole(merged_again(model, Path(adapter_dir), base.path, sharded_base), tokenizer, out_dir)
     else:
-        model.merge_and_unload().save_pretrained(out_dir)
+        save_whole(model.merge_and_unload(), tokenizer, out_dir)
+
+
+def save_whole(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """A whole model and its tokenizer. A policy's generation config stops at every end-of-turn id, so that
+    `generate` outside the pipeline (the model card's example, a serving stack) ends its answer where the
+    pipeline's sampling does: a Qwen base's eos `<|endoftext|>` never ends a ChatML turn, and the model went
+    on to write the user's next turn."""
+    if model.can_generate():
+        model.generation_config.eos_token_id = end_of_turn_ids(tokenizer, model)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 

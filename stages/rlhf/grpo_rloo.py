@@ -12,7 +12,6 @@ ignores them: it is the reference that takes them).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,24 +20,16 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rlhf_pipeline.stages.core.config import GroupRLConfig
 from rlhf_pipeline.stages.data.rows import load_rows
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fitting_prompts
 from rlhf_pipeline.stages.modeling.loading import (
     load_policy,
     load_tokenizer,
-    merged_copy_of,
-    save_merged_copies,
+    policy_source,
     sharded_loading,
     unwrap_adapter,
 )
-from rlhf_pipeline.stages.modeling.lora import (
-    AdapterBase,
-    adapter_base_of,
-    adapter_config,
-    artifact_base,
-    quantization_config,
-)
+from rlhf_pipeline.stages.modeling.lora import AdapterBase, adapter_config, artifact_base, quantization_config
 from rlhf_pipeline.stages.modeling.sharding import frozen_bytes
 from rlhf_pipeline.stages.modeling.stage_context import StageContext
 from rlhf_pipeline.stages.modeling.trainer import (
@@ -78,26 +69,13 @@ def reward_function(scorer: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return reward_model
 
 
-def policy_source(inputs: dict[str, Path], config: GroupRLConfig) -> str:
-    """Where the policy loads from. TRL's GRPO and RLOO build their reference again, from the policy's path
-    (`config._name_or_path`): a policy assembled from the adapter sft kept would have its base's path there,
-    and the reference would be the base, not the SFT model. Such a policy loads from the whole copy that
-    adapter makes (`loading.save_merged_copies`, each process its own, before `model_shards` joins the
-    process group), as a sharded one does anyway; with LoRA the reference is the policy, its adapter disabled."""
-    sft_dir = str(inputs["sft"])
-    if config.beta > 0 and config.lora is None and adapter_base_of(sft_dir) is not None:
-        save_merged_copies(inputs)
-        return merged_copy_of(sft_dir)
-    return sft_dir
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     algorithm = ctx.config.rl.method
     config = getattr(ctx.config.rl, algorithm)
     trainer_class, config_class = TRAINERS[algorithm]
     sft_dir = str(ctx.inputs["sft"])
     tokenizer = load_tokenizer(sft_dir)
-    source = policy_source(ctx.inputs, config)
+    source = policy_source(ctx.inputs, rebuilt_reference=config.beta > 0 and config.lora is None)
     shards = model_shards(ctx, ctx.config.rl.distributed)
     frozen = frozen_shards(shards, ctx.config.rl.distributed)
     arguments = training_arguments(ctx, config, ctx.work_dir / "trainer", shards)

@@ -4,7 +4,8 @@ score them with the reward model, keep the best per prompt and fine-tune the pol
 Each finished round is a checkpoint in the store; a retried stage resumes after the last finished round.
 On several processes each samples and scores its share of a round's prompts, and the fine-tuning is TRL's
 data-parallel SFTTrainer with `training.batch_size` rows per step over all processes (each its share, the loss
-normalized by the whole step's tokens): any number of processes trains what one does, up to float rounding.
+normalized by the whole step's tokens; an epoch's short last batch left out): any number of processes trains
+what one does, up to float rounding.
 With LoRA (`training.lora`) one adapter on the SFT model trains through all rounds; each round's checkpoint is
 just that adapter. With `rl.distributed.strategy: fsdp` the policy is sharded as it loads, for sampling and for
 fine-tuning (`modeling.trainer`), and so is the reward model unless `rl.distributed.frozen: replicate`; every
@@ -166,6 +167,9 @@ def fine_tune(
     arguments = training_arguments(ctx, config, ctx.work_dir / f"trainer-round-{round_index}", shards)
     share = config.batch_size // processes.count  # the config divides it (PipelineConfig)
     arguments |= {"per_device_train_batch_size": share, "average_tokens_across_devices": True}
+    # A short last batch is left out of each epoch: accelerate would fill every process's share of it with
+    # rows from the epoch's start, training them twice on several processes and once on one.
+    arguments |= {"dataloader_drop_last": True}
     # The rounds' metrics reach the trackers from `run`, one step per round; each round's Trainer restarting at
     # step 0 in the same tracker run would garble them.
     arguments |= {"save_strategy": "no", "seed": ctx.config.run.seed + round_index, "report_to": "none"}

@@ -120,25 +120,34 @@ def stage_images(cpu_base_image) -> dict[str, str]:
         capture_output=True,
     )
     (WHEELS / "rlhf_pipeline-0.1.0-py3-none-any.whl").unlink(missing_ok=True)
-    images = {}
-    for stage in STAGE_NAMES:
-        images[stage] = f"rlhf-{stage}:{IMAGE_TAG}"
-        build = docker(
-            "build",
-            "--network",
-            "host",
-            "-f",
-            "docker/Dockerfile",
-            "--target",
-            stage,
-            "--build-arg",
-            f"BASE_IMAGE={cpu_base_image}",
-            "--build-arg",
-            "PIP_NO_INDEX=1",
-            "-t",
-            images[stage],
-            ".",
-            cwd=REPO,
-        )
-        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return images
+    return {stage: build_image(stage, f"BASE_IMAGE={cpu_base_image}") for stage in STAGE_NAMES}
+
+
+@pytest.fixture(scope="session")
+def orchestrator_image(stage_images, cpu_base_image) -> str:
+    """`rlhf-orchestrator:test` (the flows, no torch), from the wheels the stage images were built from."""
+    return build_image("orchestrator", f"ORCHESTRATOR_BASE_IMAGE={cpu_base_image}")
+
+
+def build_image(target: str, base: str) -> str:
+    """The Dockerfile's target, offline on the CPU base (`base`: the build argument naming it)."""
+    image = f"rlhf-{target}:{IMAGE_TAG}"
+    build = docker(
+        "build",
+        "--network",
+        "host",
+        "-f",
+        "docker/Dockerfile",
+        "--target",
+        target,
+        "--build-arg",
+        base,
+        "--build-arg",
+        "PIP_NO_INDEX=1",
+        "-t",
+        image,
+        ".",
+        cwd=REPO,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return image

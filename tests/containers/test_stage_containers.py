@@ -1,21 +1,25 @@
-"""The demo pipeline with every stage in its own container: stage images built from docker/Dockerfile on a CPU
-base, a Docker work pool with a real Prefect Docker worker, the store on moto's S3 server on the host."""
+"""The demo pipeline as a scheduled deployment, its orchestrator and every stage in their own containers: images
+built from docker/Dockerfile on a CPU base, a Docker work pool with a real Prefect Docker worker, the store on
+moto's S3 server on the host."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from rlhf_pipeline.flows.deployments import deploy
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW
-from rlhf_pipeline.flows.pipeline import run_pipeline
 from rlhf_pipeline.stages.core.config_loading import load_config
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import ArtifactStore
@@ -44,7 +48,11 @@ def docker_pool(prefect_api, docker_host, tmp_path):
         stop(worker)
 
 
-def test_demo_pipeline_runs_every_stage_in_its_own_container(stage_images, docker_pool, s3_bucket):
+def test_the_scheduled_pipeline_runs_in_the_orchestrator_image_and_every_stage_in_its_own(
+    stage_images, orchestrator_image, docker_pool, s3_bucket
+):
+    """As compose runs it: the worker first (it creates the pool), then `rlhf deploy`, then the scheduled
+    pipeline's deployment, whose flow run starts in the orchestrator's container and each stage's in its image's."""
     pool, start_worker, worker_log = docker_pool
     config = load_config(
         None,
@@ -57,18 +65,25 @@ def test_demo_pipeline_runs_every_stage_in_its_own_container(stage_images, docke
             f"deploy.image_tag={IMAGE_TAG}",
         ],
     )
-    deploy(config, "docker")
     start_worker()
-    summary = run_pipeline(config)
-    assert summary["status"] == "completed", (summary, worker_log.read_text()[-3000:])
+    deadline = time.monotonic() + 60
+    while not _pool_exists(pool):
+        assert time.monotonic() < deadline, worker_log.read_text()[-3000:]
+        time.sleep(0.5)
+    deploy(config, "docker")
+    scheduled = run_deployment(f"rlhf-scheduled/{config.run.name}", timeout=1500)
+    assert scheduled.state.is_completed(), (scheduled.state, worker_log.read_text()[-3000:])
 
     store = ArtifactStore.from_uri(config.run.store)
+    (run_id,) = store.list_children("runs")
+    summary = store.read_json(f"runs/{run_id}/run.json")
+    assert summary["status"] == "completed"
     for stage in STAGE_NAMES:
         artifact = summary["stages"][stage]["artifact"]
         assert store.exists(f"{artifact.removeprefix(store.uri + '/')}/manifest.json")
     assert summary["stages"]["reward"]["metrics"]["eval_accuracy"] > 0.5
 
-    containers = {}
+    images = {orchestrator_image: _container_image(scheduled)}
     with get_client(sync_client=True) as client:
         for stage in STAGE_NAMES:
             deployment = client.read_deployment_by_name(f"{STAGE_FLOW}/{stage}")
@@ -77,8 +92,20 @@ def test_demo_pipeline_runs_every_stage_in_its_own_container(stage_images, docke
                 work_pool_filter=WorkPoolFilter(name={"any_": [pool]}),
             )
             assert run.state.is_completed()
-            containers[stage] = run.infrastructure_pid.rsplit(":", 1)[-1]
-    assert len(set(containers.values())) == len(STAGE_NAMES)
-    for stage, container in containers.items():
-        image = docker("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()
-        assert image == stage_images[stage]
+            images[stage_images[stage]] = _container_image(run)
+    assert all(image == expected for expected, image in images.items())
+
+
+def _pool_exists(name: str) -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+def _container_image(run: FlowRun) -> str:
+    """The image of the container the worker ran the flow run in."""
+    container = run.infrastructure_pid.rsplit(":", 1)[-1]
+    return docker("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()

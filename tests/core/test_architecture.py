@@ -4,8 +4,10 @@ hide one), `flows` on top of the torch-free core only, and `flows` importable wi
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,6 @@ TRAINING_STACK = (
     "accelerate",
     "gguf",
     "vaderSentiment",
-    "matplotlib",
 )
 
 
@@ -90,15 +91,41 @@ def test_flows_imports_only_the_torch_free_core_of_stages_at_module_level():
             assert all(m.startswith(f"{FOLDERS['stages']}.core") for m in stages), (name, stages)
 
 
-@pytest.mark.parametrize("package", ["rlhf_pipeline.flows", "rlhf_pipeline.stages.core"])
-def test_imports_without_the_training_stack(package):
-    names = [name for name in modules() if name.startswith(package)]
+def run_without_the_training_stack(code: str) -> None:
+    """Python code run in a process where importing the training stack fails, as in the orchestrator image."""
     blocker = (
         "import sys, importlib.abc\n"
         "class Blocked(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         f"        if name.split('.')[0] in {TRAINING_STACK!r}: raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Blocked())\n"
-        f"for name in {names!r}: __import__(name)\n"
     )
-    subprocess.run([sys.executable, "-c", blocker], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", blocker + code], check=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("package", ["rlhf_pipeline.flows", "rlhf_pipeline.stages.core"])
+def test_imports_without_the_training_stack(package):
+    names = [name for name in modules() if name.startswith(package)]
+    run_without_the_training_stack(f"for name in {names!r}: __import__(name)\n")
+
+
+def test_the_training_stack_is_what_the_train_extra_adds_to_the_orchestrators():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        return {re.split(r"[<>=!~\[ ;]", requirement)[0] for requirement in extras[extra]}
+
+    assert set(TRAINING_STACK) == names("train") - names("flows")
+
+
+def test_the_orchestrator_draws_the_methods_frontier(tmp_path):
+    """A run of several methods ends in the orchestrator with the comparison's plot (matplotlib, which the
+    orchestrator image lacked: the run failed after every stage had finished)."""
+    picture = tmp_path / "frontier.png"
+    run_without_the_training_stack(
+        "from rlhf_pipeline.stages.core.comparison import compare_methods, save_comparison_frontier\n"
+        "from tests.core.test_comparison import report\n"
+        "comparison = compare_methods({'ppo': report([1.0, 0.0], 2.5, 0.1), 'dpo': report([0.0, 1.0], 0.8, 0.3)})\n"
+        f"save_comparison_frontier(comparison, {str(picture)!r})\n"
+    )
+    assert picture.read_bytes().startswith(b"\x89PNG")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,6 +129,15 @@ def test_cli_validate_accepts_good_inputs(tmp_path):
     assert "data.preference" in result.stdout and "(1 preference rows, unspecified)" in result.stdout
 
 
+@pytest.mark.parametrize("name", ["2025", "yes", "@runs"])
+def test_a_store_path_is_a_path_whatever_yaml_reads_in_it(tmp_path, name):
+    """`--store` went through `--set`'s YAML: 2025 became a number, yes a boolean, @runs a YAML error."""
+    demo = str(REPO / "examples" / "demo.yaml")
+    result = rlhf("validate", demo, "--store", name, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"run.store: {tmp_path / name}\n" in result.stdout
+
+
 def test_cli_empty_data_file_and_missing_model(tmp_path):
     empty = _write(tmp_path / "empty.jsonl", "")
     result = _validate(f"data.prompts={empty}", "evaluate.judge=reward_model")
@@ -181,11 +192,13 @@ NO_CREDENTIALS = {
         ({}, "absent", "bucket 'absent-bucket' at http://127.0.0.1:"),
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}, "present", "cannot reach the S3"),
         ({"AWS_ENDPOINT_URL": "https:"}, "present", "no TLS connection to the S3 endpoint https://127.0.0.1:"),
+        ({"AWS_SECRET_ACCESS_KEY": None}, "present", "Partial credentials found in env, missing: AWS_SECRET"),
+        ({"AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "present", "AWS_ENDPOINT_URL: Invalid endpoint: 127.0.0.1:9000"),
     ],
 )
 def test_an_unusable_s3_store_exits_2_naming_it(s3_bucket, tmp_path, env, bucket, message):
-    """No credentials, no bucket, no server, https:// to a plain-HTTP server: `rlhf validate`, `run`, `runs` and
-    `chat` stop before anything starts."""
+    """No credentials or half of them, no bucket, no server, https:// to a plain-HTTP server, an endpoint without
+    its scheme: `rlhf validate`, `run`, `runs` and `chat` stop before anything starts."""
     name = s3_bucket if bucket == "present" else "absent-bucket"
     store = f"s3://{name}/runs"
     if env.get("AWS_ENDPOINT_URL") == "https:":  # the test server's address, as https://
@@ -209,6 +222,29 @@ def test_a_store_under_a_file_exits_2(tmp_path):
     result = rlhf("run", "--store", str(tmp_path / "taken" / "store"), timeout=60)
     assert result.returncode == 2
     assert f"store {tmp_path / 'taken' / 'store'}: {tmp_path / 'taken'} is a file" in result.stderr
+
+
+def test_deploy_refuses_a_schedule_prefect_would_not_take(tmp_path):
+    result = rlhf("deploy", "--set", "deploy.schedule=0 2 * *", "--store", str(tmp_path / "store"), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "deploy.schedule: '0 2 * *' is not a cron expression" in result.stderr
+
+
+def test_a_store_this_user_cannot_write_exits_2(tmp_path):
+    """`rlhf run --store` in a folder the user cannot write (run as `nobody`): it passed the check and the run
+    ended in a PermissionError traceback."""
+    locked = Path(tempfile.mkdtemp(prefix="rlhf-locked-"))  # root's, 0700 → 0755: others may look, not write
+    try:
+        locked.chmod(0o755)
+        home = locked / "home"  # nobody's HOME, which it may write
+        home.mkdir()
+        home.chmod(0o777)
+        env = os.environ | {"HOME": str(home), "PREFECT_HOME": str(home / ".prefect")}
+        result = rlhf("run", "--store", str(locked / "store"), timeout=60, env=env, user=65534, group=65534)
+    finally:
+        shutil.rmtree(locked)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"store {locked / 'store'}: {locked} is not writable by this user" in result.stderr
 
 
 def test_settings_that_would_train_on_another_distribution_or_leave_no_prompt_are_refused(tmp_path):

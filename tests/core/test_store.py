@@ -386,3 +386,30 @@ def test_s3_retries_are_configurable_and_finite(monkeypatch, caplog):
 def test_unknown_store_scheme_is_an_input_error():
     with pytest.raises(InputError, match="only local paths and s3://"):
         ArtifactStore.from_uri("gs://bucket/x")
+
+
+@pytest.mark.parametrize(("code", "refused"), [("AccessDenied", True), ("SlowDown", False)])
+def test_keys_a_bulk_delete_leaves_are_never_passed_over(s3_bucket, code, refused):
+    """DeleteObjects answers 200 with the keys it did not delete listed: a refusal is an input error and a busy
+    server is asked again, until every key is gone; the old code returned as if all were deleted."""
+    store = S3Store(f"s3://{s3_bucket}/p", retries=3)
+    for key in ("old/1", "old/2", "kept"):
+        store.write_bytes(key, b"1")
+    answers = []
+
+    def leave_one_behind(parsed, **_):
+        if not answers:  # the first answer only: the server deleted old/1 but not old/2
+            parsed["Deleted"] = [d for d in parsed.get("Deleted", []) if d["Key"] != "p/old/2"]
+            parsed["Errors"] = [{"Key": "p/old/2", "Code": code, "Message": "we encountered an internal error"}]
+            boto3.client("s3").put_object(Bucket=s3_bucket, Key="p/old/2", Body=b"1")  # as if never deleted
+        answers.append(parsed)
+
+    store.client.meta.events.register("after-call.s3.DeleteObjects", leave_one_behind)
+    if refused:
+        with pytest.raises(InputError, match="access denied"):
+            store.delete_prefix("old")
+        assert store.list_children("old") == ["2"]
+    else:
+        store.delete_prefix("old")
+        assert len(answers) == 2
+        assert store.list_children("") == ["kept"]

@@ -19,24 +19,28 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.filters import DeploymentFilter, WorkPoolFilter
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, WorkPool
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.states import Completed, Crashed, Failed
 
-from rlhf_pipeline.flows.deployments import INFRA, deploy
+from rlhf_pipeline.flows.deployments import INFRA, default_job_template, deploy, ensure_work_pool
 from rlhf_pipeline.flows.launchers.deployment import DeploymentLauncher, job_variables
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW, StageCrashed, StageInputError
 from rlhf_pipeline.flows.launchers.process import FLOW_RUN_ID, NODE0_ADDRESS
 from rlhf_pipeline.flows.pipeline import run_pipeline
 from rlhf_pipeline.stages.core.config import DeployConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, load_config
+from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.registry import STAGE_NAMES
 from rlhf_pipeline.stages.core.store import ArtifactStore
 from tests.conftest import TINY, stop
 
 SHORT = ["sft.max_steps=10", "reward.max_steps=10", "rl.ppo.steps=2", "evaluate.prompts=8"]
 CONFIG_URI = "s3://bucket/runs/r1/config.yaml"
-ENTRYPOINT = INFRA.parent / "docker" / "stage-entrypoint.sh"
+ENTRYPOINT = INFRA.parent / "docker" / "entrypoint.sh"
 
 
 @pytest.fixture
@@ -107,6 +111,48 @@ def test_each_stage_runs_as_a_flow_run_of_its_own_deployment(process_pool, s3_bu
     pids = {run.infrastructure_pid for run in children}
     assert len(pids) == len(STAGE_NAMES) and None not in pids  # each stage in its own process
 
+    scheduled_run = run_deployment("rlhf-scheduled/demo", timeout=300)  # as its schedule starts it
+    assert scheduled_run.state.is_completed(), scheduled_run.state
+    assert all(len(_stage_runs(pool, stage)) == 1 for stage in STAGE_NAMES)  # every stage cached
+
+
+def test_deploy_gives_its_job_template_to_a_pool_a_worker_created(prefect_api, s3_endpoint, tmp_path):
+    """Compose and Kubernetes start the worker before `rlhf deploy`: the worker creates the pool with its type's
+    default template, which deploy kept (stage containers without the store's credentials or GPUs)."""
+    pool = f"docker-{uuid.uuid4().hex[:8]}"
+    command = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "docker"]
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while (created := _work_pool(pool)) is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            stop(worker)
+    assert created is not None, (tmp_path / "worker.log").read_text()
+    assert created.base_job_template in ({}, default_job_template("docker"))
+    ensure_work_pool(pool, "docker")
+    variables = _work_pool(pool).base_job_template["variables"]["properties"]
+    assert variables["network_mode"]["default"] == "host"
+    assert variables["env"]["default"]["AWS_ACCESS_KEY_ID"] == "{{ prefect.blocks.secret.rlhf-s3-access-key-id }}"
+
+    with pytest.raises(InputError, match=f"'{pool}' is a docker work pool, not kubernetes"):
+        ensure_work_pool(pool, "kubernetes")
+    edited = _work_pool(pool).base_job_template
+    edited["variables"]["properties"]["network_mode"]["default"] = "bridge"
+    with get_client(sync_client=True) as client:
+        client.update_work_pool(pool, WorkPoolUpdate(base_job_template=edited))
+    ensure_work_pool(pool, "docker")
+    assert _work_pool(pool).base_job_template == edited  # an edited template is the user's
+
+
+def _work_pool(name: str) -> WorkPool | None:
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(name)
+        except ObjectNotFound:
+            return None
+
 
 def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(
     process_pool, s3_bucket, tmp_path, monkeypatch
@@ -136,6 +182,9 @@ def test_a_stage_that_rejects_its_input_fails_the_pipeline_without_retries(
     assert prepare["status"] == "failed" and f"{broken}:2" in prepare["error"]
     children = _stage_runs(pool, "prepare")
     assert len(children) == 1 and children[0].state.name == "InputError"  # not retried
+    # the scheduled pipeline's run fails too (it ended Completed): Prefect's notifications fire
+    scheduled_run = run_deployment(f"rlhf-scheduled/{config.run.name}", timeout=300)
+    assert scheduled_run.state.is_failed() and "stage prepare failed" in scheduled_run.state.message
 
 
 @pytest.mark.parametrize(
@@ -305,20 +354,37 @@ def test_a_docker_pool_refuses_a_stage_on_several_nodes():
     ],
 )
 def test_the_stage_image_runs_the_flow_in_the_first_pod_and_a_node_in_the_others(tmp_path, index, runs):
+    env = {"RLHF_STAGE": "sft", "RLHF_NODE_CONFIG": CONFIG_URI}
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = index
+    else:
+        del env["RLHF_NODE_CONFIG"]
+    assert _entrypoint_runs(tmp_path, env, ["prefect", "flow-run", "execute"]) == runs
+
+
+def _entrypoint_runs(tmp_path: Path, env: dict[str, str], arguments: list[str]) -> str:
+    """What an image's entrypoint runs for these arguments, with `prefect` and `rlhf` that print themselves."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for program in ("prefect", "rlhf"):
         (bin_dir / program).write_text(f'#!/bin/sh\necho {program} "$@"\n')
         (bin_dir / program).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RLHF_STAGE": "sft", "RLHF_NODE_CONFIG": CONFIG_URI}
-    if index is not None:
-        env["JOB_COMPLETION_INDEX"] = index
-    else:
-        del env["RLHF_NODE_CONFIG"]
-    result = subprocess.run(
-        ["sh", str(ENTRYPOINT), "prefect", "flow-run", "execute"], env=env, capture_output=True, text=True
-    )
-    assert result.stdout.strip() == runs
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"} | env
+    return subprocess.run(["sh", str(ENTRYPOINT), *arguments], env=env, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("stage", "arguments", "runs"),
+    [
+        ("sft", ["--config", CONFIG_URI], f"rlhf stage sft --config {CONFIG_URI}"),
+        (None, ["runs", "--store", "s3://bucket/x"], "rlhf runs --store s3://bucket/x"),
+        (None, ["prefect", "flow-run", "execute"], "prefect flow-run execute"),  # the scheduled pipeline
+    ],
+)
+def test_each_image_runs_its_command_or_a_workers(tmp_path, stage, arguments, runs):
+    """The orchestrator image's entrypoint was `rlhf`: the Docker and Kubernetes workers' `prefect flow-run
+    execute` became `rlhf prefect ...`, and the scheduled pipeline never started."""
+    assert _entrypoint_runs(tmp_path, {"RLHF_STAGE": stage} if stage else {}, arguments) == runs
 
 
 def test_dockerfile_passes_hadolint():

@@ -23,6 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from safetensors.torch import load as load_weights
 
+from rlhf_pipeline.flows.launchers.launcher import StageCrashed
 from rlhf_pipeline.flows.launchers.process import FLOW_RUN_ID, NODE0_ADDRESS, ProcessLauncher
 from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.artifacts import Manifest, artifact_prefix, read_manifest, read_verified
@@ -36,7 +37,15 @@ from rlhf_pipeline.stages.modeling.loading import load_policy, load_scorer
 from rlhf_pipeline.stages.modeling.sharding import load_sharded, local_bytes
 from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
 from rlhf_pipeline.stages.runner import run_stage
-from tests.conftest import RLHF, ROUNDED_METRIC, TINY, LaunchedStage, free_port, kill_after_first_checkpoint
+from tests.conftest import (
+    RLHF,
+    ROUNDED_METRIC,
+    TINY,
+    LaunchedStage,
+    PidLog,
+    free_port,
+    kill_after_first_checkpoint,
+)
 
 
 class _Log:
@@ -161,6 +170,22 @@ def test_a_process_that_hangs_fails_the_stage_after_the_collective_timeout(tmp_p
     # the exception that ended the process still running, named where the pipeline reports the crash
     assert "failed first, exit code 1: RuntimeError: " in str(launched.crashed[0])
     assert "Timed out waiting 6000ms" in str(launched.crashed[0])
+
+
+def test_a_node_that_never_comes_fails_the_stage_after_the_collective_timeout(tmp_path, monkeypatch):
+    """The first node waits for the others as long as a collective would (6 s here, 2 h by default): torchrun's
+    static rendezvous gave up after 600 s whatever the config said, too soon for a pod scheduled late."""
+    store = LocalStore(tmp_path / "store")
+    overrides = ["run.device=cpu", "deploy.stages.sft.nodes=2", "deploy.stages.sft.collective_timeout_minutes=0.1"]
+    config = load_config(None, [*TINY, *overrides, f"run.store={store.uri}"])
+    run_stage("prepare", config, store)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(config))
+    monkeypatch.setenv(NODE0_ADDRESS, f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(StageCrashed):
+        ProcessLauncher().launch("sft", str(config_path), PidLog())
+    assert time.monotonic() - started < 60
 
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -589,9 +614,11 @@ def test_ppo_on_two_processes_samples_the_same_rollouts_and_trains_alike(upstrea
 def test_rejection_sampling_on_two_processes_keeps_the_same_best_answers(upstream, tmp_path):
     """Each process samples and scores half of a round's prompts, and fine-tunes on half of every step's
     batch: the rounds' scores, before and after the first fine-tuning, and the trained weights are the
-    one-process run's within float rounding (gradients averaged in another order)."""
+    one-process run's within float rounding (gradients averaged in another order). 33 kept answers leave a
+    short last batch, which accelerate filled on two processes with answers trained twice."""
     store, overrides = upstream
-    one, two, _, apart = rl_on_two_processes(store, [*overrides, "rl.algorithm=rejection_sampling"], tmp_path)
+    rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33"]
+    one, two, _, apart = rl_on_two_processes(store, rounds, tmp_path)
     assert two.metrics["processes"] == 2 and two.cache_key == one.cache_key  # keyed as one process
     rounds = [jsonl(where, manifest, "rounds.jsonl") for where, manifest in ((store, one), (apart, two))]
     assert len(rounds[1]) == len(rounds[0]) == 2
@@ -608,8 +635,7 @@ def test_rejection_sampling_sharded_over_two_processes_keeps_ddps_best_answers(u
     """The policy sharded for sampling and fine-tuning, the reward model for scoring. 33 prompts of 16 per
     generation batch: one process runs two batches, the other one and a filler that joins the first's second
     (a sharded model's forward passes gather from every process), generated and scored. The rounds' scores and
-    the weights are DDP's within float rounding (against DDP, not one process: 33 kept answers leave a short
-    last batch, which accelerate evens out); each process holds half of the reward model. With LoRA the
+    the weights are DDP's within float rounding; each process holds half of the reward model. With LoRA the
     second round samples from the sharded SFT model with the first round's adapter on it, unmerged."""
     store, overrides = upstream
     rounds = [*overrides, "rl.algorithm=rejection_sampling", "rl.rejection_sampling.prompts_per_round=33", *lora]

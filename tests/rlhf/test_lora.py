@@ -15,9 +15,8 @@ from rlhf_pipeline.stages.core.artifacts import read_verified
 from rlhf_pipeline.stages.core.config_loading import load_config
 from rlhf_pipeline.stages.core.errors import InputError
 from rlhf_pipeline.stages.core.store import LocalStore
-from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base
+from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer, materialize_base, policy_source
 from rlhf_pipeline.stages.modeling.lora import fetch_artifacts
-from rlhf_pipeline.stages.rlhf.grpo_rloo import policy_source
 from rlhf_pipeline.stages.runner import run_stage
 from rlhf_pipeline.stages.tools.chat import fetch_model
 from tests.conftest import TINY
@@ -76,8 +75,8 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
     )
     tokenizer = load_tokenizer(str(kept_dir))
     batch = tokenizer(["<|user|> tell me about the sea <|end|>"], return_tensors="pt")
-    # TRL's GRPO and RLOO build their reference again from the policy's path: the SFT model too, not its base.
-    policy = load_policy(policy_source({"sft": kept_dir}, load_config(None, []).rl.grpo), CPU)
+    # TRL's DPO, GRPO and RLOO build their reference again from the policy's path: the SFT model, not its base.
+    policy = load_policy(policy_source({"sft": kept_dir}, rebuilt_reference=True), CPU)
     reference = create_model_from_path(get_config_model_id(policy.config))
     with torch.no_grad():
         expected = load_policy(str(merged_dir), CPU)(**batch).logits
@@ -85,6 +84,20 @@ def test_kept_adapter_applied_to_its_base_is_the_merged_model(tmp_path):
             torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
         base = load_policy(str(tmp_path / "b" / "base-model"), CPU)(**batch).logits
     assert (base - expected).abs().max() > 1e-2  # the adapter changed the model
+
+
+def test_dpo_on_a_kept_sft_adapter_measures_against_the_sft_model(tmp_path):
+    """The first step's policy is its reference: DPO's implicit rewards are exactly 0. With the reference TRL built
+    from the policy's path (the base, where the SFT adapter was merged into it on load) they were not."""
+    store = LocalStore(tmp_path / "store")
+    sft = ["sft.lora.r=8", "sft.lora.merge=false", "sft.learning_rate=1e-2", "sft.max_steps=20"]
+    dpo = ["rl.algorithm=dpo", "rl.dpo.max_steps=2", "rl.dpo.logging_steps=1", "rl.dpo.beta=1.0"]
+    rl = _run(store, *sft, *dpo, stages=("prepare", "sft", "rl"))["rl"]
+    history = read_verified(store, f"artifacts/rl/{rl.cache_key}", "logs/metrics-history.jsonl").decode()
+    first = next(row for row in map(json.loads, history.splitlines()) if "rewards/chosen" in row)
+    assert first["step"] == 1
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-4)  # log 2
 
 
 def test_ppo_with_lora_uses_the_disabled_adapter_as_reference_and_keeps_the_adapter(tmp_path):

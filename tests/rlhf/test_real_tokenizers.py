@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
     GPT2TokenizerFast,
     LlamaConfig,
@@ -31,7 +32,7 @@ from rlhf_pipeline.stages.core.planner import plan_stage
 from rlhf_pipeline.stages.core.store import LocalStore
 from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids, fit_prompt, fitting_prompts, prompt_ids
 from rlhf_pipeline.stages.modeling.data_parallel import Processes
-from rlhf_pipeline.stages.modeling.lengths import answerable, whole_pairs, whole_rated
+from rlhf_pipeline.stages.modeling.lengths import answerable, distinct_pairs, whole_pairs, whole_rated
 from rlhf_pipeline.stages.modeling.loading import (
     load_policy,
     load_scorer,
@@ -288,7 +289,7 @@ def test_rows_whose_answer_cannot_fit_are_left_out_and_counted(tokenizer_dirs):
     tokenizer = load_tokenizer(str(tokenizer_dirs["gpt2"]))
     short = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
     long = {"messages": [{"role": "user", "content": "very " * 80}, {"role": "assistant", "content": "Ok."}]}
-    assert answerable([short, long, short], tokenizer, 64, "sft") == ([short, short], 1)
+    assert answerable([short, long, short], tokenizer, 64) == ([short, short], 1)
     pair = {
         "prompt": short["messages"][:1],
         "chosen": short["messages"][1:],
@@ -298,7 +299,12 @@ def test_rows_whose_answer_cannot_fit_are_left_out_and_counted(tokenizer_dirs):
     # a rated response cut short would be scored at a token in its middle
     rated = {"prompt": pair["prompt"], "response": short["messages"][1:], "ratings": {"helpfulness": [4, 5]}}
     assert whole_rated([rated, rated | {"response": pair["rejected"]}], tokenizer, 64) == ([rated], 1)
-    assert answerable([pair], tokenizer, 64, "pairs") == ([pair], 0)  # DPO: the answers are cut, not lost
+    # DPO: the answers are cut, not lost, while the cut leaves them different
+    assert distinct_pairs([pair], tokenizer, 64) == ([pair], 0)
+    endings = {"chosen": "yes", "rejected": "no"}
+    late = {side: [{"role": "assistant", "content": "Fine " * 80 + end}] for side, end in endings.items()}
+    assert distinct_pairs([pair | late], tokenizer, 64) == ([], 1)  # they differ only past the cut
+    assert distinct_pairs([pair | {"prompt": long["messages"][:1]}], tokenizer, 64) == ([], 1)  # prompt fills it
 
 
 def test_trained_weights_are_fp32_and_frozen_ones_the_compute_dtype(monkeypatch, tokenizer_dirs, tmp_path):
@@ -533,6 +539,24 @@ def test_grpo_stops_and_scores_at_the_end_of_turn_through_trl(pipelines, monkeyp
     too_long = sum(len(prompt_ids(tokenizer, prompt)) > 40 for prompt in rows)
     assert rl["steps"] == 2 and rl["prompts_too_long"] == too_long > 0
     assert len(seen) == 2 and all(len(flags) == 8 for flags in seen)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_saved_policy_stops_at_the_end_of_its_turn_in_transformers_generate(name, pipelines, tmp_path):
+    """The SFT model as a user loads it (`from_pretrained`, `generate`, the model card's example): its answer
+    ends at the end-of-turn token. The base's generation config stopped only at its eos: a Qwen-style base
+    (`chatml-eos`) wrote on past `<|im_end|>` into an invented next turn."""
+    store, overrides = pipelines[name]
+    config = load_config(None, overrides)
+    sft_dir = stage_context("evaluate", config, store, plan_stage(store, config, "evaluate"), tmp_path).inputs["sft"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(sft_dir).eval(), AutoTokenizer.from_pretrained(sft_dir)
+    end = end_of_turn_ids(tokenizer)[0]  # the template's: <|im_end|>, or GPT-2's eos
+    prompt = tokenizer.apply_chat_template(
+        PROMPTS[0], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with forced_token(model, end, step=2):
+        answer = model.generate(**prompt, do_sample=True, max_new_tokens=10)[0, prompt["input_ids"].shape[1] :]
+    assert answer.tolist()[2] == end and len(answer) == 3
 
 
 def test_a_saved_tokenizer_does_not_depend_on_hub_access(tokenizer_dirs, tmp_path, monkeypatch):

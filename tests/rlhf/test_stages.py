@@ -15,6 +15,7 @@ from rlhf_pipeline.stages.data import demo_task
 from rlhf_pipeline.stages.data.rows import sft_as_prompt_completion
 from rlhf_pipeline.stages.modeling.loading import load_policy, load_tokenizer
 from rlhf_pipeline.stages.modeling.tiny_model import save_tiny_llama
+from rlhf_pipeline.stages.reward import pairs_dataset
 from rlhf_pipeline.stages.rlhf.rollout import decode_responses, sample
 from rlhf_pipeline.stages.runner import run_stage
 from tests.conftest import ROUNDED_METRIC, TINY, forced_token
@@ -159,3 +160,17 @@ def test_diversity_shows_a_policy_that_collapses_onto_a_few_words():
     assert distinct_n(collapsed, 2) == 3 / 6  # (lovely and) (and lovely) (lovely .) over 6 bigrams
     assert repeated_word_rate(collapsed) == 2 / 8  # the second "lovely" of each answer
     assert repeated_word_rate(["Lovely lovely"]) == 0.5 and distinct_n([""], 2) == 0.0
+
+
+def test_pairs_with_and_without_a_margin_train_together_in_either_order():
+    """Sources with a margin (SHP) beside sources without (HH-RLHF): every pair reaches TRL's collator with a
+    number, 0 (the plain loss) where it had none; the first row decided the columns before."""
+    plain = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}],
+    }
+    rated = plain | {"margin": 2.5}
+    for rows in ([plain, rated], [rated, plain]):
+        assert sorted(pairs_dataset(rows)["margin"]) == [0.0, 2.5]
+    assert "margin" not in pairs_dataset([plain]).column_names
