@@ -141,8 +141,6 @@ class LocalStore(ArtifactStore):
         existing = next(p for p in (self.root, *self.root.parents) if p.exists())
         if not existing.is_dir():
             raise InputError(f"store {self.uri}: {existing} is a file, not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise InputError(f"store {self.uri}: {existing} is not writable by this user")
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -214,13 +212,7 @@ def _retried(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self: S3Store, *args, **kwargs):
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
         from s3transfer.exceptions import RetriesExceededError
 
         for attempt in range(1, self.retries + 1):
@@ -231,8 +223,6 @@ def _retried(method: Callable) -> Callable:
                     f"store {self.uri}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a "
                     "profile in ~/.aws)"
                 ) from None
-            except PartialCredentialsError as exc:
-                raise InputError(f"store {self.uri}: {exc}") from None
             except ClientError as exc:
                 code = exc.response["Error"]["Code"]
                 if code in PERMANENT_S3_ERRORS:
@@ -263,6 +253,7 @@ class S3Store(ArtifactStore):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
+        from botocore.exceptions import PartialCredentialsError
 
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:
@@ -273,6 +264,8 @@ class S3Store(ArtifactStore):
         self.retries = retries
         try:
             self.client = boto3.client("s3", config=Config(retries={"mode": "standard"}))
+        except PartialCredentialsError as exc:
+            raise InputError(f"store {uri}: {exc}") from None
         except ValueError as exc:  # botocore's "Invalid endpoint: localhost:9000" (no scheme)
             raise InputError(f"store {uri}: AWS_ENDPOINT_URL: {exc} (expected http://host:port or https://…)") from None
         self.endpoint = self.client.meta.endpoint_url

@@ -124,8 +124,9 @@ def test_the_orchestrator_draws_the_methods_frontier(tmp_path):
     picture = tmp_path / "frontier.png"
     run_without_the_training_stack(
         "from rlhf_pipeline.stages.core.comparison import compare_methods, save_comparison_frontier\n"
+        "from pathlib import Path\n"
         "from tests.core.test_comparison import report\n"
         "comparison = compare_methods({'ppo': report([1.0, 0.0], 2.5, 0.1), 'dpo': report([0.0, 1.0], 0.8, 0.3)})\n"
-        f"save_comparison_frontier(comparison, {str(picture)!r})\n"
+        f"save_comparison_frontier(comparison, Path({str(picture)!r}))\n"
     )
     assert picture.read_bytes().startswith(b"\x89PNG")

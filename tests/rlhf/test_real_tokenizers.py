@@ -548,7 +548,7 @@ def test_a_saved_policy_stops_at_the_end_of_its_turn_in_transformers_generate(na
     (`chatml-eos`) wrote on past `<|im_end|>` into an invented next turn."""
     store, overrides = pipelines[name]
     config = load_config(None, overrides)
-    sft_dir = stage_context("evaluate", config, store, plan_stage(store, config, "evaluate"), tmp_path).inputs["sft"]
+    sft_dir = stage_context("reward", config, store, plan_stage(store, config, "reward"), tmp_path).inputs["sft"]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(sft_dir).eval(), AutoTokenizer.from_pretrained(sft_dir)
     end = end_of_turn_ids(tokenizer)[0]  # the template's: <|im_end|>, or GPT-2's eos
     prompt = tokenizer.apply_chat_template(
