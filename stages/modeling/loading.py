@@ -32,6 +32,7 @@ from transformers import (
 
 from rlhf_pipeline.stages.core.config import BUILTIN_TINY_MODEL, ModelConfig, RunConfig
 from rlhf_pipeline.stages.core.errors import InputError
+from rlhf_pipeline.stages.modeling.chat_template import end_of_turn_ids
 from rlhf_pipeline.stages.modeling.lora import adapter_base_of, adapter_task_of, kept_adapters
 from rlhf_pipeline.stages.modeling.threads import take_cpu_share
 
@@ -152,11 +153,26 @@ def load_tokenizer(source: str, padding_side: Literal["left", "right"] | None = 
     # transformers records whether this process could reach the Hub (HF_HUB_OFFLINE): saved with the tokenizer,
     # it would make an artifact's bytes, and every cache key after it, depend on the environment.
     tokenizer.init_kwargs.pop("local_files_only", None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = pad_token_for(tokenizer)
     return tokenizer
+
+
+def pad_token_for(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A pad token for a tokenizer without one: one that never ends a turn where the vocabulary has it (`<unk>`:
+    Llama 2, Mistral; a reserved pad: Llama 3.1's `<|finetune_right_pad_id|>`), else eos (GPT-2). A sequence
+    classifier reads its score at the last token that is not padding: with pad = eos, where the template ends
+    an answer with that token (`answer</s>`, `answer<|eot_id|>`), the reward model never saw the end of a
+    turn, and scored a finished answer and one cut at `max_new_tokens` alike."""
+    ending = set(end_of_turn_ids(tokenizer))
+    padding_like = [token for token in tokenizer.all_special_tokens if "pad" in token.lower()]
+    padding_like += sorted(token for token in tokenizer.get_added_vocab() if "pad" in token.lower())
+    for token in [tokenizer.unk_token, *padding_like]:
+        if token is not None and tokenizer.convert_tokens_to_ids(token) not in ending:
+            return token
+    return tokenizer.eos_token
 
 
 def load_policy(

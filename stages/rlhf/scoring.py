@@ -2,7 +2,8 @@
 rejection sampling, GRPO/RLOO's reward function, evaluate, the safety gate), is the reward model's score of the
 conversation rendered through the chat template, tokenized exactly as the reward model was trained on it.
 
-A sequence classifier reads its score at the last token that is not padding. Scoring a rollout's raw tokens
+A sequence classifier reads its score at the last token that is not padding (a tokenizer without a pad token
+gets one that never ends a turn where it has one: `loading.pad_token_for`). Scoring a rollout's raw tokens
 reads a different token than training did wherever the template writes something after the end token (ChatML's
 `<|im_end|>\\n`) or the pad token is the end token (GPT-2, SmolLM2): there the finished answer's end token counts
 as padding. Rendering the conversation again makes the two the same by construction. A response that never

@@ -159,6 +159,27 @@ def test_a_rollouts_score_is_its_conversations_score_through_the_template(name, 
     assert abs(raw.logits[0, 0].item() - scores[0]) > 1e-4
 
 
+def test_a_tokenizer_without_a_pad_token_gets_one_that_never_ends_a_turn(tokenizer_dirs, tmp_path):
+    """Mistral's and Llama 3's templates end an answer with eos (`answer</s>`) and bring no pad token. With pad =
+    eos the reward model read its score before the end token: a finished answer and one cut at `max_new_tokens`
+    scored alike. `<unk>` pads instead (here SmolLM2's `<|endoftext|>`); GPT-2, whose unk is its eos, keeps eos."""
+    eos_ended = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
+    eos_ended.pad_token = None
+    eos_ended.chat_template = (
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
+    eos_ended.save_pretrained(tmp_path / "eos-ended")
+    scorer = random_llama(tmp_path / "eos-ended", tmp_path / "reward-model", scorer=True)
+    tokenizer = load_tokenizer(scorer)
+    assert (tokenizer.pad_token, tokenizer.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    model = load_scorer(scorer, CPU, tokenizer.pad_token_id).eval()
+    conversation = PROMPTS[0] + [{"role": "assistant", "content": ANSWERS[0]}]
+    finished, cut = conversation_scores(model, tokenizer, [conversation, conversation], [True, False])
+    assert finished != pytest.approx(cut, abs=1e-6)
+    assert load_tokenizer(str(tokenizer_dirs["gpt2"])).pad_token == "<|endoftext|>"
+
+
 def test_end_of_turn_ids_come_from_the_template_eos_and_the_models_generation_config(tokenizer_dirs, tmp_path):
     gpt2, smollm2, chatml = (load_tokenizer(str(tokenizer_dirs[n])) for n in TOKENIZERS)
     assert end_of_turn_ids(gpt2) == [gpt2.eos_token_id] == [50256]
