@@ -120,17 +120,18 @@ def stage_images(cpu_base_image) -> dict[str, str]:
         capture_output=True,
     )
     (WHEELS / "rlhf_pipeline-0.1.0-py3-none-any.whl").unlink(missing_ok=True)
-    return {stage: build_image(stage, f"BASE_IMAGE={cpu_base_image}") for stage in STAGE_NAMES}
+    return {stage: build_image(stage, cpu_base_image) for stage in STAGE_NAMES}
 
 
 @pytest.fixture(scope="session")
 def orchestrator_image(stage_images, cpu_base_image) -> str:
     """`rlhf-orchestrator:test` (the flows, no torch), from the wheels the stage images were built from."""
-    return build_image("orchestrator", f"ORCHESTRATOR_BASE_IMAGE={cpu_base_image}")
+    return build_image("orchestrator", cpu_base_image)
 
 
 def build_image(target: str, base: str) -> str:
-    """The Dockerfile's target, offline on the CPU base (`base`: the build argument naming it)."""
+    """The Dockerfile's target, offline on the CPU base (both bases: the classic builder goes through every
+    stage before the target, the stage images' base among them)."""
     image = f"rlhf-{target}:{IMAGE_TAG}"
     build = docker(
         "build",
@@ -141,7 +142,9 @@ def build_image(target: str, base: str) -> str:
         "--target",
         target,
         "--build-arg",
-        base,
+        f"BASE_IMAGE={base}",
+        "--build-arg",
+        f"ORCHESTRATOR_BASE_IMAGE={base}",
         "--build-arg",
         "PIP_NO_INDEX=1",
         "-t",
