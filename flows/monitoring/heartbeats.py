@@ -3,7 +3,9 @@ next run on the same store marks those whose heartbeat stopped as crashed, in th
 
 A SIGKILLed `rlhf run` (or a lost machine) cannot report its own end, so its Prefect flow run would stay
 "Running" for ever. The heartbeat names the flow run, its host and process, the config and the stages done so
-far; a run is dead when its process is gone (same host) or its heartbeat is older than STALE_SECONDS. The run
+far; a run is dead when its process is gone (the same pid namespace of the same boot: a container on the same
+host, even with the host's network and name, numbers its processes apart) or its heartbeat is older than
+STALE_SECONDS. The run
 that finds it writes its `run.json` (status `crashed`, the stages it finished), sets its flow run Crashed, and,
 where it runs the same config, says that it resumes it.
 """
@@ -15,6 +17,7 @@ import os
 import platform
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -47,6 +50,7 @@ class RunHeartbeat:
             "config_hash": config_hash,
             "host": platform.node(),
             "pid": os.getpid(),
+            "pid_namespace": pid_namespace(),
             "stages": {},
         }
         self.stopped = threading.Event()
@@ -79,8 +83,17 @@ class RunHeartbeat:
             self.beat()
 
 
+def pid_namespace() -> str:
+    """Where a process id names one process: this boot of this machine, this pid namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{platform.node()} {boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # not Linux: the host's name alone
+        return platform.node()
+
+
 def is_dead(heartbeat: dict[str, Any], now: datetime) -> bool:
-    if heartbeat["host"] == platform.node() and not process_alive(heartbeat["pid"]):
+    if heartbeat.get("pid_namespace") == pid_namespace() and not process_alive(heartbeat["pid"]):
         return True
     return now - datetime.fromisoformat(heartbeat["beat_at"]) > timedelta(seconds=STALE_SECONDS)
 

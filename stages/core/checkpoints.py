@@ -68,26 +68,38 @@ class CheckpointStore:
                 self._complete.add(step)
         return sorted(step for step in steps if step in self._complete)
 
-    def restore_latest(self, local_dir: Callable[[int], Path]) -> int | None:
+    def restore_latest(self, local_dir: Callable[[int], Path], processes: StageProcesses | None = None) -> int | None:
         """Download the newest checkpoint that verifies into `local_dir(step)` and return its step; None when
-        there is none. A damaged checkpoint is set aside (logged) and the previous one tried."""
-        for step in reversed(self.complete_steps()):
-            try:
-                fetch_dir(self.store, self._prefix(step), local_dir(step))
-            except DamagedArtifact as exc:
-                log.warning("%s; falling back to the checkpoint before it", exc)
-                self._complete.discard(step)
-                shutil.rmtree(local_dir(step), ignore_errors=True)
-                continue
-            except Exception:
-                if read_manifest(self.store, self._prefix(step)) is not None:
-                    raise
-                log.info("checkpoint at step %d pruned by another attempt while it downloaded", step)
-                self._complete.discard(step)
-                shutil.rmtree(local_dir(step), ignore_errors=True)
-                continue
-            return step
+        there is none. A damaged checkpoint is set aside (logged) and the previous one tried. With `processes`
+        (a collective: every one of them calls this), they agree on one step: the main process's list of
+        checkpoints, each tried until every process has it. Each listing on its own could differ, another
+        attempt publishing or pruning between two processes' reads, and they would resume different steps."""
+        steps = list(reversed(self.complete_steps()))
+        if processes is not None:
+            steps = processes.gather_objects([steps])[0]
+        for step in steps:
+            fetched = self._fetch(step, local_dir(step))
+            if processes is not None:
+                fetched = all(processes.gather_objects([fetched]))
+            if fetched:
+                return step
+            self._complete.discard(step)
+            shutil.rmtree(local_dir(step), ignore_errors=True)
         return None
+
+    def _fetch(self, step: int, local_dir: Path) -> bool:
+        """Whether the checkpoint downloaded whole; False where it was damaged (set aside) or pruned meanwhile."""
+        try:
+            fetch_dir(self.store, self._prefix(step), local_dir)
+        except DamagedArtifact as exc:
+            log.warning("%s; falling back to the checkpoint before it", exc)
+            return False
+        except Exception:
+            if read_manifest(self.store, self._prefix(step)) is not None:
+                raise
+            log.info("checkpoint at step %d pruned by another attempt while it downloaded", step)
+            return False
+        return True
 
     def save(self, step: int, local_dir: Path, processes: StageProcesses | None = None) -> None:
         """The checkpoint in `local_dir`; with `processes`, every one of them calls this with the files it wrote

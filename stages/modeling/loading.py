@@ -154,10 +154,18 @@ def load_tokenizer(source: str, padding_side: Literal["left", "right"] | None = 
     # it would make an artifact's bytes, and every cache key after it, depend on the environment.
     tokenizer.init_kwargs.pop("local_files_only", None)
     if not tokenizer.chat_template:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.chat_template = default_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = pad_token_for(tokenizer)
     return tokenizer
+
+
+def default_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """DEFAULT_CHAT_TEMPLATE for a base tokenizer without a template, after its bos token where it puts one before
+    every text (Llama 2's base models, trained with `<s>` at position 0): conversations are tokenized without
+    special tokens (transformers' `apply_chat_template`, and every scoring path here), so the template writes it."""
+    adds_bos = tokenizer.bos_token is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE if adds_bos else DEFAULT_CHAT_TEMPLATE
 
 
 def pad_token_for(tokenizer: PreTrainedTokenizerBase) -> str:

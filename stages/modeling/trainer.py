@@ -194,11 +194,12 @@ def train_with_resume(
     into the artifact (`out_dir`: where the model is saved, if not `ctx.out_dir`)."""
     checkpoints = checkpoints or ctx.checkpoints
     log_tensorboard_into(trainer, logs_dir(ctx, out_dir))
-    step = checkpoints.restore_latest(lambda step: Path(trainer.args.output_dir) / f"checkpoint-{step}")
+    output_dir = Path(trainer.args.output_dir)
+    step = checkpoints.restore_latest(lambda step: output_dir / f"checkpoint-{step}", stage_processes())
     resume_from = None
     if step is not None:
         ctx.resumed_from = step
-        resume_from = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        resume_from = output_dir / f"checkpoint-{step}"
         log.info("%s: resuming from checkpoint at step %d", ctx.stage, step)
     if trainer.is_distributed_loading_by_transformers:
         trainer.add_callback(ShardedTrainingState(resume_from))  # written before the checkpoint is stored

@@ -123,7 +123,7 @@ class PPOTrainer:
         self.samples: list[dict[str, Any]] = []  # what the policy answered, every SAMPLES_EVERY steps
         # Seconds to save and to load checkpoints, the store's transfers aside.
         self.checkpoint_seconds = {"checkpoint_save_seconds": 0.0, "checkpoint_load_seconds": 0.0}
-        self.start = ctx.checkpoints.restore_latest(self.restore_dir) or 0
+        self.start = ctx.checkpoints.restore_latest(self.restore_dir, self.processes) or 0
         if self.start:
             self.load_checkpoint(self.restore_dir(self.start))
         else:

@@ -216,7 +216,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     round_dir: Path | None = None
     history: list[dict[str, float]] = []
-    start = ctx.checkpoints.restore_latest(round_dir_of(ctx)) or 0
+    start = ctx.checkpoints.restore_latest(round_dir_of(ctx), processes) or 0
     if start:
         round_dir = round_dir_of(ctx)(start)
         history = load_rows(round_dir / "rounds.jsonl")

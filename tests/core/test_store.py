@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -326,6 +327,59 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(store, tmp_path, capl
     assert not (tmp_path / "restored-10").exists()
     assert "falling back to the checkpoint before it" in caplog.text
     assert checkpoints.complete_steps() == [5]  # set aside: the next retry does not try it again
+
+
+class ThreadedProcesses:
+    """The processes of a stage as threads: `gather_objects` meets every thread's call, as all_gather does."""
+
+    def __init__(self, count: int) -> None:
+        self.barrier = threading.Barrier(count, timeout=30)
+        self.slots: list[list] = [[] for _ in range(count)]
+
+    def process(self, rank: int) -> SimpleNamespace:
+        def gather_objects(mine: list) -> list:
+            self.slots[rank] = list(mine)
+            self.barrier.wait()
+            everyone = [item for part in self.slots for item in part]
+            self.barrier.wait()  # all have read the slots before any writes them again
+            return everyone
+
+        return SimpleNamespace(main=rank == 0, gather_objects=gather_objects)
+
+
+def test_the_processes_of_a_stage_resume_the_same_step_whatever_each_listed(store, tmp_path):
+    """Another attempt at the artifact completes step 10 between two processes' listings: each resumed the
+    newest it saw (5 and 10), and they trained different steps' batches into one model. They now agree on the
+    main process's."""
+    _save_checkpoints(store, tmp_path, (5,), keep=3)
+    threaded = ThreadedProcesses(2)
+    views = [CheckpointStore(store, "rl", "key", keep=3) for _ in range(2)]  # each process's own
+    listed = threading.Event()
+    first_listing = views[0].complete_steps
+
+    def list_then_signal() -> list[int]:
+        steps = first_listing()
+        listed.set()
+        return steps
+
+    views[0].complete_steps = list_then_signal
+    resumed: dict[int, int | None] = {}
+
+    def resume(rank: int) -> None:
+        restore_dir = tmp_path / f"rank-{rank}"
+        resumed[rank] = views[rank].restore_latest(lambda step: restore_dir / f"step-{step}", threaded.process(rank))
+
+    main = threading.Thread(target=resume, args=(0,))
+    main.start()
+    assert listed.wait(timeout=30)
+    (tmp_path / "other-attempt").mkdir()
+    _save_checkpoints(store, tmp_path / "other-attempt", (10,), keep=3)  # published after the main one listed
+    other = threading.Thread(target=resume, args=(1,))
+    other.start()
+    main.join(timeout=60)
+    other.join(timeout=60)
+    assert resumed == {0: 5, 1: 5}
+    assert (tmp_path / "rank-1" / "step-5" / "state.txt").read_text() == "the state at step 5"
 
 
 def test_s3_multipart_upload_streams_large_files(s3_bucket, tmp_path):

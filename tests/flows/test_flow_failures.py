@@ -21,7 +21,13 @@ from rlhf_pipeline.flows.launchers import process as launchers
 from rlhf_pipeline.flows.launchers.launcher import StageCrashed, StageInputDamaged, StageInputError
 from rlhf_pipeline.flows.launchers.process import ProcessLauncher
 from rlhf_pipeline.flows.monitoring import heartbeats
-from rlhf_pipeline.flows.monitoring.heartbeats import STALE_SECONDS, RunHeartbeat, heartbeat_key, mark_dead_runs
+from rlhf_pipeline.flows.monitoring.heartbeats import (
+    STALE_SECONDS,
+    RunHeartbeat,
+    heartbeat_key,
+    mark_dead_runs,
+    pid_namespace,
+)
 from rlhf_pipeline.flows.monitoring.stage_monitor import StageMonitor, publish_stage_pictures
 from rlhf_pipeline.stages import runner
 from rlhf_pipeline.stages.core.artifacts import publish_dir, read_manifest, set_aside
@@ -243,14 +249,19 @@ def test_a_damaged_input_is_computed_again_and_the_run_completes(prefect_api, mo
     assert summary["stages"]["prepare"]["status"] == "ran" and summary["stages"]["sft"]["attempts"] == 1
 
 
-def _heartbeat(store: LocalStore, run_id: str, host: str, pid: int, seconds_ago: float) -> None:
+def _heartbeat(store: LocalStore, run_id: str, host: str, pid: int, seconds_ago: float, pids: str = "") -> None:
+    """A run's heartbeat on `host`, its process `pid` in the pid namespace `pids` (this process's on this host)."""
     beat_at = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat()
+    pids = pids or (pid_namespace() if host == platform.node() else "elsewhere")
     record = {"run_id": run_id, "flow_run_id": None, "config_hash": "c", "host": host, "pid": pid}
+    record["pid_namespace"] = pids
     store.write_json(heartbeat_key(run_id), record | {"stages": {"prepare": {"status": "ran"}}, "beat_at": beat_at})
 
 
 def test_runs_whose_heartbeat_stopped_are_marked_crashed_and_live_ones_are_left(tmp_path):
-    """Dead: its process gone (this host), or no heartbeat for STALE_SECONDS (any host). Alive otherwise."""
+    """Dead: its process gone (this host, this pid namespace), or no heartbeat for STALE_SECONDS (any host). Alive
+    otherwise, also a run in a container on this host whose pid means nothing here (compose's orchestrator, with
+    the host's network and name): it was marked crashed while it ran."""
     store = LocalStore(tmp_path / "store")
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -259,6 +270,7 @@ def test_runs_whose_heartbeat_stopped_are_marked_crashed_and_live_ones_are_left(
     _heartbeat(store, "lost-machine", "elsewhere", 1, stale)
     _heartbeat(store, "alive-elsewhere", "elsewhere", 1, 1)
     _heartbeat(store, "alive-here", here, os.getpid(), 1)
+    _heartbeat(store, "alive-in-a-container-here", here, gone.pid, 1, pids=f"{here} boot pid:[4026599999]")
     _heartbeat(store, "finished", "elsewhere", 1, stale)
     store.write_json("runs/finished/run.json", {"status": "completed"})
     dead = mark_dead_runs(store)
@@ -267,7 +279,7 @@ def test_runs_whose_heartbeat_stopped_are_marked_crashed_and_live_ones_are_left(
         record = store.read_json(f"runs/{run_id}/run.json")
         assert record["status"] == "crashed" and record["stages"] == {"prepare": {"status": "ran"}}
         assert "no heartbeat since" in record["error"] and not store.exists(heartbeat_key(run_id))
-    for run_id in ("alive-elsewhere", "alive-here"):
+    for run_id in ("alive-elsewhere", "alive-here", "alive-in-a-container-here"):
         assert store.exists(heartbeat_key(run_id)) and not store.exists(f"runs/{run_id}/run.json")
     assert store.read_json("runs/finished/run.json") == {"status": "completed"}
     assert mark_dead_runs(store) == []

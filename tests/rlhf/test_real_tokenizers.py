@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -41,6 +42,7 @@ from rlhf_pipeline.stages.modeling.loading import (
     weights_dtype,
 )
 from rlhf_pipeline.stages.modeling.lora import with_adapter
+from rlhf_pipeline.stages.modeling.tiny_model import build_tokenizer
 from rlhf_pipeline.stages.rlhf import rejection_sampling
 from rlhf_pipeline.stages.rlhf.multi_aspect import fold_heads
 from rlhf_pipeline.stages.rlhf.ppo import PhaseTimer, PPOTrainer
@@ -55,7 +57,7 @@ from rlhf_pipeline.stages.rlhf.rollout import (
     sampling_config,
     sampling_processors,
 )
-from rlhf_pipeline.stages.rlhf.scoring import conversation_scores, response_scores, rollout_scores
+from rlhf_pipeline.stages.rlhf.scoring import conversation_scores, render, response_scores, rollout_scores
 from rlhf_pipeline.stages.runner import run_stage, stage_context
 from tests.conftest import REPO, TINY, forced_token
 
@@ -178,6 +180,24 @@ def test_a_tokenizer_without_a_pad_token_gets_one_that_never_ends_a_turn(tokeniz
     finished, cut = conversation_scores(model, tokenizer, [conversation, conversation], [True, False])
     assert finished != pytest.approx(cut, abs=1e-6)
     assert load_tokenizer(str(tokenizer_dirs["gpt2"])).pad_token == "<|endoftext|>"
+
+
+def test_a_base_tokenizer_that_starts_every_text_with_bos_keeps_it_under_the_default_template(tmp_path):
+    """Llama 2's base tokenizers bring no chat template and put `<s>` before every text, which their models were
+    trained with. Conversations are tokenized without special tokens, so under the default template they lost
+    it (GPT-2's, which adds none, keeps the template as it was: tests/data/test_real_assets.py)."""
+    llama_like = build_tokenizer()
+    llama_like.chat_template = None
+    bos = llama_like.bos_token_id
+    llama_like.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    llama_like.save_pretrained(tmp_path / "llama-like")
+    tokenizer = load_tokenizer(str(tmp_path / "llama-like"))
+    conversation = [{"role": "user", "content": "the cat"}]
+    ids = prompt_ids(tokenizer, conversation)
+    assert ids[0] == bos and ids.count(bos) == 1
+    answered = conversation + [{"role": "assistant", "content": "hi"}]
+    scored = tokenizer(render(tokenizer, answered), add_special_tokens=False)
+    assert scored["input_ids"][0] == bos
 
 
 def test_end_of_turn_ids_come_from_the_template_eos_and_the_models_generation_config(tokenizer_dirs, tmp_path):
