@@ -142,7 +142,9 @@ def base_job_template(pool_type: str) -> dict[str, Any]:
 
 def default_job_template(pool_type: str) -> dict[str, Any]:
     """The template a worker of the type creates its pool with."""
-    return BaseWorker.get_worker_class_from_type(pool_type).get_default_base_job_template()
+    worker = BaseWorker.get_worker_class_from_type(pool_type)
+    assert worker is not None, pool_type  # the flows extra installs the worker of every type `--pool-type` offers
+    return worker.get_default_base_job_template()
 
 
 def s3_environment() -> dict[str, str]:
