@@ -128,7 +128,7 @@ def test_deploy_gives_its_job_template_to_a_pool_a_worker_created(prefect_api, s
             while (created := _work_pool(pool)) is None and time.monotonic() < deadline:
                 time.sleep(0.5)
         finally:
-            stop(worker)
+            stop(worker, grace=5)  # it only had to create the pool
     assert created is not None, (tmp_path / "worker.log").read_text()
     assert created.base_job_template in ({}, default_job_template("docker"))
     ensure_work_pool(pool, "docker")
