@@ -5,9 +5,8 @@ A SIGKILLed `rlhf run` (or a lost machine) cannot report its own end, so its Pre
 "Running" for ever. The heartbeat names the flow run, its host and process, the config and the stages done so
 far; a run is dead when its process is gone (the same pid namespace of the same boot: a container on the same
 host, even with the host's network and name, numbers its processes apart) or its heartbeat is older than
-STALE_SECONDS. The run
-that finds it writes its `run.json` (status `crashed`, the stages it finished), sets its flow run Crashed, and,
-where it runs the same config, says that it resumes it.
+STALE_SECONDS. The run that finds it writes its `run.json` (status `crashed`, the stages it finished), sets its
+flow run Crashed, and, where it runs the same config, says that it resumes it.
 """
 
 from __future__ import annotations
