@@ -24,7 +24,7 @@ from prefect.states import Failed, State
 from prefect.workers.base import BaseWorker
 
 from rlhf_pipeline.flows.launchers.launcher import STAGE_FLOW
-from rlhf_pipeline.flows.pipeline import run_pipeline
+from rlhf_pipeline.flows.pipeline import failure_of, run_pipeline
 from rlhf_pipeline.flows.stage_flow import rlhf_stage
 from rlhf_pipeline.stages.core.config import PipelineConfig
 from rlhf_pipeline.stages.core.config_loading import dump_config, read_config
@@ -45,9 +45,7 @@ def scheduled_pipeline(config_uri: str) -> dict[str, Any] | State:
     automations see it (the summary returned as a value ended it Completed)."""
     summary = run_pipeline(read_config(config_uri), launcher="deployment")
     if summary["status"] == "failed":
-        failed = next(name for name, stage in summary["stages"].items() if stage["status"] == "failed")
-        error = summary["stages"][failed]["error"]
-        return Failed(message=f"run {summary['run_id']}: stage {failed} failed: {error}", data=summary)
+        return Failed(message=f"run {summary['run_id']}: {failure_of(summary)}", data=summary)
     return summary
 
 

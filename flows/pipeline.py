@@ -102,9 +102,14 @@ def rlhf_pipeline(config_uri: str, run_id: str, launcher: str = "process"):
         summary = {"run_id": run_id, **summary, "resumes": resumes, "finished_at": datetime.now(UTC).isoformat()}
         store.write_json(f"runs/{run_id}/run.json", summary)
     if summary["status"] == "failed":
-        failed = next(name for name, s in summary["stages"].items() if s["status"] == "failed")
-        return Failed(message=f"stage {failed} failed: {summary['stages'][failed]['error']}", data=summary)
+        return Failed(message=failure_of(summary), data=summary)
     return Completed(data=summary)
+
+
+def failure_of(summary: dict[str, Any]) -> str:
+    """A failed run's reason: its first failed stage and that stage's own words."""
+    failed = next(name for name, stage in summary["stages"].items() if stage["status"] == "failed")
+    return f"stage {failed} failed: {summary['stages'][failed]['error']}"
 
 
 @dataclass(frozen=True)
