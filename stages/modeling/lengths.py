@@ -18,8 +18,8 @@ from rlhf_pipeline.stages.modeling.chat_template import prompt_ids
 Row = dict[str, Any]
 
 
-def conversation_length(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]) -> int:
-    return len(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]) -> list[int]:
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
 
 
 def leaves_room(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, Any]], max_length: int) -> bool:
@@ -41,8 +41,7 @@ def distinct_pairs(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_leng
     as wrong in DPO's reward accuracy."""
 
     def cut(row: Row, side: str) -> list[int]:
-        conversation = row["prompt"] + row[side]
-        return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][:max_length]
+        return conversation_ids(tokenizer, row["prompt"] + row[side])[:max_length]
 
     kept = [row for row in rows if cut(row, "chosen") != cut(row, "rejected")]
     return kept, len(rows) - len(kept)
@@ -64,6 +63,6 @@ def _whole(rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int,
     kept = [
         row
         for row in rows
-        if max(conversation_length(tokenizer, row["prompt"] + row[side]) for side in answers) <= max_length
+        if max(len(conversation_ids(tokenizer, row["prompt"] + row[side])) for side in answers) <= max_length
     ]
     return kept, len(rows) - len(kept)
